@@ -1,0 +1,245 @@
+//! The daemon assembled: `Application::build(settings)` connects, migrates and
+//! binds; `run_until_stopped()` runs the feed and the HTTP server, supervises
+//! them, and drains every connection on shutdown. Tests and `main` start it
+//! the same way.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::capture;
+use crate::change::Position;
+use crate::config::{Auth, Settings};
+use crate::feed::Feed;
+use crate::http;
+use crate::rooms::Hub;
+use crate::telemetry::Telemetry;
+
+/// How long shutdown waits for connections to close before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every task of the gateway shares.
+pub struct AppState {
+    /// Replaced whole on reload, so a reader sees one consistent version.
+    settings: RwLock<Arc<Settings>>,
+    pub hub: Arc<Hub>,
+    pub telemetry: Arc<Telemetry>,
+    pub pool: PgPool,
+    pub auth: Authenticator,
+    /// Cancelled once, on shutdown; every loop selects on it.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them to finish.
+    pub connections: TaskTracker,
+    /// Distinguishes this instance's connection ids from other instances'.
+    pub instance_id: String,
+    pub next_connection_id: AtomicU64,
+    pub active_connections: AtomicUsize,
+    pub started_at: std::time::Instant,
+}
+
+impl AppState {
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().expect("settings lock"))
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    feed: Feed,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let database_url = settings
+            .database_url
+            .clone()
+            .ok_or_else(|| anyhow!("DATABASE_URL is not set: point it at the ConstructTrack database (or run `make run` for a local demo)"))?;
+        let connect: PgConnectOptions = database_url
+            .parse()
+            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect.application_name("ws-gateway"))
+            .await
+            .context("connecting to DATABASE_URL")?;
+
+        if settings.auto_migrate {
+            capture::migrate(&pool, &settings.channel).await?;
+        } else {
+            match capture::database_channel(&pool).await? {
+                None => {
+                    return Err(anyhow!(
+                        "the realtime schema is not installed and GATEWAY_AUTO_MIGRATE=false: run `ws-gateway migrate` first"
+                    ));
+                }
+                Some(channel) if channel != settings.channel => {
+                    return Err(anyhow!(
+                        "the database's capture triggers notify channel {channel:?} but GATEWAY_CHANNEL={:?}: run `ws-gateway migrate` to switch the database, or fix GATEWAY_CHANNEL",
+                        settings.channel
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
+
+        if matches!(settings.auth, Auth::None) {
+            tracing::warn!(
+                "GATEWAY_AUTH=none: ANY client can read EVERY room. Use this for local development only; set GATEWAY_AUTH=jwt and GATEWAY_JWT_SECRET in production"
+            );
+        }
+        let telemetry = Arc::new(Telemetry::default());
+        let hub = Arc::new(Hub::new(Position(0)));
+        let feed = Feed::new(
+            database_url,
+            settings.channel.clone(),
+            pool.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&telemetry),
+        );
+        let state = Arc::new(AppState {
+            auth: Authenticator::new(&settings.auth, settings.history.jwt_leeway.as_secs()),
+            settings: RwLock::new(Arc::new(settings)),
+            hub,
+            telemetry,
+            pool,
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            instance_id: instance_id(),
+            next_connection_id: AtomicU64::new(1),
+            active_connections: AtomicUsize::new(0),
+            started_at: std::time::Instant::now(),
+        });
+        Ok(Application {
+            listener,
+            state,
+            feed,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Cancel it to stop the gateway (what SIGTERM and ctrl-c do).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Runs until the shutdown token is cancelled or a task dies; says which.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            state,
+            feed,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
+
+        let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
+        let router = http::router(Arc::clone(&state));
+        let mut http_task = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        let died = tokio::select! {
+            () = shutdown.cancelled() => None,
+            result = &mut feed_task => Some(("feed", flatten(result))),
+            result = &mut http_task => Some(("http server", flatten(result.map(|r| r.map_err(anyhow::Error::from))))),
+        };
+        shutdown.cancel();
+        let outcome = match died {
+            None => Ok(()),
+            Some((task, Ok(()))) => Err(anyhow!("the {task} task stopped unexpectedly")),
+            Some((task, Err(error))) => Err(error.context(format!("the {task} task died"))),
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(error = format!("{error:#}"), "shutting down");
+        }
+
+        // Drain: every connection sends its close frame and ends.
+        state.connections.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, state.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = state.connections.len(),
+                "connections still open after the drain timeout"
+            );
+        }
+        if !feed_task.is_finished() {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut feed_task).await;
+        }
+        if !http_task.is_finished() {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await;
+        }
+        state.pool.close().await;
+        tracing::info!("ws-gateway stopped");
+        outcome
+    }
+}
+
+fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match result {
+        Ok(inner) => inner,
+        Err(join) => Err(anyhow!("panicked: {join}")),
+    }
+}
+
+/// Short, unique enough to tell instances apart in connection ids and logs.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}

@@ -1,0 +1,289 @@
+//! A captured change as it leaves the database (the capture trigger's JSON
+//! document) and as a client sees it (the `change` message of SPEC section 4).
+//!
+//! The row and key stay raw JSON from PostgreSQL: they are copied into the
+//! client message, never parsed into values and serialized again.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A change's place in commit order. Allocated at COMMIT under one lock, so a
+/// reader that has seen position P has seen every change committed before P.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position(pub i64);
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why a client's position string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("position {0:?} is not a position this gateway handed out (expected a decimal number)")]
+pub struct BadPosition(pub String);
+
+impl FromStr for Position {
+    type Err = BadPosition;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Positions are opaque to clients, but they are our decimal numbers:
+        // refuse signs, spaces and leading zeros so one change has one name.
+        let well_formed = !s.is_empty()
+            && s.len() <= 19
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        match s.parse::<i64>() {
+            Ok(n) if well_formed => Ok(Position(n)),
+            _ => Err(BadPosition(s.to_owned())),
+        }
+    }
+}
+
+/// What a row change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+        }
+    }
+}
+
+/// One committed row change, ready to be fanned out to its rooms.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub position: Position,
+    /// Commit time in microseconds since the Unix epoch, on the database's clock.
+    pub committed_at_us: i64,
+    pub schema: String,
+    pub table: String,
+    pub op: Op,
+    pub rooms: Vec<String>,
+    /// Everything of the client's `change` message after its `room` field:
+    /// built once, shared by every room the change goes to.
+    message_tail: String,
+}
+
+/// What arrives on the gateway's channel: a whole change, or, for a change too
+/// large for a NOTIFY payload, the position to read it back from the outbox.
+#[derive(Debug)]
+pub enum Notification {
+    Change(Change),
+    Reference(Position),
+}
+
+/// The capture trigger's document (migrations/0001_realtime.sql,
+/// `realtime.payload`): short keys, because it travels in every NOTIFY.
+#[derive(Deserialize)]
+struct Document<'a> {
+    p: i64,
+    #[serde(default, rename = "ref")]
+    reference: bool,
+    t: Option<i64>,
+    s: Option<String>,
+    tb: Option<String>,
+    op: Option<Op>,
+    #[serde(borrow)]
+    k: Option<&'a RawValue>,
+    #[serde(borrow)]
+    r: Option<&'a RawValue>,
+    rooms: Option<Vec<String>>,
+}
+
+/// A payload on our channel that is not a capture document.
+#[derive(Debug, thiserror::Error)]
+#[error("not a change document: {0}")]
+pub struct BadDocument(String);
+
+impl Notification {
+    pub fn parse(payload: &str) -> Result<Notification, BadDocument> {
+        let doc: Document =
+            serde_json::from_str(payload).map_err(|e| BadDocument(e.to_string()))?;
+        if doc.reference {
+            return Ok(Notification::Reference(Position(doc.p)));
+        }
+        let missing = |field: &str| BadDocument(format!("field {field:?} missing"));
+        let change = Change::new(
+            Position(doc.p),
+            doc.t.ok_or_else(|| missing("t"))?,
+            doc.s.ok_or_else(|| missing("s"))?,
+            doc.tb.ok_or_else(|| missing("tb"))?,
+            doc.op.ok_or_else(|| missing("op"))?,
+            doc.k.ok_or_else(|| missing("k"))?,
+            doc.r.ok_or_else(|| missing("r"))?,
+            doc.rooms.ok_or_else(|| missing("rooms"))?,
+        );
+        Ok(Notification::Change(change))
+    }
+}
+
+impl Change {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        position: Position,
+        committed_at_us: i64,
+        schema: String,
+        table: String,
+        op: Op,
+        key: &RawValue,
+        row: &RawValue,
+        rooms: Vec<String>,
+    ) -> Change {
+        let mut tail = String::with_capacity(row.get().len() + key.get().len() + 160);
+        tail.push_str(",\"position\":\"");
+        tail.push_str(&position.0.to_string());
+        tail.push_str("\",\"schema\":");
+        push_json_str(&mut tail, &schema);
+        tail.push_str(",\"table\":");
+        push_json_str(&mut tail, &table);
+        tail.push_str(",\"op\":\"");
+        tail.push_str(op.as_str());
+        tail.push_str("\",\"key\":");
+        tail.push_str(key.get());
+        tail.push_str(",\"row\":");
+        tail.push_str(row.get());
+        tail.push_str(",\"committed_at\":\"");
+        tail.push_str(&format_rfc3339_micros(committed_at_us));
+        tail.push_str("\"}");
+        Change {
+            position,
+            committed_at_us,
+            schema,
+            table,
+            op,
+            rooms,
+            message_tail: tail,
+        }
+    }
+
+    /// The `change` message for one of the change's rooms.
+    pub fn message_for(&self, room: &str) -> String {
+        let mut msg = String::with_capacity(self.message_tail.len() + room.len() + 32);
+        msg.push_str("{\"type\":\"change\",\"room\":");
+        push_json_str(&mut msg, room);
+        msg.push_str(&self.message_tail);
+        msg
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping, without an intermediate allocation per call site.
+    let quoted = serde_json::to_string(s).expect("a str always serializes");
+    out.push_str(&quoted);
+}
+
+/// Formats microseconds since the Unix epoch as `2026-11-26T10:30:00.123456Z`.
+pub fn format_rfc3339_micros(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Microseconds since the Unix epoch on this host's clock.
+pub fn now_us() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_micros() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_timestamps() {
+        assert_eq!(format_rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
+        // 2026-11-26T10:30:00.123456Z
+        assert_eq!(
+            format_rfc3339_micros(1_795_689_000_123_456),
+            "2026-11-26T10:30:00.123456Z"
+        );
+        assert_eq!(
+            format_rfc3339_micros(951_782_400_000_001),
+            "2000-02-29T00:00:00.000001Z"
+        );
+        assert_eq!(format_rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn positions_are_strict_decimals() {
+        assert_eq!("42".parse::<Position>(), Ok(Position(42)));
+        assert_eq!("0".parse::<Position>(), Ok(Position(0)));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "042",
+            " 1",
+            "1.0",
+            "abc",
+            "99999999999999999999",
+        ] {
+            assert!(bad.parse::<Position>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn parses_documents_and_renders_messages() {
+        let doc = r#"{"p":7,"t":1795689000123456,"s":"public","tb":"tasks","op":"UPDATE","k":{"id":3},"r":{"id":3,"title":"Pour \"slab\""},"rooms":["project:1","task:3"]}"#;
+        let Notification::Change(change) = Notification::parse(doc).unwrap() else {
+            panic!("expected a change")
+        };
+        assert_eq!(change.position, Position(7));
+        assert_eq!(change.rooms, ["project:1", "task:3"]);
+        let msg: serde_json::Value = serde_json::from_str(&change.message_for("task:3")).unwrap();
+        assert_eq!(
+            msg,
+            serde_json::json!({
+                "type": "change", "room": "task:3", "position": "7", "schema": "public",
+                "table": "tasks", "op": "UPDATE", "key": {"id": 3},
+                "row": {"id": 3, "title": "Pour \"slab\""},
+                "committed_at": "2026-11-26T10:30:00.123456Z"
+            })
+        );
+        assert!(matches!(
+            Notification::parse(r#"{"p":9,"ref":true}"#).unwrap(),
+            Notification::Reference(Position(9))
+        ));
+        assert!(Notification::parse(r#"{"p":9}"#).is_err());
+        assert!(Notification::parse("hello").is_err());
+    }
+}

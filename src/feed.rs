@@ -1,0 +1,341 @@
+//! The feed: one dedicated LISTEN connection that turns the database's
+//! notifications into dispatched changes, in commit order, exactly once.
+//!
+//! A session connects, LISTENs, catches up from the outbox after the last
+//! position it dispatched, then follows notifications live. When the
+//! connection is lost the session ends and a new one starts after a capped
+//! backoff; catching up from the same position is what loses nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::POSITION_LOCK;
+use crate::change::{Change, Notification, Position, now_us};
+use crate::rooms::Hub;
+use crate::telemetry::{Counters, FeedState, Telemetry};
+
+/// Rows read per catch-up query.
+const CATCH_UP_PAGE: i64 = 1000;
+/// How often the LISTEN connection is checked (and the clock offset sampled);
+/// with the timeout this bounds how long a silent, dead connection goes
+/// unnoticed (SPEC: /healthz says 503 within 5 s).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Reconnect backoff: doubles from the first to the cap, and starts over once
+/// a session has stayed up for `HEALTHY_AFTER`.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// How a feed session ended.
+enum SessionEnd {
+    Shutdown,
+    Disconnected(anyhow::Error),
+}
+
+pub struct Feed {
+    database_url: String,
+    channel: String,
+    pool: PgPool,
+    hub: Arc<Hub>,
+    telemetry: Arc<Telemetry>,
+    /// The last position dispatched; None until the first session has found
+    /// where the outbox ends.
+    position: Option<Position>,
+}
+
+impl Feed {
+    pub fn new(
+        database_url: String,
+        channel: String,
+        pool: PgPool,
+        hub: Arc<Hub>,
+        telemetry: Arc<Telemetry>,
+    ) -> Feed {
+        Feed {
+            database_url,
+            channel,
+            pool,
+            hub,
+            telemetry,
+            position: None,
+        }
+    }
+
+    /// Runs sessions until shutdown.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let started = Instant::now();
+            let end = tokio::select! {
+                end = self.session(&shutdown) => end,
+                _ = shutdown.cancelled() => SessionEnd::Shutdown,
+            };
+            let status = &self.telemetry.feed;
+            status.set_state(FeedState::Down);
+            match end {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Disconnected(error) => {
+                    status
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if started.elapsed() >= HEALTHY_AFTER {
+                        backoff = BACKOFF_FIRST;
+                    }
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        position = ?self.position.map(|p| p.0),
+                        "feed down: lost the database connection; clients stay connected and will get every change once it is back"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_CAP);
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> SessionEnd {
+        match self.follow(shutdown).await {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(error) => SessionEnd::Disconnected(error),
+        }
+    }
+
+    /// One session: connect, LISTEN, catch up, then follow live. Returns Ok
+    /// only on shutdown.
+    async fn follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let telemetry = Arc::clone(&self.telemetry);
+        let status = &telemetry.feed;
+        let (client, mut notifications, driver) = listen(&self.database_url, &self.channel).await?;
+        let _driver = AbortOnDrop(driver);
+        status.set_state(FeedState::CatchingUp);
+
+        // LISTEN is in place: every commit from now on is notified. Wait out
+        // the transactions committing right now, then read the outbox: a
+        // change is in the read or in the notifications, or in both.
+        let caught_up = self.catch_up().await?;
+        tracing::info!(position = caught_up.0, "feed live");
+        status.set_state(FeedState::Live);
+
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                event = notifications.recv() => match event {
+                    Some(Ok(payload)) => self.on_notification(&payload).await?,
+                    Some(Err(error)) => return Err(error).context("LISTEN connection failed"),
+                    None => return Err(anyhow!("LISTEN connection closed")),
+                },
+                _ = heartbeat.tick() => self.heartbeat(&client).await?,
+            }
+        }
+    }
+
+    async fn catch_up(&mut self) -> anyhow::Result<Position> {
+        sqlx::query("select pg_advisory_xact_lock($1)")
+            .bind(POSITION_LOCK)
+            .execute(&self.pool)
+            .await
+            .context("waiting out committing transactions")?;
+        let mut from = match self.position {
+            Some(p) => p,
+            None => {
+                // First session: live from the end of the outbox.
+                let end: i64 =
+                    sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
+                        .fetch_one(&self.pool)
+                        .await
+                        .context("reading the end of the outbox")?;
+                self.set_position(Position(end));
+                self.hub.advance(Position(end));
+                Position(end)
+            }
+        };
+        loop {
+            let page: Vec<String> = sqlx::query_scalar(
+                "select realtime.payload(c) from realtime.changes c where c.position > $1 order by c.position limit $2",
+            )
+            .bind(from.0)
+            .bind(CATCH_UP_PAGE)
+            .fetch_all(&self.pool)
+            .await
+            .context("catching up from the outbox")?;
+            for doc in &page {
+                if let Notification::Change(change) = Notification::parse(doc)? {
+                    from = change.position;
+                    self.dispatch(&change);
+                }
+            }
+            if (page.len() as i64) < CATCH_UP_PAGE {
+                return Ok(from);
+            }
+        }
+    }
+
+    async fn on_notification(&mut self, payload: &str) -> anyhow::Result<()> {
+        let change = match Notification::parse(payload) {
+            Ok(Notification::Change(change)) => change,
+            Ok(Notification::Reference(position)) => {
+                if self.position.is_some_and(|p| position <= p) {
+                    return Ok(());
+                }
+                self.fetch(position).await?
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
+                return Ok(());
+            }
+        };
+        // The offset is database clock minus ours: both ends on the database's clock.
+        let lag = now_us()
+            + self
+                .telemetry
+                .feed
+                .clock_offset_us
+                .load(std::sync::atomic::Ordering::Relaxed)
+            - change.committed_at_us;
+        self.telemetry
+            .feed
+            .lag_us
+            .store(lag, std::sync::atomic::Ordering::Relaxed);
+        self.dispatch(&change);
+        Ok(())
+    }
+
+    /// Reads a change too large for a NOTIFY payload back from the outbox.
+    async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
+        let doc: String = sqlx::query_scalar(
+            "select realtime.payload(c) from realtime.changes c where c.position = $1",
+        )
+        .bind(position.0)
+        .fetch_one(&self.pool)
+        .await
+        .with_context(|| format!("reading change {position} from the outbox"))?;
+        match Notification::parse(&doc)? {
+            Notification::Change(change) => Ok(change),
+            Notification::Reference(_) => {
+                Err(anyhow!("outbox document for {position} is a reference"))
+            }
+        }
+    }
+
+    /// Fans a change out, once: anything at or below the last position was
+    /// dispatched already (a catch-up and a notification can both carry it).
+    fn dispatch(&mut self, change: &Change) {
+        if self.position.is_some_and(|p| change.position <= p) {
+            return;
+        }
+        let counters = &self.telemetry.counters;
+        Counters::add(&counters.changes_received, 1);
+        let deliveries = self.hub.dispatch(change);
+        Counters::add(&counters.deliveries_queued, deliveries as u64);
+        self.set_position(change.position);
+    }
+
+    fn set_position(&mut self, position: Position) {
+        self.position = Some(position);
+        self.telemetry
+            .feed
+            .position
+            .store(position.0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Proves the LISTEN connection alive and samples the clock offset,
+    /// corrected by half the round trip.
+    async fn heartbeat(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
+        let sent = now_us();
+        let row = tokio::time::timeout(
+            HEARTBEAT_TIMEOUT,
+            client.query_one(
+                "select (extract(epoch from clock_timestamp()) * 1000000)::bigint",
+                &[],
+            ),
+        )
+        .await
+        .map_err(|_| anyhow!("LISTEN connection silent for {HEARTBEAT_TIMEOUT:?}"))?
+        .context("LISTEN connection heartbeat")?;
+        let received = now_us();
+        let db_now: i64 = row.get(0);
+        let offset = db_now - (sent + received) / 2;
+        self.telemetry
+            .feed
+            .clock_offset_us
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+type Notifications = mpsc::Receiver<Result<String, tokio_postgres::Error>>;
+
+/// Connects the dedicated LISTEN connection. Notifications only arrive when
+/// the connection is driven with `poll_message`, so a task does that and
+/// forwards them; when the connection dies, the error (or the channel's end)
+/// tells the session.
+async fn listen(
+    database_url: &str,
+    channel: &str,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    Notifications,
+    tokio::task::JoinHandle<()>,
+)> {
+    let mut config: tokio_postgres::Config =
+        database_url.parse().context("parsing DATABASE_URL")?;
+    config
+        .application_name("ws-gateway feed")
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10));
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting the LISTEN connection")?;
+    // Bounded: if dispatch falls behind, the driver stops reading and
+    // PostgreSQL keeps the notifications queued on its side.
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            let forwarded = match message {
+                Ok(AsyncMessage::Notification(n)) => tx.send(Ok(n.payload().to_owned())).await,
+                Ok(AsyncMessage::Notice(notice)) => {
+                    tracing::debug!(notice = %notice, "notice on the LISTEN connection");
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(error) => {
+                    let _ = tx.send(Err(error)).await;
+                    return;
+                }
+            };
+            if forwarded.is_err() {
+                return;
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .context("LISTEN")?;
+    Ok((client, rx, driver))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

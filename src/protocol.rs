@@ -1,0 +1,307 @@
+//! The client side of the WebSocket protocol (SPEC section 4): decoding what
+//! clients send, and the server's protocol messages other than changes.
+//!
+//! Decoding never trusts the frame: every refusal names what was wrong, with
+//! an error code a client can switch on.
+
+use serde_json::{Map, Value};
+
+use crate::change::{Position, push_json_str};
+
+/// Longest room name accepted.
+pub const MAX_ROOM_BYTES: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Subscribe {
+        room: String,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        room: String,
+    },
+    Ack {
+        position: Position,
+    },
+    Auth {
+        token: String,
+    },
+}
+
+/// A refused client message: the `error` frame's code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error` frame.
+    pub fn to_message(&self) -> String {
+        error_message(self.code, &self.message)
+    }
+}
+
+pub mod codes {
+    pub const INVALID_JSON: &str = "invalid_json";
+    pub const INVALID_MESSAGE: &str = "invalid_message";
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    pub const INVALID_ROOM: &str = "invalid_room";
+    pub const INVALID_POSITION: &str = "invalid_position";
+    pub const BINARY_NOT_SUPPORTED: &str = "binary_not_supported";
+    pub const MESSAGE_TOO_BIG: &str = "message_too_big";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const ALREADY_SUBSCRIBED: &str = "already_subscribed";
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const HISTORY_UNAVAILABLE: &str = "history_unavailable";
+}
+
+pub fn error_message(code: &str, message: &str) -> String {
+    let mut out = String::with_capacity(48 + message.len());
+    out.push_str("{\"type\":\"error\",\"code\":");
+    push_json_str(&mut out, code);
+    out.push_str(",\"message\":");
+    push_json_str(&mut out, message);
+    out.push('}');
+    out
+}
+
+pub fn welcome_message(connection_id: &str, heartbeat_ms: u64, encoding: &str) -> String {
+    serde_json::json!({
+        "type": "welcome",
+        "connection_id": connection_id,
+        "heartbeat_ms": heartbeat_ms,
+        "encoding": encoding,
+    })
+    .to_string()
+}
+
+pub fn unsubscribed_message(room: &str) -> String {
+    serde_json::json!({"type": "unsubscribed", "room": room}).to_string()
+}
+
+pub fn reset_message(room: &str, reason: &str) -> String {
+    serde_json::json!({"type": "reset", "room": room, "reason": reason}).to_string()
+}
+
+/// Decodes one text frame.
+pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new(
+            codes::INVALID_JSON,
+            format!("message is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ProtocolError::new(
+            codes::INVALID_MESSAGE,
+            "message must be a JSON object with a \"type\"",
+        ));
+    };
+    let kind = match fields.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                "\"type\" must be a string",
+            ));
+        }
+        None => {
+            return Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                "message has no \"type\"",
+            ));
+        }
+    };
+    match kind {
+        "subscribe" => Ok(ClientMessage::Subscribe {
+            room: room(&fields, kind)?,
+            since: optional_position(&fields, "since")?,
+        }),
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe {
+            room: room(&fields, kind)?,
+        }),
+        "ack" => match optional_position(&fields, "position")? {
+            Some(position) => Ok(ClientMessage::Ack { position }),
+            None => Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                "ack needs a \"position\" string",
+            )),
+        },
+        "auth" => match fields.get("token") {
+            Some(Value::String(token)) if !token.is_empty() => Ok(ClientMessage::Auth {
+                token: token.clone(),
+            }),
+            _ => Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                "auth needs a \"token\" string",
+            )),
+        },
+        other => {
+            let mut shown: String = other.chars().take(40).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(ProtocolError::new(
+                codes::UNKNOWN_TYPE,
+                format!(
+                    "unknown message type {shown:?}; expected subscribe, unsubscribe, ack or auth"
+                ),
+            ))
+        }
+    }
+}
+
+fn room(fields: &Map<String, Value>, kind: &str) -> Result<String, ProtocolError> {
+    let Some(room) = fields.get("room") else {
+        return Err(ProtocolError::new(
+            codes::INVALID_MESSAGE,
+            format!("{kind} needs a \"room\" string, e.g. \"project:42\""),
+        ));
+    };
+    let Value::String(room) = room else {
+        return Err(ProtocolError::new(
+            codes::INVALID_MESSAGE,
+            "\"room\" must be a string",
+        ));
+    };
+    validate_room(room)?;
+    Ok(room.clone())
+}
+
+/// Room names are what templates render: printable, no spaces, bounded.
+pub fn validate_room(room: &str) -> Result<(), ProtocolError> {
+    if room.is_empty() {
+        return Err(ProtocolError::new(
+            codes::INVALID_ROOM,
+            "room name is empty",
+        ));
+    }
+    if room.len() > MAX_ROOM_BYTES {
+        return Err(ProtocolError::new(
+            codes::INVALID_ROOM,
+            format!(
+                "room name is {} bytes; at most {MAX_ROOM_BYTES} allowed",
+                room.len()
+            ),
+        ));
+    }
+    if room.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ProtocolError::new(
+            codes::INVALID_ROOM,
+            "room name must not contain spaces or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn optional_position(
+    fields: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<Position>, ProtocolError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|e: crate::change::BadPosition| {
+                ProtocolError::new(codes::INVALID_POSITION, e.to_string())
+            }),
+        Some(_) => Err(ProtocolError::new(
+            codes::INVALID_POSITION,
+            format!("\"{name}\" must be a position string as received in a change"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_each_message() {
+        assert_eq!(
+            decode(r#"{"type":"subscribe","room":"project:42"}"#),
+            Ok(ClientMessage::Subscribe {
+                room: "project:42".into(),
+                since: None
+            })
+        );
+        assert_eq!(
+            decode(r#"{"type":"subscribe","room":"task:7","since":"120"}"#),
+            Ok(ClientMessage::Subscribe {
+                room: "task:7".into(),
+                since: Some(Position(120))
+            })
+        );
+        assert_eq!(
+            decode(r#"{"type":"unsubscribe","room":"task:7"}"#),
+            Ok(ClientMessage::Unsubscribe {
+                room: "task:7".into()
+            })
+        );
+        assert_eq!(
+            decode(r#"{"type":"ack","position":"5"}"#),
+            Ok(ClientMessage::Ack {
+                position: Position(5)
+            })
+        );
+        assert_eq!(
+            decode(r#"{"type":"auth","token":"x.y.z"}"#),
+            Ok(ClientMessage::Auth {
+                token: "x.y.z".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let code = |text: &str| decode(text).unwrap_err().code;
+        assert_eq!(code("not json"), codes::INVALID_JSON);
+        assert_eq!(code("[1,2]"), codes::INVALID_MESSAGE);
+        assert_eq!(code(r#"{"room":"a"}"#), codes::INVALID_MESSAGE);
+        assert_eq!(code(r#"{"type":7}"#), codes::INVALID_MESSAGE);
+        assert_eq!(code(r#"{"type":"dance"}"#), codes::UNKNOWN_TYPE);
+        assert_eq!(code(r#"{"type":"subscribe"}"#), codes::INVALID_MESSAGE);
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":5}"#),
+            codes::INVALID_MESSAGE
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":""}"#),
+            codes::INVALID_ROOM
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"a b"}"#),
+            codes::INVALID_ROOM
+        );
+        let long = format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(201));
+        assert_eq!(code(&long), codes::INVALID_ROOM);
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"a","since":"-4"}"#),
+            codes::INVALID_POSITION
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"a","since":4}"#),
+            codes::INVALID_POSITION
+        );
+        assert_eq!(code(r#"{"type":"ack"}"#), codes::INVALID_MESSAGE);
+        assert_eq!(
+            code(r#"{"type":"auth","token":""}"#),
+            codes::INVALID_MESSAGE
+        );
+        let msg = decode(r#"{"type":"subscribe"}"#).unwrap_err().to_message();
+        let v: Value = serde_json::from_str(&msg).unwrap();
+        assert_eq!(v["type"], "error");
+        assert!(v["message"].as_str().unwrap().contains("room"));
+    }
+}

@@ -1,0 +1,437 @@
+//! One client connection: a receive loop that handles what the client sends,
+//! and a send loop that owns the socket's writing half and works through the
+//! connection's queue (changes, protocol replies, replays, close requests).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::change::{Notification, Position, now_us};
+use crate::protocol::{self, ClientMessage, ProtocolError, codes};
+use crate::rooms::{CloseReason, Frame, Joined, Outbound, Room, Subscriber};
+use crate::telemetry::Counters;
+
+/// Most frames written between two flushes: a socket that fell behind
+/// catches up in large writes, and still yields to other tasks.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+/// Outbox rows read per replay query.
+const REPLAY_PAGE: i64 = 500;
+/// A client that sends this many refused messages within the window is
+/// closed: it is broken or hostile, and answering it costs everyone.
+const ERROR_BUDGET: u32 = 50;
+const ERROR_WINDOW: Duration = Duration::from_secs(10);
+/// How long to wait for the client's half of a closing handshake.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// What both halves of a connection know about the client's liveness.
+struct Liveness {
+    /// When anything was last heard from the client (gateway clock, us).
+    last_heard_us: AtomicI64,
+    /// Last measured ping round trip, us (0 until measured).
+    round_trip_us: AtomicI64,
+}
+
+/// Serves one upgraded WebSocket until either side closes it or the gateway
+/// shuts down.
+pub async fn serve(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    identity: Identity,
+    connection_id: u64,
+) {
+    let settings = state.settings();
+    let (subscriber, queue) = Subscriber::new(connection_id, settings.limits.send_queue_bytes);
+    let liveness = Arc::new(Liveness {
+        last_heard_us: AtomicI64::new(now_us()),
+        round_trip_us: AtomicI64::new(0),
+    });
+    subscriber.push(Frame::control(protocol::welcome_message(
+        &format!("{}-{connection_id}", state.instance_id),
+        settings.heartbeat.interval.as_millis() as u64,
+        "none",
+    )));
+
+    let (sink, stream) = socket.split();
+    let mut session = Session {
+        state: Arc::clone(&state),
+        subscriber: Arc::clone(&subscriber),
+        identity,
+        rooms: HashSet::new(),
+        errors: ErrorBudget::default(),
+    };
+    {
+        let send = send_loop(sink, queue, &subscriber, &state, &liveness);
+        let receive = session.receive_loop(stream, &liveness);
+        tokio::pin!(send, receive);
+        tokio::select! {
+            () = &mut send => {
+                // We closed (slow consumer, shutdown, write error): give the
+                // client a moment to answer the close frame.
+                let _ = tokio::time::timeout(CLOSE_LINGER, &mut receive).await;
+            }
+            () = &mut receive => {
+                // The client closed or broke the protocol: answer its close.
+                subscriber.close(CloseReason::new(1000, ""));
+                let _ = tokio::time::timeout(CLOSE_LINGER, &mut send).await;
+            }
+        }
+    }
+    for room in &session.rooms {
+        state.hub.unsubscribe(room, connection_id);
+    }
+    if subscriber.close_reason_code() == Some(CloseReason::SLOW_CONSUMER) {
+        Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
+    }
+    tracing::debug!(connection_id, "connection closed");
+}
+
+/// Writes queued frames to the socket, flushing once per drained batch; sends
+/// pings; closes the socket when asked to.
+async fn send_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::UnboundedReceiver<Outbound>,
+    subscriber: &Subscriber,
+    state: &AppState,
+    liveness: &Liveness,
+) {
+    let settings = state.settings();
+    let mut ping = tokio::time::interval(settings.heartbeat.interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut latencies: Vec<u64> = Vec::new();
+    let close = loop {
+        tokio::select! {
+            biased;
+            reason = subscriber.close_requested() => break reason,
+            () = state.shutdown.cancelled() => break CloseReason::new(
+                CloseReason::GOING_AWAY,
+                "gateway shutting down; reconnect and resume from your last position",
+            ),
+            item = queue.recv() => {
+                let Some(mut item) = item else { return };
+                let mut written = 0;
+                loop {
+                    let result = match item {
+                        Outbound::Frame(frame) => {
+                            written += 1;
+                            write_frame(&mut sink, frame, subscriber, state, &mut latencies).await
+                        }
+                        Outbound::Replay { room, since, upto } => {
+                            replay(&mut sink, state, &room, since, upto).await
+                        }
+                    };
+                    if let Err(reason) = result {
+                        subscriber.close(reason);
+                        break;
+                    }
+                    if written >= MAX_FRAMES_PER_WRITE {
+                        break;
+                    }
+                    match queue.try_recv() {
+                        Ok(next) => item = next,
+                        Err(_) => break,
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+                if !latencies.is_empty() {
+                    let offset = state.telemetry.feed.clock_offset_us.load(Ordering::Relaxed);
+                    let now = now_us() + offset;
+                    state.telemetry.commit_to_send.record_all(
+                        latencies.drain(..).map(|committed| (now - committed as i64).max(0) as u64),
+                    );
+                }
+            }
+            _ = ping.tick() => {
+                let silent_us = now_us() - liveness.last_heard_us.load(Ordering::Relaxed);
+                let timeout = settings.heartbeat.connection_timeout;
+                if silent_us > timeout.as_micros() as i64 {
+                    break CloseReason::new(
+                        CloseReason::POLICY,
+                        format!("no pong or message for {} ms", timeout.as_millis()),
+                    );
+                }
+                let stamp = now_us().to_be_bytes();
+                if sink.send(Message::Ping(stamp.to_vec().into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let frame = CloseFrame {
+        code: close.code,
+        reason: close.reason.into(),
+    };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+}
+
+/// Feeds one frame to the socket (flushed by the caller).
+async fn write_frame(
+    sink: &mut SplitSink<WebSocket, Message>,
+    frame: Frame,
+    subscriber: &Subscriber,
+    state: &AppState,
+    latencies: &mut Vec<u64>,
+) -> Result<(), CloseReason> {
+    let len = frame.text.len();
+    if let Some(committed) = frame.committed_at_us {
+        latencies.push(committed as u64);
+    }
+    sink.feed(Message::Text(frame.text))
+        .await
+        .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+    subscriber.sent(len);
+    let counters = &state.telemetry.counters;
+    Counters::add(&counters.messages_sent, 1);
+    Counters::add(&counters.bytes_sent, len as u64);
+    Ok(())
+}
+
+/// Sends a room's history `(since, upto]` from the outbox, or `reset` when
+/// part of it has been pruned. Runs in the send loop, so live changes queued
+/// meanwhile wait behind it and follow it in order.
+async fn replay(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    room: &Room,
+    since: Position,
+    upto: Position,
+) -> Result<(), CloseReason> {
+    let unavailable = |e: sqlx::Error| {
+        tracing::warn!(error = %e, room = %room, "history read failed");
+        // Try Again Later: the client resumes from the same position.
+        CloseReason::new(1013, "history unavailable right now; reconnect and resume")
+    };
+    let mut tx = state.pool.begin().await.map_err(unavailable)?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let pruned_through: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    if since.0 < pruned_through {
+        let reset = protocol::reset_message(room, "history_expired");
+        return sink
+            .feed(Message::Text(reset.into()))
+            .await
+            .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")));
+    }
+    let mut from = since;
+    loop {
+        let page: Vec<String> = sqlx::query_scalar(
+            "select realtime.payload(c) from realtime.changes c \
+             where c.position > $1 and c.position <= $2 and $3 = any (c.rooms) \
+             order by c.position limit $4",
+        )
+        .bind(from.0)
+        .bind(upto.0)
+        .bind(&**room)
+        .bind(REPLAY_PAGE)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for doc in &page {
+            let Ok(Notification::Change(change)) = Notification::parse(doc) else {
+                continue;
+            };
+            from = change.position;
+            sink.feed(Message::Text(change.message_for(room).into()))
+                .await
+                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+        }
+        if (page.len() as i64) < REPLAY_PAGE {
+            return Ok(());
+        }
+    }
+}
+
+/// Counts refused messages in a sliding window.
+#[derive(Default)]
+struct ErrorBudget {
+    window_start: Option<Instant>,
+    count: u32,
+}
+
+impl ErrorBudget {
+    /// Records one refusal; true when the budget is spent.
+    fn spend(&mut self) -> bool {
+        let now = Instant::now();
+        match self.window_start {
+            Some(start) if now.duration_since(start) < ERROR_WINDOW => self.count += 1,
+            _ => {
+                self.window_start = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count > ERROR_BUDGET
+    }
+}
+
+/// The receiving half's state.
+struct Session {
+    state: Arc<AppState>,
+    subscriber: Arc<Subscriber>,
+    identity: Identity,
+    rooms: HashSet<Room>,
+    errors: ErrorBudget,
+}
+
+impl Session {
+    async fn receive_loop(&mut self, mut stream: SplitStream<WebSocket>, liveness: &Liveness) {
+        while let Some(message) = stream.next().await {
+            liveness.last_heard_us.store(now_us(), Ordering::Relaxed);
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    self.on_read_error(error);
+                    return;
+                }
+            };
+            Counters::add(&self.state.telemetry.counters.messages_received, 1);
+            match message {
+                Message::Text(text) => self.on_text(&text),
+                Message::Binary(_) => self.refuse(ProtocolError::new(
+                    codes::BINARY_NOT_SUPPORTED,
+                    "binary frames are not accepted; send JSON text frames",
+                )),
+                Message::Pong(payload) => {
+                    if let Ok(stamp) = <[u8; 8]>::try_from(&payload[..]) {
+                        let round_trip = now_us() - i64::from_be_bytes(stamp);
+                        liveness
+                            .round_trip_us
+                            .store(round_trip.max(0), Ordering::Relaxed);
+                    }
+                }
+                Message::Ping(_) => {}
+                Message::Close(_) => return,
+            }
+            if self.subscriber.is_closing() {
+                return;
+            }
+        }
+    }
+
+    fn on_read_error(&self, error: axum::Error) {
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let inner = error.into_inner();
+        match inner.downcast_ref::<WsError>() {
+            Some(WsError::Capacity(capacity)) => {
+                Counters::add(&self.state.telemetry.counters.client_errors, 1);
+                self.subscriber.close(CloseReason::new(
+                    CloseReason::TOO_BIG,
+                    format!("inbound message too big: {capacity}"),
+                ));
+            }
+            _ => tracing::debug!(connection_id = self.subscriber.id, error = %inner, "read failed"),
+        }
+    }
+
+    fn refuse(&mut self, error: ProtocolError) {
+        Counters::add(&self.state.telemetry.counters.client_errors, 1);
+        self.subscriber.push(Frame::control(error.to_message()));
+        if self.errors.spend() {
+            self.subscriber.close(CloseReason::new(
+                CloseReason::POLICY,
+                format!("more than {ERROR_BUDGET} refused messages in {ERROR_WINDOW:?}"),
+            ));
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let limit = self.state.settings().limits.max_message_bytes;
+        if text.len() > limit {
+            return self.refuse(ProtocolError::new(
+                codes::MESSAGE_TOO_BIG,
+                format!("message is {} bytes; at most {limit} allowed", text.len()),
+            ));
+        }
+        let result = protocol::decode(text).and_then(|message| self.handle(message));
+        if let Err(error) = result {
+            self.refuse(error);
+        }
+    }
+
+    fn handle(&mut self, message: ClientMessage) -> Result<(), ProtocolError> {
+        match message {
+            ClientMessage::Subscribe { room, since } => self.subscribe(room, since),
+            ClientMessage::Unsubscribe { room } => {
+                if !self.rooms.remove(room.as_str()) {
+                    return Err(ProtocolError::new(
+                        codes::NOT_SUBSCRIBED,
+                        format!("not subscribed to {room:?}"),
+                    ));
+                }
+                self.state.hub.unsubscribe(&room, self.subscriber.id);
+                self.subscriber
+                    .push(Frame::control(protocol::unsubscribed_message(&room)));
+                Ok(())
+            }
+            // Acks feed the commit-to-ack measurement (its own issue).
+            ClientMessage::Ack { .. } => Ok(()),
+            ClientMessage::Auth { token } => {
+                let identity = self
+                    .state
+                    .auth
+                    .authenticate(Some(&token))
+                    .map_err(|e| ProtocolError::new(codes::INVALID_TOKEN, e.to_string()))?;
+                self.identity = identity;
+                let revoked: Vec<Room> = self
+                    .rooms
+                    .iter()
+                    .filter(|room| !self.identity.grants.allows(room))
+                    .cloned()
+                    .collect();
+                for room in revoked {
+                    self.rooms.remove(&room);
+                    self.state.hub.unsubscribe(&room, self.subscriber.id);
+                    self.subscriber
+                        .push(Frame::control(protocol::unsubscribed_message(&room)));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn subscribe(&mut self, room: String, since: Option<Position>) -> Result<(), ProtocolError> {
+        if !self.identity.grants.allows(&room) {
+            return Err(ProtocolError::new(
+                codes::FORBIDDEN,
+                format!("your token does not grant room {room:?}"),
+            ));
+        }
+        if self.rooms.contains(room.as_str()) {
+            return Err(ProtocolError::new(
+                codes::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {room:?}"),
+            ));
+        }
+        let limit = self.state.settings().limits.max_subscriptions;
+        if self.rooms.len() >= limit {
+            return Err(ProtocolError::new(
+                codes::TOO_MANY_SUBSCRIPTIONS,
+                format!("at most {limit} subscriptions per connection"),
+            ));
+        }
+        match self.state.hub.subscribe(&room, &self.subscriber, since) {
+            Joined::Live(_) => {
+                self.rooms.insert(Room::from(room));
+                Ok(())
+            }
+            Joined::AlreadyMember => Err(ProtocolError::new(
+                codes::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {room:?}"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! A committed change reaches exactly the rooms its templates name, in commit
+//! order, whole.
+
+use serde_json::json;
+
+use crate::helpers::{barrier, positions, spawn_app};
+
+#[tokio::test]
+async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let project_1: i64 = sqlx::query_scalar(
+        "insert into projects (name, client, city, budget, starts_on, ends_on) \
+         values ('Test One', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
+    )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let project_2: i64 = sqlx::query_scalar(
+        "insert into projects (name, client, city, budget, starts_on, ends_on) \
+         values ('Test Two', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
+    )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+
+    let mut in_1 = app.connect().await;
+    let mut in_2 = app.connect().await;
+    let mut in_task = app.connect().await;
+    let mut elsewhere = app.connect().await;
+    in_1.subscribe(&format!("project:{project_1}")).await;
+    in_2.subscribe(&format!("project:{project_2}")).await;
+    elsewhere.subscribe("project:999999").await;
+    for client in [&mut in_1, &mut in_2, &mut in_task, &mut elsewhere] {
+        client.subscribe("markers").await;
+    }
+
+    let task_id: i64 = sqlx::query_scalar(
+        "insert into tasks (project_id, title, status) values ($1, 'Pour level 3 slab', 'todo') returning id",
+    )
+    .bind(project_1)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    barrier(pool, "inserted").await;
+    let got_1 = in_1.changes_until_marker("inserted").await;
+    assert_eq!(got_1.len(), 1, "{got_1:?}");
+    assert_eq!(got_1[0]["op"], "INSERT");
+    assert_eq!(got_1[0]["table"], "tasks");
+    assert_eq!(got_1[0]["schema"], "public");
+    assert_eq!(got_1[0]["room"], format!("project:{project_1}"));
+    assert_eq!(got_1[0]["key"], json!({"id": task_id}));
+    assert_eq!(got_1[0]["row"]["title"], "Pour level 3 slab");
+    assert!(got_1[0]["committed_at"].as_str().unwrap().ends_with('Z'));
+    assert!(in_2.changes_until_marker("inserted").await.is_empty());
+    assert!(elsewhere.changes_until_marker("inserted").await.is_empty());
+    assert!(in_task.changes_until_marker("inserted").await.is_empty());
+
+    // The task room, then a move between projects: the UPDATE belongs to the
+    // rooms of the row before and after it.
+    in_task.subscribe(&format!("task:{task_id}")).await;
+    sqlx::query("update tasks set project_id = $1, status = 'in_progress' where id = $2")
+        .bind(project_2)
+        .bind(task_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    barrier(pool, "moved").await;
+    for (client, room) in [
+        (&mut in_1, format!("project:{project_1}")),
+        (&mut in_2, format!("project:{project_2}")),
+        (&mut in_task, format!("task:{task_id}")),
+    ] {
+        let got = client.changes_until_marker("moved").await;
+        assert_eq!(got.len(), 1, "{room}: {got:?}");
+        assert_eq!(got[0]["op"], "UPDATE");
+        assert_eq!(got[0]["room"], room);
+        assert_eq!(got[0]["row"]["project_id"], json!(project_2));
+        assert_eq!(got[0]["row"]["status"], "in_progress");
+    }
+    assert!(elsewhere.changes_until_marker("moved").await.is_empty());
+
+    sqlx::query("delete from tasks where id = $1").bind(task_id).execute(pool).await.unwrap();
+    barrier(pool, "deleted").await;
+    assert!(in_1.changes_until_marker("deleted").await.is_empty());
+    for client in [&mut in_2, &mut in_task] {
+        let got = client.changes_until_marker("deleted").await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["op"], "DELETE");
+        assert_eq!(got[0]["row"]["title"], "Pour level 3 slab", "DELETE carries the row as it was");
+    }
+    assert!(elsewhere.changes_until_marker("deleted").await.is_empty());
+}
+
+/// Two transactions take their ids (and would take sequence-based positions)
+/// in one order and commit in the other. Delivery is commit order, and a
+/// client resuming from between them misses neither.
+#[tokio::test]
+async fn positions_follow_commit_order_not_insert_order() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let mut live = app.connect().await;
+    let start = live.subscribe("project:77").await;
+
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("insert into items (id, project_id, body) values (1, 77, 'took its id first')")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let mut second = pool.begin().await.unwrap();
+    sqlx::query("insert into items (id, project_id, body) values (2, 77, 'took its id second')")
+        .execute(&mut *second)
+        .await
+        .unwrap();
+    second.commit().await.unwrap();
+    first.commit().await.unwrap();
+
+    let got = live.changes(2).await;
+    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [2, 1], "delivered in commit order");
+    let p = positions(&got);
+    assert!(p[0] < p[1], "positions grow with commit order: {p:?}");
+
+    // Resume from before both, and from between them.
+    let mut from_start = app.connect().await;
+    from_start.subscribe_since("project:77", Some(&start)).await;
+    let replayed = from_start.changes(2).await;
+    assert_eq!(positions(&replayed), p);
+    let mut from_between = app.connect().await;
+    from_between.subscribe_since("project:77", Some(&p[0].to_string())).await;
+    let replayed = from_between.changes(1).await;
+    assert_eq!(replayed[0]["row"]["id"], 1, "the change that committed second is not skipped");
+    assert_eq!(positions(&replayed), [p[1]]);
+}
+
+#[tokio::test]
+async fn a_100_kb_row_is_delivered_intact() {
+    let app = spawn_app().await;
+    let mut client = app.connect().await;
+    client.subscribe("item:5").await;
+    // Varied text so nothing can be mistaken for a truncated repeat.
+    let body: String = (0..100_000u32)
+        .map(|i| char::from(b'a' + ((i * 7 + i / 13) % 26) as u8))
+        .collect();
+    sqlx::query("insert into items (id, project_id, body) values (5, 1, $1)")
+        .bind(&body)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let got = client.changes(1).await;
+    assert_eq!(got[0]["row"]["body"].as_str().unwrap().len(), body.len());
+    assert_eq!(got[0]["row"]["body"], body);
+    assert_eq!(got[0]["key"], json!({"id": 5}));
+}
+
+/// A client that reconnects with `since` gets what it missed while away,
+/// then the live stream, with nothing twice.
+#[tokio::test]
+async fn a_reconnecting_client_resumes_from_its_position() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let mut client = app.connect().await;
+    client.subscribe("project:5").await;
+    for id in 1..=3 {
+        sqlx::query("insert into items (id, project_id) values ($1, 5)").bind(id).execute(pool).await.unwrap();
+    }
+    let seen = client.changes(3).await;
+    let last = seen[2]["position"].as_str().unwrap().to_owned();
+    drop(client);
+
+    for id in 4..=6 {
+        sqlx::query("insert into items (id, project_id) values ($1, 5)").bind(id).execute(pool).await.unwrap();
+    }
+    let mut client = app.connect().await;
+    client.subscribe_since("project:5", Some(&last)).await;
+    sqlx::query("insert into items (id, project_id) values (7, 5)").execute(pool).await.unwrap();
+    let got = client.changes(4).await;
+    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [4, 5, 6, 7]);
+    let p = positions(&got);
+    assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+}

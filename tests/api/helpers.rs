@@ -1,0 +1,392 @@
+//! The test harness: a real PostgreSQL (the one `make test` starts, named by
+//! TEST_DATABASE_URL or DATABASE_URL, else a private cluster per test
+//! process), a fresh database per test, the real gateway on port 0, and
+//! tokio-tungstenite clients.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use ws_gateway::app::Application;
+use ws_gateway::config::Settings;
+use ws_gateway::embedded::{ClusterOptions, PrivateCluster};
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+static CLUSTER: OnceCell<PrivateCluster> = OnceCell::const_new();
+static DATABASES: AtomicU32 = AtomicU32::new(0);
+
+/// A directory for test clusters that the `postgres` user can reach.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("clusters")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The admin URL of a server where tests may create databases.
+async fn server_url() -> String {
+    for var in ["TEST_DATABASE_URL", "DATABASE_URL"] {
+        if let Ok(url) = std::env::var(var)
+            && !url.is_empty()
+        {
+            return url;
+        }
+    }
+    let cluster = CLUSTER
+        .get_or_init(|| async {
+            let options = ClusterOptions {
+                fast_unsafe: true,
+                ..ClusterOptions::default()
+            };
+            PrivateCluster::start(&scratch_dir("shared"), options)
+                .await
+                .expect("starting a private PostgreSQL for the tests")
+        })
+        .await;
+    cluster.url("postgres")
+}
+
+/// A fresh database with the `realtime` schema and the demo ConstructTrack
+/// schema (its tables tracked), plus `items`, a small table tracked into
+/// `project:{project_id}` and `item:{id}`, and `markers`, tracked into the
+/// room `markers` (see [`Client::barrier`]).
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+pub async fn fresh_database_on(server: &str) -> TestDb {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(server)
+        .await
+        .expect("connecting to the test server");
+    let name = format!(
+        "t{}_{}_{}",
+        std::process::id(),
+        DATABASES.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_micros()
+    );
+    sqlx::query(&format!("create database {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let url = replace_database(server, &name);
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&url)
+        .await
+        .expect("connecting to the test database");
+    ws_gateway::capture::migrate(&pool, "realtime_changes").await.expect("migrate");
+    ws_gateway::demo::load_schema(&pool).await.expect("demo schema");
+    sqlx::raw_sql(
+        "create table items (id bigint primary key, project_id int, body text not null default '');
+         select realtime.track('public.items', array['project:{project_id}', 'item:{id}']);
+         create table markers (id bigserial primary key, note text);
+         select realtime.track('public.markers', array['markers']);",
+    )
+    .execute(&pool)
+    .await
+    .expect("test tables");
+    TestDb { url, pool }
+}
+
+pub async fn fresh_database() -> TestDb {
+    fresh_database_on(&server_url().await).await
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// The real gateway, in this process, on an ephemeral port.
+pub struct TestApp {
+    pub address: std::net::SocketAddr,
+    pub db: TestDb,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(fresh_database().await, |_| {}).await
+}
+
+pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = Settings::for_tests();
+    settings.database_url = Some(db.url.clone());
+    configure(&mut settings);
+    let app = Application::build(settings).await.expect("building the gateway");
+    let address = app.local_addr();
+    let shutdown = app.shutdown_token();
+    let task = tokio::spawn(app.run_until_stopped());
+    let test_app = TestApp {
+        address,
+        db,
+        shutdown,
+        task,
+    };
+    test_app.wait_for_feed("live").await;
+    test_app
+}
+
+impl TestApp {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.address)
+    }
+
+    pub async fn health(&self) -> (u16, Value) {
+        http_get_json(self.address, "/healthz").await
+    }
+
+    pub async fn wait_for_feed(&self, state: &str) {
+        eventually("feed state", || async {
+            let (_, health) = self.health().await;
+            (health["feed"]["state"] == state).then_some(())
+        })
+        .await
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.ws_url()).await
+    }
+
+    /// Stops the gateway and waits for it to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("gateway stops in time")
+            .expect("gateway task joins")
+    }
+}
+
+/// Polls `check` until it returns Some, or fails the test at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(address).await.expect("connect for GET");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("GET answered in time")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status: u16 = response[9..12].parse().expect("status code");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+pub async fn http_get_json(address: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    let (status, body) = http_get(address, path).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// A WebSocket client speaking the gateway's protocol.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+/// What a client saw of its connection's end.
+#[derive(Debug)]
+pub struct Closed {
+    pub code: Option<u16>,
+    pub reason: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connect");
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        client.welcome = client.next_json().await;
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        client
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next protocol message (text frame), within the deadline.
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a message within the deadline")
+                .expect("connection open")
+                .expect("readable");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+                Message::Close(frame) => panic!("connection closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection; returns its close frame.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("close within the deadline");
+            match message {
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|CloseFrame { code, reason }| (Some(u16::from(code)), reason.to_string()))
+                        .unwrap_or((None, String::new()));
+                    return Closed { code, reason };
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => {
+                    return Closed {
+                        code: None,
+                        reason: String::new(),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Subscribes and waits for `subscribed`; returns its position.
+    pub async fn subscribe(&mut self, room: &str) -> String {
+        self.subscribe_since(room, None).await
+    }
+
+    pub async fn subscribe_since(&mut self, room: &str, since: Option<&str>) -> String {
+        let mut message = json!({"type": "subscribe", "room": room});
+        if let Some(since) = since {
+            message["since"] = json!(since);
+        }
+        self.send_json(message).await;
+        let reply = self.next_json().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["room"], room);
+        reply["position"].as_str().expect("position").to_owned()
+    }
+
+    /// The next `count` changes (batches unpacked).
+    pub async fn changes(&mut self, count: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let message = self.next_json().await;
+            match message["type"].as_str() {
+                Some("change") => out.push(message),
+                Some("batch") => out.extend(message["changes"].as_array().unwrap().iter().cloned()),
+                _ => panic!("expected a change, got {message}"),
+            }
+        }
+        out
+    }
+
+    /// Every change up to the next marker change (see [`barrier`]): the
+    /// gateway delivers in commit order, so once the marker is here anything
+    /// committed before it has arrived too. The client must be subscribed
+    /// to `markers`.
+    pub async fn changes_until_marker(&mut self, marker: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let message = self.next_json().await;
+            let changes = match message["type"].as_str() {
+                Some("change") => vec![message],
+                Some("batch") => message["changes"].as_array().unwrap().clone(),
+                _ => panic!("expected a change, got {message}"),
+            };
+            for change in changes {
+                if change["table"] == "markers" && change["row"]["note"] == marker {
+                    return out;
+                }
+                out.push(change);
+            }
+        }
+    }
+}
+
+/// Commits a marker change to the `markers` room; see
+/// [`Client::changes_until_marker`].
+pub async fn barrier(pool: &PgPool, marker: &str) {
+    sqlx::query("insert into markers (note) values ($1)")
+        .bind(marker)
+        .execute(pool)
+        .await
+        .expect("marker insert");
+}
+
+/// The positions of `changes`, as numbers.
+pub fn positions(changes: &[Value]) -> Vec<i64> {
+    changes
+        .iter()
+        .map(|c| c["position"].as_str().unwrap().parse().unwrap())
+        .collect()
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real gateway, a real PostgreSQL, real sockets.
+
+mod helpers;
+
+mod delivery;
+mod faults;
+mod lifecycle;
+mod refusals;

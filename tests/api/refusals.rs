@@ -1,0 +1,119 @@
+//! Every refusal a client or operator can cause is seen with its error, and
+//! harms no one else.
+
+use futures_util::SinkExt;
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_everyone_carries_on() {
+    let app = spawn_app().await;
+    let mut bystander = app.connect().await;
+    bystander.subscribe("project:3").await;
+    let mut client = app.connect().await;
+
+    let cases: Vec<(String, &str)> = vec![
+        ("this is not json".into(), "invalid_json"),
+        (json!({"type": "dance"}).to_string(), "unknown_type"),
+        (json!({"type": "subscribe"}).to_string(), "invalid_message"),
+        (json!({"type": "subscribe", "room": ""}).to_string(), "invalid_room"),
+        (json!({"type": "subscribe", "room": "project:3", "since": "-1"}).to_string(), "invalid_position"),
+        (json!({"type": "unsubscribe", "room": "project:404"}).to_string(), "not_subscribed"),
+        (format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(1_000_000)), "message_too_big"),
+    ];
+    for (frame, code) in cases {
+        client.send_text(&frame).await;
+        let reply = client.next_json().await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], code, "{reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+    }
+    client.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![1, 2, 3])).await.unwrap();
+    let reply = client.next_json().await;
+    assert_eq!(reply["code"], "binary_not_supported", "{reply}");
+
+    // The misbehaving connection still works, and so does everyone else.
+    client.subscribe("project:3").await;
+    client.send_json(json!({"type": "subscribe", "room": "project:3"})).await;
+    assert_eq!(client.next_json().await["code"], "already_subscribed");
+    sqlx::query("insert into items (id, project_id) values (1, 3)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    for c in [&mut client, &mut bystander] {
+        let got = c.changes(1).await;
+        assert_eq!(got[0]["row"]["id"], 1);
+    }
+}
+
+#[tokio::test]
+async fn a_frame_beyond_the_hard_limit_closes_with_1009() {
+    let app = spawn_app().await;
+    let mut bystander = app.connect().await;
+    bystander.subscribe("project:3").await;
+    let mut client = app.connect().await;
+    // Past 16x GATEWAY_MAX_MESSAGE_BYTES (and 2 MiB) the frame is not read.
+    let _ = client.ws.send(tokio_tungstenite::tungstenite::Message::text("y".repeat(3 << 20))).await;
+    let closed = client.closed().await;
+    assert_eq!(closed.code, Some(1009), "{closed:?}");
+    sqlx::query("insert into items (id, project_id) values (1, 3)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(bystander.changes(1).await[0]["row"]["id"], 1);
+}
+
+#[tokio::test]
+async fn an_invalid_setting_is_refused_at_start_naming_it() {
+    let cases = [
+        ("GATEWAY_BATCH_SIZE", "lots"),
+        ("GATEWAY_LISTEN", "not-an-address"),
+        ("GATEWAY_HISTORY_RETENTION", "forever"),
+        ("GATEWAY_FEATURES", "dedup,teleport"),
+        ("GATEWAY_BATCH_SIZ", "10"),
+    ];
+    for (variable, value) in cases {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
+            .arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("GATEWAY_AUTH", "none")
+            .env(variable, value)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "{variable}={value} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "{variable}: {stderr}");
+        assert!(stderr.contains(value), "{variable}: {stderr}");
+    }
+    // JWT auth, the default, needs its secret.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
+        .arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("GATEWAY_JWT_SECRET"));
+}
+
+#[tokio::test]
+async fn unknown_tables_and_columns_are_refused_by_track() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let error = ws_gateway::capture::track(pool, "public.nope", &["x:{id}".into()])
+        .await
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("nope"), "{error:#}");
+    let error = ws_gateway::capture::track(pool, "public.items", &["x:{missing}".into()])
+        .await
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("missing"), "{error:#}");
+    // Tracking twice is fine, and so is untracking twice.
+    ws_gateway::capture::track(pool, "public.items", &["item:{id}".into()]).await.unwrap();
+    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
+    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
+}
