@@ -78,9 +78,10 @@ struct Claims {
 
 pub enum Authenticator {
     None,
+    /// Boxed: the validation rules are large, and `None` need not pay for them.
     Jwt {
         key: DecodingKey,
-        validation: Validation,
+        validation: Box<Validation>,
     },
 }
 
@@ -95,7 +96,7 @@ impl Authenticator {
                 validation.validate_aud = false;
                 Authenticator::Jwt {
                     key: DecodingKey::from_secret(secret.as_bytes()),
-                    validation,
+                    validation: Box::new(validation),
                 }
             }
         }

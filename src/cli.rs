@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Application, shutdown_signal};
 use crate::capture;
-use crate::config::{Auth, Settings};
+use crate::config::Settings;
 use crate::demo;
 use crate::embedded::{ClusterOptions, PrivateCluster, StopMode};
 
@@ -160,7 +160,7 @@ async fn serve(settings: Settings, extra: CancellationToken) -> anyhow::Result<(
 }
 
 async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
-    let mut settings = Settings::from_env()?;
+    let mut settings = Settings::from_env_with_defaults(&[("GATEWAY_AUTH", "none")])?;
     let cluster = if settings.database_url.is_none() {
         let cluster = PrivateCluster::start(&data_dir, ClusterOptions::default())
             .await
@@ -173,9 +173,6 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     } else {
         None
     };
-    if std::env::var_os("GATEWAY_AUTH").is_none() {
-        settings.auth = Auth::None;
-    }
     let url = settings.database_url.clone().expect("set above");
     let pool = PgPoolOptions::new()
         .max_connections(4)

@@ -390,7 +390,18 @@ impl Settings {
     /// Reads the process environment, layered over `GATEWAY_CONFIG_FILE`
     /// when that is set.
     pub fn from_env() -> Result<Settings, ConfigError> {
-        let env = process_env()?;
+        Settings::from_env_with_defaults(&[])
+    }
+
+    /// [`Settings::from_env`], with `defaults` standing in for variables the
+    /// environment does not set (the demo defaults to `GATEWAY_AUTH=none`).
+    pub fn from_env_with_defaults(defaults: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut env = process_env()?;
+        for (name, value) in defaults {
+            if env.get(*name).is_none_or(|v| v.trim().is_empty()) {
+                env.insert((*name).to_owned(), (*value).to_owned());
+            }
+        }
         let file = env
             .get("GATEWAY_CONFIG_FILE")
             .map(|path| PathBuf::from(path.trim()))

@@ -933,6 +933,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_survives_a_database_restart() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
         let dir = TempDir::new("demo-restart");
         let opts = ClusterOptions {
             fast_unsafe: true,
@@ -1025,22 +1026,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn run_writer_refuses_a_bad_rate() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+    #[tokio::test]
+    async fn run_writer_refuses_a_bad_rate() {
         let pool = PgPoolOptions::new()
             .connect_lazy("postgres://nowhere/x")
             .unwrap();
-        let result = rt.block_on(run_writer(
+        let result = run_writer(
             pool,
             WriterOptions {
                 changes_per_second: 0.0,
             },
             CancellationToken::new(),
-        ));
+        )
+        .await;
         assert!(result.is_err());
     }
 }

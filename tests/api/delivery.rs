@@ -80,14 +80,21 @@ async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
     }
     assert!(elsewhere.changes_until_marker("moved").await.is_empty());
 
-    sqlx::query("delete from tasks where id = $1").bind(task_id).execute(pool).await.unwrap();
+    sqlx::query("delete from tasks where id = $1")
+        .bind(task_id)
+        .execute(pool)
+        .await
+        .unwrap();
     barrier(pool, "deleted").await;
     assert!(in_1.changes_until_marker("deleted").await.is_empty());
     for client in [&mut in_2, &mut in_task] {
         let got = client.changes_until_marker("deleted").await;
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0]["op"], "DELETE");
-        assert_eq!(got[0]["row"]["title"], "Pour level 3 slab", "DELETE carries the row as it was");
+        assert_eq!(
+            got[0]["row"]["title"], "Pour level 3 slab",
+            "DELETE carries the row as it was"
+        );
     }
     assert!(elsewhere.changes_until_marker("deleted").await.is_empty());
 }
@@ -116,7 +123,10 @@ async fn positions_follow_commit_order_not_insert_order() {
     first.commit().await.unwrap();
 
     let got = live.changes(2).await;
-    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|c| c["row"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids, [2, 1], "delivered in commit order");
     let p = positions(&got);
     assert!(p[0] < p[1], "positions grow with commit order: {p:?}");
@@ -127,9 +137,14 @@ async fn positions_follow_commit_order_not_insert_order() {
     let replayed = from_start.changes(2).await;
     assert_eq!(positions(&replayed), p);
     let mut from_between = app.connect().await;
-    from_between.subscribe_since("project:77", Some(&p[0].to_string())).await;
+    from_between
+        .subscribe_since("project:77", Some(&p[0].to_string()))
+        .await;
     let replayed = from_between.changes(1).await;
-    assert_eq!(replayed[0]["row"]["id"], 1, "the change that committed second is not skipped");
+    assert_eq!(
+        replayed[0]["row"]["id"], 1,
+        "the change that committed second is not skipped"
+    );
     assert_eq!(positions(&replayed), [p[1]]);
 }
 
@@ -162,20 +177,34 @@ async fn a_reconnecting_client_resumes_from_its_position() {
     let mut client = app.connect().await;
     client.subscribe("project:5").await;
     for id in 1..=3 {
-        sqlx::query("insert into items (id, project_id) values ($1, 5)").bind(id).execute(pool).await.unwrap();
+        sqlx::query("insert into items (id, project_id) values ($1, 5)")
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
     }
     let seen = client.changes(3).await;
     let last = seen[2]["position"].as_str().unwrap().to_owned();
     drop(client);
 
     for id in 4..=6 {
-        sqlx::query("insert into items (id, project_id) values ($1, 5)").bind(id).execute(pool).await.unwrap();
+        sqlx::query("insert into items (id, project_id) values ($1, 5)")
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
     }
     let mut client = app.connect().await;
     client.subscribe_since("project:5", Some(&last)).await;
-    sqlx::query("insert into items (id, project_id) values (7, 5)").execute(pool).await.unwrap();
+    sqlx::query("insert into items (id, project_id) values (7, 5)")
+        .execute(pool)
+        .await
+        .unwrap();
     let got = client.changes(4).await;
-    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|c| c["row"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids, [4, 5, 6, 7]);
     let p = positions(&got);
     assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");

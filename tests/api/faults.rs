@@ -66,17 +66,28 @@ async fn killing_the_listen_connection_loses_and_duplicates_nothing() {
         assert_eq!(ids, expected, "every change, in commit order, once");
     }
     let (_, health) = app.health().await;
-    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 5, "{health}");
+    assert!(
+        health["feed"]["reconnects"].as_u64().unwrap() >= 5,
+        "{health}"
+    );
 }
 
 async fn ids_of(client: &mut Client, count: usize) -> Vec<i64> {
     let changes = client.changes(count).await;
     let p = positions(&changes);
-    assert!(p.windows(2).all(|w| w[0] < w[1]), "positions strictly increase");
+    assert!(
+        p.windows(2).all(|w| w[0] < w[1]),
+        "positions strictly increase"
+    );
     let mut seen = HashMap::new();
     for c in &changes {
-        *seen.entry(c["position"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+        *seen
+            .entry(c["position"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
     }
     assert!(seen.values().all(|n| *n == 1), "no duplicates");
-    changes.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect()
+    changes
+        .iter()
+        .map(|c| c["row"]["id"].as_i64().unwrap())
+        .collect()
 }

@@ -28,10 +28,12 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 static CLUSTER: OnceCell<PrivateCluster> = OnceCell::const_new();
 static DATABASES: AtomicU32 = AtomicU32::new(0);
 
-/// A directory for test clusters that the `postgres` user can reach.
+/// A directory for test clusters. Under the system temp dir, not the
+/// checkout: the `postgres` user must be able to reach it, and a checkout
+/// under /root would not be.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("clusters")
+    let dir = std::env::temp_dir()
+        .join("ws-gateway-tests")
         .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
@@ -52,12 +54,24 @@ async fn server_url() -> String {
                 fast_unsafe: true,
                 ..ClusterOptions::default()
             };
-            PrivateCluster::start(&scratch_dir("shared"), options)
+            let cluster = PrivateCluster::start(&scratch_dir("shared"), options)
                 .await
-                .expect("starting a private PostgreSQL for the tests")
+                .expect("starting a private PostgreSQL for the tests");
+            // A static is never dropped: stop the server when the process exits.
+            unsafe { libc::atexit(stop_shared_cluster) };
+            cluster
         })
         .await;
     cluster.url("postgres")
+}
+
+extern "C" fn stop_shared_cluster() {
+    if let Some(cluster) = CLUSTER.get() {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
+            .args(["dev-db", "stop", "--dir"])
+            .arg(cluster.dir())
+            .output();
+    }
 }
 
 /// A fresh database with the `realtime` schema and the demo ConstructTrack
@@ -95,8 +109,12 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
         .connect(&url)
         .await
         .expect("connecting to the test database");
-    ws_gateway::capture::migrate(&pool, "realtime_changes").await.expect("migrate");
-    ws_gateway::demo::load_schema(&pool).await.expect("demo schema");
+    ws_gateway::capture::migrate(&pool, "realtime_changes")
+        .await
+        .expect("migrate");
+    ws_gateway::demo::load_schema(&pool)
+        .await
+        .expect("demo schema");
     sqlx::raw_sql(
         "create table items (id bigint primary key, project_id int, body text not null default '');
          select realtime.track('public.items', array['project:{project_id}', 'item:{id}']);
@@ -145,7 +163,9 @@ pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -
     let mut settings = Settings::for_tests();
     settings.database_url = Some(db.url.clone());
     configure(&mut settings);
-    let app = Application::build(settings).await.expect("building the gateway");
+    let app = Application::build(settings)
+        .await
+        .expect("building the gateway");
     let address = app.local_addr();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run_until_stopped());
@@ -220,7 +240,10 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String
     let response = String::from_utf8_lossy(&response).into_owned();
     let status: u16 = response[9..12].parse().expect("status code");
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -261,7 +284,9 @@ pub struct Closed {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
         let mut client = Client {
             ws,
             welcome: Value::Null,
@@ -304,7 +329,9 @@ impl Client {
             match message {
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
-                        .map(|CloseFrame { code, reason }| (Some(u16::from(code)), reason.to_string()))
+                        .map(|CloseFrame { code, reason }| {
+                            (Some(u16::from(code)), reason.to_string())
+                        })
                         .unwrap_or((None, String::new()));
                     return Closed { code, reason };
                 }

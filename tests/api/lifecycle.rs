@@ -7,13 +7,25 @@ async fn healthz_reports_the_spec_fields() {
     let app = spawn_app().await;
     let mut client = app.connect().await;
     client.subscribe("project:1").await;
-    sqlx::query("insert into items (id, project_id) values (1, 1)").execute(&app.db.pool).await.unwrap();
+    sqlx::query("insert into items (id, project_id) values (1, 1)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
     client.changes(1).await;
     let (status, health) = app.health().await;
     assert_eq!(status, 200);
     for field in [
-        "status", "connections", "rooms", "timestamp", "performance", "cache", "connectionPool",
-        "messageOptimization", "regressionDetection", "latency", "feed",
+        "status",
+        "connections",
+        "rooms",
+        "timestamp",
+        "performance",
+        "cache",
+        "connectionPool",
+        "messageOptimization",
+        "regressionDetection",
+        "latency",
+        "feed",
     ] {
         assert!(!health[field].is_null(), "missing {field}: {health}");
     }
@@ -21,11 +33,17 @@ async fn healthz_reports_the_spec_fields() {
     assert_eq!(health["connections"], 1);
     assert_eq!(health["rooms"], 1);
     assert_eq!(health["feed"]["state"], "live");
-    assert!(health["latency"]["count"].as_u64().unwrap() >= 1, "{health}");
+    assert!(
+        health["latency"]["count"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
     assert!(health["latency"]["p99_ms"].as_f64().unwrap() >= 0.0);
     let (status, metrics) = http_get(app.address, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("ws_gateway_commit_to_send_seconds_bucket{le=\"+Inf\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("ws_gateway_commit_to_send_seconds_bucket{le=\"+Inf\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

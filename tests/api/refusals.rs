@@ -17,10 +17,25 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
         ("this is not json".into(), "invalid_json"),
         (json!({"type": "dance"}).to_string(), "unknown_type"),
         (json!({"type": "subscribe"}).to_string(), "invalid_message"),
-        (json!({"type": "subscribe", "room": ""}).to_string(), "invalid_room"),
-        (json!({"type": "subscribe", "room": "project:3", "since": "-1"}).to_string(), "invalid_position"),
-        (json!({"type": "unsubscribe", "room": "project:404"}).to_string(), "not_subscribed"),
-        (format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(1_000_000)), "message_too_big"),
+        (
+            json!({"type": "subscribe", "room": ""}).to_string(),
+            "invalid_room",
+        ),
+        (
+            json!({"type": "subscribe", "room": "project:3", "since": "-1"}).to_string(),
+            "invalid_position",
+        ),
+        (
+            json!({"type": "unsubscribe", "room": "project:404"}).to_string(),
+            "not_subscribed",
+        ),
+        (
+            format!(
+                r#"{{"type":"subscribe","room":"{}"}}"#,
+                "x".repeat(1_000_000)
+            ),
+            "message_too_big",
+        ),
     ];
     for (frame, code) in cases {
         client.send_text(&frame).await;
@@ -29,13 +44,21 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
         assert_eq!(reply["code"], code, "{reply}");
         assert!(!reply["message"].as_str().unwrap().is_empty());
     }
-    client.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![1, 2, 3])).await.unwrap();
+    client
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![
+            1, 2, 3,
+        ]))
+        .await
+        .unwrap();
     let reply = client.next_json().await;
     assert_eq!(reply["code"], "binary_not_supported", "{reply}");
 
     // The misbehaving connection still works, and so does everyone else.
     client.subscribe("project:3").await;
-    client.send_json(json!({"type": "subscribe", "room": "project:3"})).await;
+    client
+        .send_json(json!({"type": "subscribe", "room": "project:3"}))
+        .await;
     assert_eq!(client.next_json().await["code"], "already_subscribed");
     sqlx::query("insert into items (id, project_id) values (1, 3)")
         .execute(&app.db.pool)
@@ -54,7 +77,12 @@ async fn a_frame_beyond_the_hard_limit_closes_with_1009() {
     bystander.subscribe("project:3").await;
     let mut client = app.connect().await;
     // Past 16x GATEWAY_MAX_MESSAGE_BYTES (and 2 MiB) the frame is not read.
-    let _ = client.ws.send(tokio_tungstenite::tungstenite::Message::text("y".repeat(3 << 20))).await;
+    let _ = client
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            "y".repeat(3 << 20),
+        ))
+        .await;
     let closed = client.closed().await;
     assert_eq!(closed.code, Some(1009), "{closed:?}");
     sqlx::query("insert into items (id, project_id) values (1, 3)")
@@ -113,7 +141,13 @@ async fn unknown_tables_and_columns_are_refused_by_track() {
         .unwrap_err();
     assert!(format!("{error:#}").contains("missing"), "{error:#}");
     // Tracking twice is fine, and so is untracking twice.
-    ws_gateway::capture::track(pool, "public.items", &["item:{id}".into()]).await.unwrap();
-    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
-    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
+    ws_gateway::capture::track(pool, "public.items", &["item:{id}".into()])
+        .await
+        .unwrap();
+    ws_gateway::capture::untrack(pool, "public.items")
+        .await
+        .unwrap();
+    ws_gateway::capture::untrack(pool, "public.items")
+        .await
+        .unwrap();
 }
