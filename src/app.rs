@@ -161,6 +161,11 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
 
         let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
+        let mut pruner_task = tokio::spawn(crate::history::run_pruner(
+            state.pool.clone(),
+            state.settings().history.retention,
+            shutdown.clone(),
+        ));
         let router = http::router(Arc::clone(&state));
         let mut http_task = tokio::spawn(
             axum::serve(listener, router)
@@ -171,8 +176,11 @@ impl Application {
         let died = tokio::select! {
             () = shutdown.cancelled() => None,
             result = &mut feed_task => Some(("feed", flatten(result))),
+            result = &mut pruner_task => Some(("history pruner", flatten(result))),
             result = &mut http_task => Some(("http server", flatten(result.map(|r| r.map_err(anyhow::Error::from))))),
         };
+        // A task that returned cleanly because shutdown began did not die.
+        let died = died.filter(|(_, result)| !(shutdown.is_cancelled() && result.is_ok()));
         shutdown.cancel();
         let outcome = match died {
             None => Ok(()),

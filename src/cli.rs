@@ -52,6 +52,15 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         rate: f64,
     },
+    /// Load-test a gateway (or a private one it starts) and report
+    /// commit-to-receive latency, losses and resource use.
+    Bench(crate::bench::BenchArgs),
+    /// Print the running daemon's commit-to-receive percentiles.
+    Latency {
+        /// The gateway's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Start or stop a private PostgreSQL cluster (used by `make test`).
     #[command(hide = true)]
     DevDb {
@@ -128,6 +137,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { data_dir, rate } => run_demo(data_dir, rate).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Latency { url } => crate::telemetry::print_latency(&url).await,
         Command::DevDb { action, dir } => {
             if action == "start" {
                 let options = ClusterOptions {

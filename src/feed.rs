@@ -34,6 +34,22 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
+/// Any single database call of the feed. A partition leaves a call hanging
+/// rather than failing (connect timeouts cover only the TCP handshake), and
+/// a hung feed must end its session so it can start a new one.
+const DB_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a database call of the feed under [`DB_CALL_TIMEOUT`].
+async fn bounded<T, E>(what: &str, call: impl Future<Output = Result<T, E>>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(DB_CALL_TIMEOUT, call).await {
+        Ok(result) => result.with_context(|| what.to_owned()),
+        Err(_) => Err(anyhow!("{what}: no answer from the database in {DB_CALL_TIMEOUT:?}")),
+    }
+}
+
 /// How a feed session ended.
 enum SessionEnd {
     Shutdown,
@@ -117,7 +133,9 @@ impl Feed {
     async fn follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let telemetry = Arc::clone(&self.telemetry);
         let status = &telemetry.feed;
-        let (client, mut notifications, driver) = listen(&self.database_url, &self.channel).await?;
+        let (client, mut notifications, driver) = tokio::time::timeout(DB_CALL_TIMEOUT, listen(&self.database_url, &self.channel))
+            .await
+            .map_err(|_| anyhow!("connecting the LISTEN connection: no answer in {DB_CALL_TIMEOUT:?}"))??;
         let _driver = AbortOnDrop(driver);
         status.set_state(FeedState::CatchingUp);
 
@@ -144,13 +162,35 @@ impl Feed {
     }
 
     async fn catch_up(&mut self) -> anyhow::Result<Position> {
-        sqlx::query("select pg_advisory_xact_lock($1)")
-            .bind(POSITION_LOCK)
-            .execute(&self.pool)
-            .await
-            .context("waiting out committing transactions")?;
+        bounded(
+            "waiting out committing transactions",
+            sqlx::query("select pg_advisory_xact_lock($1)").bind(POSITION_LOCK).execute(&self.pool),
+        )
+        .await?;
         let mut from = match self.position {
-            Some(p) => p,
+            Some(p) => {
+                let pruned_through: i64 = bounded(
+                    "reading how far the outbox was pruned",
+                    sqlx::query_scalar("select pruned_through from realtime.settings").fetch_one(&self.pool),
+                )
+                .await?;
+                if p.0 < pruned_through {
+                    // Down for longer than the retention: changes after our
+                    // position are gone. Say so to every client, go on from
+                    // what is left.
+                    tracing::error!(
+                        position = p.0,
+                        pruned_through,
+                        "feed was away longer than GATEWAY_HISTORY_RETENTION: some changes are gone; telling every client to reset"
+                    );
+                    self.hub.reset_all("history_expired");
+                    self.hub.advance(Position(pruned_through));
+                    self.set_position(Position(pruned_through));
+                    Position(pruned_through)
+                } else {
+                    p
+                }
+            }
             None => {
                 // First session: live from the end of the outbox.
                 let end: i64 =
@@ -164,18 +204,20 @@ impl Feed {
             }
         };
         loop {
-            let page: Vec<String> = sqlx::query_scalar(
-                "select realtime.payload(c) from realtime.changes c where c.position > $1 order by c.position limit $2",
+            let page: Vec<String> = bounded(
+                "catching up from the outbox",
+                sqlx::query_scalar(
+                    "select realtime.payload(c) from realtime.changes c where c.position > $1 order by c.position limit $2",
+                )
+                .bind(from.0)
+                .bind(CATCH_UP_PAGE)
+                .fetch_all(&self.pool),
             )
-            .bind(from.0)
-            .bind(CATCH_UP_PAGE)
-            .fetch_all(&self.pool)
-            .await
-            .context("catching up from the outbox")?;
+            .await?;
             for doc in &page {
                 if let Notification::Change(change) = Notification::parse(doc)? {
                     from = change.position;
-                    self.dispatch(&change);
+                    self.dispatch(change);
                 }
             }
             if (page.len() as i64) < CATCH_UP_PAGE {
@@ -210,19 +252,19 @@ impl Feed {
             .feed
             .lag_us
             .store(lag, std::sync::atomic::Ordering::Relaxed);
-        self.dispatch(&change);
+        self.dispatch(change);
         Ok(())
     }
 
     /// Reads a change too large for a NOTIFY payload back from the outbox.
     async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
-        let doc: String = sqlx::query_scalar(
-            "select realtime.payload(c) from realtime.changes c where c.position = $1",
+        let doc: String = bounded(
+            &format!("reading change {position} from the outbox"),
+            sqlx::query_scalar("select realtime.payload(c) from realtime.changes c where c.position = $1")
+                .bind(position.0)
+                .fetch_one(&self.pool),
         )
-        .bind(position.0)
-        .fetch_one(&self.pool)
-        .await
-        .with_context(|| format!("reading change {position} from the outbox"))?;
+        .await?;
         match Notification::parse(&doc)? {
             Notification::Change(change) => Ok(change),
             Notification::Reference(_) => {
@@ -233,15 +275,16 @@ impl Feed {
 
     /// Fans a change out, once: anything at or below the last position was
     /// dispatched already (a catch-up and a notification can both carry it).
-    fn dispatch(&mut self, change: &Change) {
+    fn dispatch(&mut self, change: Change) {
         if self.position.is_some_and(|p| change.position <= p) {
             return;
         }
         let counters = &self.telemetry.counters;
         Counters::add(&counters.changes_received, 1);
-        let deliveries = self.hub.dispatch(change);
+        let position = change.position;
+        let deliveries = self.hub.dispatch(Arc::new(change));
         Counters::add(&counters.deliveries_queued, deliveries as u64);
-        self.set_position(change.position);
+        self.set_position(position);
     }
 
     fn set_position(&mut self, position: Position) {

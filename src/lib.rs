@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod capture;
 pub mod change;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod embedded;
 pub mod feed;
+pub mod history;
 pub mod http;
 pub mod protocol;
 pub mod rooms;

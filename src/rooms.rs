@@ -2,7 +2,7 @@
 //! send queue of each connection. The feed hands every committed change to
 //! [`Hub::dispatch`]; each room's message is built once and cloned to members.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -177,12 +177,40 @@ struct Member {
     floor: Position,
 }
 
+/// How much recent history the hub keeps in memory, so that most resumes
+/// (a client that blipped, or moved from another instance) are served
+/// without a database read.
+const RECENT_CHANGES: usize = 10_000;
+const RECENT_BYTES: usize = 32 << 20;
+
 #[derive(Default)]
 struct HubState {
     rooms: HashMap<Room, Vec<Member>>,
     /// The last position dispatched: every change after it reaches every
     /// current member of its rooms.
     position: Position,
+    /// Every change dispatched after `recent_floor`, oldest first.
+    recent: VecDeque<Arc<Change>>,
+    recent_floor: Position,
+    recent_bytes: usize,
+}
+
+impl HubState {
+    fn remember(&mut self, change: Arc<Change>) {
+        self.recent_bytes += change.size();
+        self.recent.push_back(change);
+        while self.recent.len() > RECENT_CHANGES || self.recent_bytes > RECENT_BYTES {
+            let Some(old) = self.recent.pop_front() else { break };
+            self.recent_bytes -= old.size();
+            self.recent_floor = old.position;
+        }
+    }
+
+    fn forget_recent(&mut self, floor: Position) {
+        self.recent.clear();
+        self.recent_bytes = 0;
+        self.recent_floor = floor;
+    }
 }
 
 /// Rooms and their members. One lock, held by the single feed task while it
@@ -196,17 +224,27 @@ pub struct Hub {
 /// What a subscribe did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Joined {
-    /// Live from this position; a replay (if `since` was older) is queued.
-    Live(Position),
+    /// Live after this position. A `since` older than it was replayed from
+    /// memory (already queued) or from the outbox (a replay is queued).
+    Live { position: Position, replay: Replay },
     AlreadyMember,
+}
+
+/// Where a resume's history came from.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Replay {
+    None,
+    Memory,
+    Outbox,
 }
 
 impl Hub {
     pub fn new(start: Position) -> Hub {
         Hub {
             state: Mutex::new(HubState {
-                rooms: HashMap::new(),
                 position: start,
+                recent_floor: start,
+                ..HubState::default()
             }),
         }
     }
@@ -220,11 +258,28 @@ impl Hub {
         self.lock().position
     }
 
-    /// Moves the live position forward without a change to send (the feed
-    /// starting, or skipping a position it has no rooms for).
+    /// Moves the live position forward without changes to send: the feed
+    /// starting at the end of the outbox, or jumping over history that was
+    /// pruned before it could read it. Memory no longer covers the gap.
     pub fn advance(&self, to: Position) {
         let mut state = self.lock();
-        state.position = state.position.max(to);
+        if to > state.position {
+            state.position = to;
+            state.forget_recent(to);
+        }
+    }
+
+    /// Tells every member of every room that changes may be missing
+    /// (`reset`): the feed could not read part of the history.
+    pub fn reset_all(&self, reason: &str) {
+        let state = self.lock();
+        for (room, members) in &state.rooms {
+            let message = crate::protocol::reset_message(room, reason);
+            let frame = Frame::control(message);
+            for member in members {
+                member.subscriber.push(frame.clone());
+            }
+        }
     }
 
     /// Joins `sub` to `room` and queues its `subscribed` message (and, for a
@@ -249,10 +304,24 @@ impl Hub {
         msg.push_str(&floor.to_string());
         msg.push_str("\"}");
         sub.push(Frame::control(msg));
-        if let Some(since) = since.filter(|s| *s < live) {
-            sub.push_replay(Room::from(room), since, live);
-        }
-        Joined::Live(floor)
+        let replay = match since.filter(|s| *s < live) {
+            None => Replay::None,
+            Some(since) if since >= state.recent_floor => {
+                // Memory holds every change after `since`: queue the room's
+                // share of it now, ahead of any live change.
+                for change in state.recent.iter().filter(|c| c.position > since) {
+                    if change.rooms.iter().any(|r| r == room) {
+                        sub.push(Frame::control(change.message_for(room)));
+                    }
+                }
+                Replay::Memory
+            }
+            Some(since) => {
+                sub.push_replay(Room::from(room), since, live);
+                Replay::Outbox
+            }
+        };
+        Joined::Live { position: floor, replay }
     }
 
     /// Removes `sub` from `room`; false when it was not a member.
@@ -270,9 +339,9 @@ impl Hub {
         removed
     }
 
-    /// Queues `change` for every member of each of its rooms; returns how many
-    /// deliveries were queued.
-    pub fn dispatch(&self, change: &Change) -> usize {
+    /// Queues `change` for every member of each of its rooms, and remembers
+    /// it for resumes; returns how many deliveries were queued.
+    pub fn dispatch(&self, change: Arc<Change>) -> usize {
         let mut state = self.lock();
         let mut deliveries = 0;
         for room in &change.rooms {
@@ -290,6 +359,7 @@ impl Hub {
             }
         }
         state.position = state.position.max(change.position);
+        state.remember(change);
         deliveries
     }
 
@@ -308,9 +378,9 @@ mod tests {
     use crate::change::Op;
     use serde_json::value::RawValue;
 
-    fn change(position: i64, rooms: &[&str]) -> Change {
+    fn change(position: i64, rooms: &[&str]) -> Arc<Change> {
         let raw = RawValue::from_string("{\"id\":1}".into()).unwrap();
-        Change::new(
+        Arc::new(Change::new(
             Position(position),
             0,
             "public".into(),
@@ -319,7 +389,7 @@ mod tests {
             &raw,
             &raw,
             rooms.iter().map(|r| r.to_string()).collect(),
-        )
+        ))
     }
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
@@ -340,17 +410,15 @@ mod tests {
         let hub = Hub::new(Position(10));
         let (a, mut rx_a) = Subscriber::new(1, 1 << 20);
         let (b, mut rx_b) = Subscriber::new(2, 1 << 20);
-        assert_eq!(
-            hub.subscribe("project:1", &a, None),
-            Joined::Live(Position(10))
-        );
-        assert_eq!(
-            hub.subscribe("project:2", &b, None),
-            Joined::Live(Position(10))
-        );
+        let live_at_10 = Joined::Live {
+            position: Position(10),
+            replay: Replay::None,
+        };
+        assert_eq!(hub.subscribe("project:1", &a, None), live_at_10);
+        assert_eq!(hub.subscribe("project:2", &b, None), live_at_10);
         assert_eq!(hub.subscribe("project:2", &b, None), Joined::AlreadyMember);
-        assert_eq!(hub.dispatch(&change(11, &["project:1"])), 1);
-        assert_eq!(hub.dispatch(&change(12, &["project:1", "project:2"])), 2);
+        assert_eq!(hub.dispatch(change(11, &["project:1"])), 1);
+        assert_eq!(hub.dispatch(change(12, &["project:1", "project:2"])), 2);
         let got_a = drain(&mut rx_a);
         let got_b = drain(&mut rx_b);
         assert_eq!(got_a.len(), 3, "{got_a:?}");
@@ -367,11 +435,12 @@ mod tests {
     }
 
     #[test]
-    fn since_queues_a_replay_before_live_changes_and_a_future_since_is_a_floor() {
+    fn since_before_memory_queues_an_outbox_replay_and_a_future_since_is_a_floor() {
         let hub = Hub::new(Position(20));
         let (a, mut rx) = Subscriber::new(1, 1 << 20);
-        hub.subscribe("r", &a, Some(Position(15)));
-        hub.dispatch(&change(21, &["r"]));
+        let joined = hub.subscribe("r", &a, Some(Position(15)));
+        assert!(matches!(joined, Joined::Live { replay: Replay::Outbox, .. }));
+        hub.dispatch(change(21, &["r"]));
         let got = drain(&mut rx);
         assert_eq!(got[1], "replay r 15..20");
         assert!(got[2].contains("\"position\":\"21\""));
@@ -379,13 +448,39 @@ mod tests {
         let (b, mut rx) = Subscriber::new(2, 1 << 20);
         assert_eq!(
             hub.subscribe("r", &b, Some(Position(23))),
-            Joined::Live(Position(23))
+            Joined::Live {
+                position: Position(23),
+                replay: Replay::None
+            }
         );
-        hub.dispatch(&change(22, &["r"]));
-        hub.dispatch(&change(24, &["r"]));
+        hub.dispatch(change(22, &["r"]));
+        hub.dispatch(change(24, &["r"]));
         let got = drain(&mut rx);
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(got[1].contains("\"position\":\"24\""));
+    }
+
+    #[test]
+    fn resumes_within_memory_are_replayed_from_it_in_order() {
+        let hub = Hub::new(Position(0));
+        for p in 1..=5 {
+            hub.dispatch(change(p, if p % 2 == 0 { &["even", "all"] } else { &["all"] }));
+        }
+        let (a, mut rx) = Subscriber::new(1, 1 << 20);
+        let joined = hub.subscribe("even", &a, Some(Position(1)));
+        assert!(matches!(joined, Joined::Live { position: Position(5), replay: Replay::Memory }));
+        hub.dispatch(change(6, &["even"]));
+        let got = drain(&mut rx);
+        let positions: Vec<_> = got[1..]
+            .iter()
+            .map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap()["position"].clone())
+            .collect();
+        assert_eq!(positions, ["2", "4", "6"]);
+        // A jump (pruned history) empties memory: older resumes read the outbox.
+        hub.advance(Position(100));
+        let (b, _rx) = Subscriber::new(2, 1 << 20);
+        let joined = hub.subscribe("even", &b, Some(Position(5)));
+        assert!(matches!(joined, Joined::Live { replay: Replay::Outbox, .. }));
     }
 
     #[test]
@@ -395,7 +490,7 @@ mod tests {
         hub.subscribe("r", &slow, None);
         let mut delivered = 0;
         for p in 1..100 {
-            delivered += hub.dispatch(&change(p, &["r"]));
+            delivered += hub.dispatch(change(p, &["r"]));
         }
         assert!(delivered < 5, "{delivered}");
         assert!(slow.is_closing());

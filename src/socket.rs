@@ -22,6 +22,9 @@ use crate::telemetry::Counters;
 /// Most frames written between two flushes: a socket that fell behind
 /// catches up in large writes, and still yields to other tasks.
 const MAX_FRAMES_PER_WRITE: usize = 256;
+/// The longest a replay from the outbox may take before the client is told
+/// to come back (1013) rather than have its live changes wait behind it.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbox rows read per replay query.
 const REPLAY_PAGE: i64 = 500;
 /// A client that sends this many refused messages within the window is
@@ -125,7 +128,12 @@ async fn send_loop(
                             write_frame(&mut sink, frame, subscriber, state, &mut latencies).await
                         }
                         Outbound::Replay { room, since, upto } => {
-                            replay(&mut sink, state, &room, since, upto).await
+                            tokio::time::timeout(REPLAY_TIMEOUT, replay(&mut sink, state, &room, since, upto))
+                                .await
+                                .unwrap_or_else(|_| Err(CloseReason::new(
+                                    1013,
+                                    "history read timed out; reconnect and resume",
+                                )))
                         }
                     };
                     if let Err(reason) = result {
@@ -256,6 +264,33 @@ async fn replay(
     }
 }
 
+impl Session {
+    /// A `since` ahead of this instance's feed is fine when another instance
+    /// handed it out (this one will catch up); one ahead of the database
+    /// never came from us.
+    async fn check_position_exists(&self, since: Position) -> Result<(), ProtocolError> {
+        let query = sqlx::query_scalar("select last_value from realtime.position_seq").fetch_one(&self.state.pool);
+        let latest: Result<i64, String> = match tokio::time::timeout(Duration::from_secs(5), query).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".into()),
+        };
+        match latest {
+            Ok(latest) if since.0 > latest => Err(ProtocolError::new(
+                codes::INVALID_POSITION,
+                format!("position {since} was never handed out by this database (latest is {latest})"),
+            )),
+            Ok(_) => Ok(()),
+            Err(error) => {
+                tracing::warn!(%error, "could not check a resume position");
+                Err(ProtocolError::new(
+                    codes::HISTORY_UNAVAILABLE,
+                    "cannot check that position right now; retry",
+                ))
+            }
+        }
+    }
+}
+
 /// Counts refused messages in a sliding window.
 #[derive(Default)]
 struct ErrorBudget {
@@ -300,7 +335,7 @@ impl Session {
             };
             Counters::add(&self.state.telemetry.counters.messages_received, 1);
             match message {
-                Message::Text(text) => self.on_text(&text),
+                Message::Text(text) => self.on_text(&text).await,
                 Message::Binary(_) => self.refuse(ProtocolError::new(
                     codes::BINARY_NOT_SUPPORTED,
                     "binary frames are not accepted; send JSON text frames",
@@ -348,7 +383,7 @@ impl Session {
         }
     }
 
-    fn on_text(&mut self, text: &str) {
+    async fn on_text(&mut self, text: &str) {
         let limit = self.state.settings().limits.max_message_bytes;
         if text.len() > limit {
             return self.refuse(ProtocolError::new(
@@ -356,15 +391,18 @@ impl Session {
                 format!("message is {} bytes; at most {limit} allowed", text.len()),
             ));
         }
-        let result = protocol::decode(text).and_then(|message| self.handle(message));
+        let result = match protocol::decode(text) {
+            Ok(message) => self.handle(message).await,
+            Err(error) => Err(error),
+        };
         if let Err(error) = result {
             self.refuse(error);
         }
     }
 
-    fn handle(&mut self, message: ClientMessage) -> Result<(), ProtocolError> {
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), ProtocolError> {
         match message {
-            ClientMessage::Subscribe { room, since } => self.subscribe(room, since),
+            ClientMessage::Subscribe { room, since } => self.subscribe(room, since).await,
             ClientMessage::Unsubscribe { room } => {
                 if !self.rooms.remove(room.as_str()) {
                     return Err(ProtocolError::new(
@@ -403,7 +441,7 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, room: String, since: Option<Position>) -> Result<(), ProtocolError> {
+    async fn subscribe(&mut self, room: String, since: Option<Position>) -> Result<(), ProtocolError> {
         if !self.identity.grants.allows(&room) {
             return Err(ProtocolError::new(
                 codes::FORBIDDEN,
@@ -423,8 +461,13 @@ impl Session {
                 format!("at most {limit} subscriptions per connection"),
             ));
         }
+        if let Some(since) = since
+            && since > self.state.hub.position()
+        {
+            self.check_position_exists(since).await?;
+        }
         match self.state.hub.subscribe(&room, &self.subscriber, since) {
-            Joined::Live(_) => {
+            Joined::Live { .. } => {
                 self.rooms.insert(Room::from(room));
                 Ok(())
             }

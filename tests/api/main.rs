@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway, a real PostgreSQL, real sockets.
 
+mod fault_kit;
 mod helpers;
 
 mod delivery;

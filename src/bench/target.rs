@@ -1,0 +1,333 @@
+//! What the bench runs against: a database (the one `--db` names, or a private
+//! PostgreSQL under /tmp) and a gateway (the one `--gateway` names, or this
+//! binary's `serve` started as a separate process, so that its CPU and memory
+//! are its own in /proc). Dropping a [`Target`] stops what it started.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::embedded::{ClusterOptions, PrivateCluster, StopMode};
+
+use super::procfs;
+
+/// How long a started gateway may take to report its feed live.
+const GATEWAY_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped gateway may take to drain and exit before it is killed.
+const GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of the gateway's log quoted when it fails.
+const LOG_TAIL_LINES: usize = 30;
+
+pub struct TargetOptions {
+    pub gateway: Option<String>,
+    pub gateway_pid: Option<u32>,
+    pub db: Option<String>,
+    /// Start (or check) a gateway; the floor alone and the writer-cost mode
+    /// need only the database.
+    pub needs_gateway: bool,
+    /// WebSocket clients the gateway must accept.
+    pub connections: usize,
+    pub channel: String,
+}
+
+pub struct Target {
+    pub db_url: String,
+    /// `host:port` of the gateway's HTTP side, when there is a gateway.
+    pub gateway_addr: Option<String>,
+    /// The gateway's process, when known: started here or `--gateway-pid`.
+    pub gateway_pid: Option<u32>,
+    /// The postmaster of the private cluster (its CPU is reported too).
+    pub postgres_pid: Option<u32>,
+    /// One line for the report: what was tested.
+    pub description: String,
+    gateway: Option<GatewayChild>,
+    cluster: Option<PrivateCluster>,
+    scratch: PathBuf,
+}
+
+struct GatewayChild {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Target {
+    pub async fn start(opts: &TargetOptions) -> Result<Target> {
+        let scratch = std::env::temp_dir().join(format!(
+            "ws-gateway-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+        ));
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        let mut target = Target {
+            db_url: String::new(),
+            gateway_addr: None,
+            gateway_pid: opts.gateway_pid,
+            postgres_pid: None,
+            description: String::new(),
+            gateway: None,
+            cluster: None,
+            scratch,
+        };
+        let mut parts = Vec::new();
+        match &opts.db {
+            Some(url) => {
+                target.db_url = url.clone();
+                parts.push("database from --db".to_owned());
+            }
+            None => {
+                let options = ClusterOptions {
+                    fast_unsafe: true,
+                    max_connections: 300,
+                    ..ClusterOptions::default()
+                };
+                let cluster = PrivateCluster::start(&target.scratch.join("pg"), options)
+                    .await
+                    .context("starting a private PostgreSQL for the bench")?;
+                target.db_url = cluster.create_database("bench").await?;
+                target.postgres_pid = procfs::postmaster_pid(&cluster.dir().join("data"));
+                target.cluster = Some(cluster);
+                parts.push(
+                    "private PostgreSQL (fsync off, full_page_writes off, synchronous_commit on)"
+                        .to_owned(),
+                );
+            }
+        }
+        if opts.needs_gateway {
+            match &opts.gateway {
+                Some(url) => {
+                    let addr = http_authority(url)?;
+                    wait_live(&addr, None, GATEWAY_START_TIMEOUT).await?;
+                    target.gateway_addr = Some(addr);
+                    parts.push(format!("gateway {url}"));
+                }
+                None => {
+                    let (child, addr) = start_gateway(opts, &target).await?;
+                    target.gateway_pid = child.child.id();
+                    target.gateway = Some(child);
+                    target.gateway_addr = Some(addr);
+                    parts.push(format!(
+                        "gateway `ws-gateway serve` as pid {}",
+                        target.gateway_pid.unwrap_or(0)
+                    ));
+                }
+            }
+        }
+        target.description = parts.join(" + ");
+        Ok(target)
+    }
+
+    pub fn ws_url(&self) -> Option<String> {
+        self.gateway_addr.as_ref().map(|a| format!("ws://{a}/ws"))
+    }
+
+    /// Whether a gateway this bench started has exited.
+    pub fn gateway_exited(&mut self) -> Option<String> {
+        let gateway = self.gateway.as_mut()?;
+        match gateway.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "the gateway exited ({status}); its log:\n{}",
+                tail(&gateway.log)
+            )),
+            _ => None,
+        }
+    }
+
+    /// Stops the gateway (SIGTERM, then SIGKILL after a timeout) and the
+    /// private PostgreSQL, and removes the scratch directory.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let mut outcome = Ok(());
+        if let Some(mut gateway) = self.gateway.take() {
+            if let Some(pid) = gateway.child.id() {
+                // SAFETY: signalling a child we started and have not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            match tokio::time::timeout(GATEWAY_STOP_TIMEOUT, gateway.child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => {
+                    tracing::warn!(%status, log = %tail(&gateway.log), "the gateway exited badly on SIGTERM");
+                }
+                Ok(Err(e)) => outcome = Err(anyhow!(e).context("waiting for the gateway")),
+                Err(_) => {
+                    tracing::warn!("the gateway did not stop within {GATEWAY_STOP_TIMEOUT:?}; killing it");
+                    let _ = gateway.child.kill().await;
+                }
+            }
+        }
+        if let Some(cluster) = self.cluster.take()
+            && let Err(e) = cluster.stop(StopMode::Fast).await
+        {
+            outcome = Err(e.context("stopping the private PostgreSQL"));
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        outcome
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // After `shutdown` there is nothing left to do. Before it (an early
+        // error), the gateway child is killed (kill_on_drop) and the cluster
+        // stopped (its own drop) before their directory goes.
+        self.gateway.take();
+        self.cluster.take();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(GatewayChild, String)> {
+    let exe = std::env::current_exe().context("finding this executable to start the gateway")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("probing for a free port")?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = target.scratch.join("gateway.log");
+    let log_file = std::fs::File::create(&log)
+        .with_context(|| format!("creating the gateway log {}", log.display()))?;
+    let child = tokio::process::Command::new(&exe)
+        .arg("serve")
+        .env("DATABASE_URL", &target.db_url)
+        .env("GATEWAY_AUTH", "none")
+        .env("GATEWAY_LISTEN", &addr)
+        .env("GATEWAY_CHANNEL", &opts.channel)
+        .env(
+            "GATEWAY_MAX_CONNECTIONS",
+            (opts.connections + 100).to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} serve", exe.display()))?;
+    let mut gateway = GatewayChild { child, log };
+    let started = wait_live(&addr, Some(&mut gateway), GATEWAY_START_TIMEOUT).await;
+    match started {
+        Ok(()) => Ok((gateway, addr)),
+        Err(e) => {
+            let log = tail(&gateway.log);
+            Err(e.context(format!("the gateway did not come up; its log:\n{log}")))
+        }
+    }
+}
+
+/// Polls `/healthz` until it answers 200 with the feed live.
+async fn wait_live(addr: &str, mut child: Option<&mut GatewayChild>, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer");
+    loop {
+        if let Some(child) = child.as_deref_mut()
+            && let Ok(Some(status)) = child.child.try_wait()
+        {
+            bail!("the gateway exited ({status}) while starting");
+        }
+        match http_get(addr, "/healthz").await {
+            Ok((200, body)) => {
+                let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                if health["feed"]["state"] == "live" {
+                    return Ok(());
+                }
+                last = format!("feed state {}", health["feed"]["state"]);
+            }
+            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("gateway at {addr} not live after {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `http://host:port/...`, `ws://host:port` or `host:port` -> `host:port`.
+pub fn http_authority(url: &str) -> Result<String> {
+    let rest = url
+        .split_once("://")
+        .map_or(url, |(scheme, rest)| match scheme {
+            "http" | "ws" => rest,
+            _ => "",
+        });
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || !authority.contains(':') {
+        bail!("--gateway {url:?}: expected http://host:port (https is not supported)");
+    }
+    Ok(authority.to_owned())
+}
+
+/// A minimal HTTP/1.1 GET (the bench needs no HTTP client crate).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let io = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .map_err(|_| anyhow!("GET {path} timed out"))?
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status: u16 = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP response from {addr}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest.get(size + 2..).unwrap_or("");
+    }
+    out
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_urls_become_authorities() {
+        assert_eq!(http_authority("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(http_authority("ws://h:1/ws").unwrap(), "h:1");
+        assert_eq!(http_authority("localhost:9").unwrap(), "localhost:9");
+        assert!(http_authority("https://h:1").is_err());
+        assert!(http_authority("http://nohost").is_err());
+    }
+
+    #[test]
+    fn dechunks_bodies() {
+        assert_eq!(dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), "hello!");
+    }
+}

@@ -1,0 +1,443 @@
+//! Tools for the fault tests: concurrent writers that commit N changes
+//! across rooms no matter what, resilient subscribers that reconnect and
+//! resume like a real client, the gateway as a real process, and a TCP proxy
+//! that can cut the network.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{DEADLINE, eventually, http_get_json};
+
+/// The room of item `id` when writing to `rooms` rooms.
+pub fn room_of(id: i64, rooms: i64) -> String {
+    format!("project:{}", id % rooms)
+}
+
+/// `writers` concurrent connections commit items `1..=total` (one per
+/// transaction, rooms `project:{id % rooms}`), retrying through any outage
+/// until every one is committed. Inserts are idempotent, so a commit whose
+/// outcome was lost with the connection is simply tried again.
+pub struct Workload {
+    pub committed: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workload {
+    pub fn start(url: &str, total: i64, rooms: i64, writers: i64) -> Workload {
+        let committed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let url = url.to_owned();
+                let committed = Arc::clone(&committed);
+                tokio::spawn(async move {
+                    let mut pool: Option<PgPool> = None;
+                    let mut id = w + 1;
+                    while id <= total {
+                        let conn = match &pool {
+                            Some(p) => p.clone(),
+                            None => match sqlx::postgres::PgPoolOptions::new()
+                                .max_connections(1)
+                                .acquire_timeout(Duration::from_secs(2))
+                                .connect(&url)
+                                .await
+                            {
+                                Ok(p) => {
+                                    pool = Some(p.clone());
+                                    p
+                                }
+                                Err(_) => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        let result = sqlx::query(
+                            "insert into items (id, project_id, body) values ($1, $2, 'load') \
+                             on conflict (id) do nothing",
+                        )
+                        .bind(id)
+                        .bind((id % rooms) as i32)
+                        .execute(&conn)
+                        .await;
+                        match result {
+                            Ok(_) => {
+                                committed.fetch_add(1, Ordering::Relaxed);
+                                id += writers;
+                            }
+                            Err(_) => {
+                                pool = None;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Workload { committed, tasks }
+    }
+
+    pub async fn wait_committed(&self, at_least: u64) {
+        eventually("writers to commit", || async {
+            (self.committed.load(Ordering::Relaxed) >= at_least).then_some(())
+        })
+        .await
+    }
+
+    pub async fn finish(self) {
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(120), task)
+                .await
+                .expect("writers finish")
+                .expect("writer task");
+        }
+    }
+}
+
+/// What one subscriber received, per room.
+#[derive(Default)]
+pub struct Received {
+    /// Positions in arrival order, per room.
+    pub positions: HashMap<String, Vec<i64>>,
+    /// The first `subscribed` position per room: changes after it are owed.
+    pub start: HashMap<String, i64>,
+    pub connections: usize,
+    pub closes: Vec<(Option<u16>, String)>,
+    pub resets: usize,
+}
+
+/// A client that behaves like a well-written application: it remembers the
+/// last position of each room, and on any disconnect reconnects (to the next
+/// of `urls`) and resubscribes `since` it.
+pub struct Subscriber {
+    pub received: Arc<Mutex<Received>>,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+    /// Close the socket after this many changes and move to the next URL
+    /// (0: only on disconnect).
+    pub hops: Arc<AtomicUsize>,
+}
+
+impl Subscriber {
+    pub fn start(urls: Vec<String>, rooms: Vec<String>, hop_every: usize) -> Subscriber {
+        let received = Arc::new(Mutex::new(Received::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let hops = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(run_subscriber(
+            urls,
+            rooms,
+            hop_every,
+            Arc::clone(&received),
+            Arc::clone(&stop),
+            Arc::clone(&hops),
+        ));
+        Subscriber {
+            received,
+            stop,
+            task,
+            hops,
+        }
+    }
+
+    pub async fn wait_started(&self, rooms: usize) {
+        eventually("subscriber to subscribe", || async {
+            (self.received.lock().unwrap().start.len() >= rooms).then_some(())
+        })
+        .await
+    }
+
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
+    }
+}
+
+async fn run_subscriber(
+    urls: Vec<String>,
+    rooms: Vec<String>,
+    hop_every: usize,
+    received: Arc<Mutex<Received>>,
+    stop: Arc<AtomicBool>,
+    hops: Arc<AtomicUsize>,
+) {
+    let mut attempt = 0usize;
+    let mut last: HashMap<String, String> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str())).await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        received.lock().unwrap().connections += 1;
+        for room in &rooms {
+            let mut message = json!({"type": "subscribe", "room": room});
+            if let Some(since) = last.get(room) {
+                message["since"] = json!(since);
+            }
+            if ws.send(Message::text(message.to_string())).await.is_err() {
+                break;
+            }
+        }
+        let mut since_hop = 0usize;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
+            let message = match next {
+                Err(_) => continue,
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(_))) | Ok(None) => break,
+            };
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Close(frame) => {
+                    let close = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string()));
+                    received.lock().unwrap().closes.push(close.unwrap_or((None, String::new())));
+                    break;
+                }
+                _ => continue,
+            };
+            let value: Value = serde_json::from_str(&text).expect("JSON from the gateway");
+            let changes = match value["type"].as_str() {
+                Some("change") => vec![value],
+                Some("batch") => value["changes"].as_array().unwrap().clone(),
+                Some("subscribed") => {
+                    let room = value["room"].as_str().unwrap().to_owned();
+                    let position: i64 = value["position"].as_str().unwrap().parse().unwrap();
+                    let mut r = received.lock().unwrap();
+                    r.start.entry(room.clone()).or_insert(position);
+                    last.entry(room).or_insert_with(|| position.to_string());
+                    continue;
+                }
+                Some("reset") => {
+                    received.lock().unwrap().resets += 1;
+                    continue;
+                }
+                Some("welcome") | Some("unsubscribed") => continue,
+                _ => panic!("unexpected message {value}"),
+            };
+            {
+                let mut r = received.lock().unwrap();
+                for change in changes {
+                    let room = change["room"].as_str().unwrap().to_owned();
+                    let position = change["position"].as_str().unwrap();
+                    r.positions
+                        .entry(room.clone())
+                        .or_default()
+                        .push(position.parse().unwrap());
+                    last.insert(room, position.to_owned());
+                    since_hop += 1;
+                }
+            }
+            if hop_every > 0 && since_hop >= hop_every {
+                hops.fetch_add(1, Ordering::Relaxed);
+                let _ = ws.close(None).await;
+                break;
+            }
+        }
+    }
+}
+
+/// The positions committed to each room after `start`, in commit order: the
+/// truth a subscriber's stream must equal.
+pub async fn committed_positions(pool: &PgPool, room: &str, after: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "select position from realtime.changes where $1 = any (rooms) and position > $2 order by position",
+    )
+    .bind(room)
+    .bind(after)
+    .fetch_all(pool)
+    .await
+    .expect("reading the outbox")
+}
+
+/// Waits until `subscriber` has every change committed to its rooms (after
+/// what it started from), then checks it got each exactly once, in order.
+pub async fn assert_received_everything(pool: &PgPool, subscriber: &Subscriber, rooms: &[String]) {
+    let mut expected = HashMap::new();
+    for room in rooms {
+        let start = subscriber.received.lock().unwrap().start[room];
+        expected.insert(room.clone(), committed_positions(pool, room, start).await);
+    }
+    let complete = || {
+        let r = subscriber.received.lock().unwrap();
+        rooms.iter().all(|room| {
+            r.positions.get(room).map_or(0, Vec::len) >= expected[room].len()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !complete() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = subscriber.received.lock().unwrap();
+    for room in rooms {
+        let got = r.positions.get(room).cloned().unwrap_or_default();
+        let want = &expected[room];
+        if &got != want {
+            let missing: Vec<_> = want.iter().filter(|p| !got.contains(p)).take(10).collect();
+            let mut seen = std::collections::HashSet::new();
+            let duplicated: Vec<_> = got.iter().filter(|p| !seen.insert(**p)).take(10).collect();
+            panic!(
+                "{room}: received {} of {} changes; missing (first 10) {missing:?}; duplicated {duplicated:?}; in order: {}",
+                got.len(),
+                want.len(),
+                got.windows(2).all(|w| w[0] < w[1])
+            );
+        }
+    }
+}
+
+/// The gateway as a separate process, for faults a process can suffer.
+pub struct GatewayProcess {
+    pub address: SocketAddr,
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+pub async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+}
+
+impl GatewayProcess {
+    pub async fn start(database_url: &str, port: u16, extra_env: &[(&str, &str)]) -> GatewayProcess {
+        let log = std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", database_url)
+            .env("GATEWAY_AUTH", "none")
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("starting the gateway binary");
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let gateway = GatewayProcess { address, child, log };
+        gateway.wait_live().await;
+        gateway
+    }
+
+    pub async fn wait_live(&self) {
+        eventually("gateway process to be live", || async {
+            let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address)).await
+            else {
+                return None;
+            };
+            let (status, health) = http_get_json(self.address, "/healthz").await;
+            (status == 200 && health["feed"]["state"] == "live").then_some(())
+        })
+        .await
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.address)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("gateway exits in time")
+            .unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that can cut the network: while cut,
+/// bytes are held (not refused, not reset), as in a real partition.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let cut = Arc::clone(&cut);
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else { return };
+                    let cut = Arc::clone(&cut);
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(upstream).await else { return };
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        let a = tokio::spawn(pump(cr, sw, Arc::clone(&cut)));
+                        let b = tokio::spawn(pump(sr, cw, cut));
+                        let _ = tokio::join!(a, b);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, task }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // While cut, neither read nor write: the peer's bytes wait in the
+        // kernel, like packets lost in a partition.
+        while cut.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while cut.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
