@@ -50,6 +50,71 @@ impl AppState {
     pub fn settings(&self) -> Arc<Settings> {
         Arc::clone(&self.settings.read().expect("settings lock"))
     }
+
+    /// What SIGHUP does: re-reads the config file (under the environment)
+    /// and applies the feature switches and tunables to new work, without
+    /// dropping a connection. What only a restart can change (database,
+    /// address, channel, auth, pool) keeps its value, with a warning.
+    pub fn reload(&self) -> Result<(), crate::config::ConfigError> {
+        let current = self.settings();
+        let fresh = match &current.config_file {
+            Some(path) => Settings::from_file_and_env(path)?,
+            None => Settings::from_env()?,
+        };
+        self.apply(fresh);
+        Ok(())
+    }
+
+    /// Applies reloaded settings (see [`AppState::reload`]).
+    pub fn apply(&self, fresh: Settings) {
+        let current = self.settings();
+        let mut next = fresh;
+        let fixed = [
+            ("DATABASE_URL", next.database_url != current.database_url),
+            ("GATEWAY_LISTEN", next.listen != current.listen),
+            ("GATEWAY_CHANNEL", next.channel != current.channel),
+            ("GATEWAY_AUTH/GATEWAY_JWT_SECRET", next.auth != current.auth),
+            ("GATEWAY_POOL_SIZE", next.pool_size != current.pool_size),
+        ];
+        for (variable, changed) in fixed {
+            if changed {
+                tracing::warn!(variable, "changed in the config, but only a restart applies it");
+            }
+        }
+        next.database_url = current.database_url.clone();
+        next.listen = current.listen;
+        next.channel = current.channel.clone();
+        next.auth = current.auth.clone();
+        next.pool_size = current.pool_size;
+        next.config_file = current.config_file.clone();
+        self.hub.configure(next.pipeline.clone(), next.features);
+        tracing::info!(features = ?next.features, "configuration reloaded");
+        *self.settings.write().expect("settings lock") = Arc::new(next);
+    }
+}
+
+/// Reloads the configuration on every SIGHUP until shutdown.
+async fn reload_on_hangup(state: Arc<AppState>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
+        loop {
+            tokio::select! {
+                () = state.shutdown.cancelled() => return Ok(()),
+                _ = hangups.recv() => {
+                    if let Err(error) = state.reload() {
+                        tracing::error!(%error, "SIGHUP: the new configuration is refused; keeping the current one");
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        state.shutdown.cancelled().await;
+        Ok(())
+    }
 }
 
 pub struct Application {
@@ -103,7 +168,7 @@ impl Application {
             );
         }
         let telemetry = Arc::new(Telemetry::default());
-        let hub = Arc::new(Hub::new(Position(0)));
+        let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
         let feed = Feed::new(
             database_url,
             settings.channel.clone(),
@@ -161,11 +226,17 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
 
         let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
+        let mut reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&state)));
         let mut pruner_task = tokio::spawn(crate::history::run_pruner(
             state.pool.clone(),
             state.settings().history.retention,
             shutdown.clone(),
         ));
+        let mut probe_task = tokio::spawn(crate::probe::run(
+            Arc::clone(&state),
+            listener.local_addr()?,
+        ));
+        let mut monitor_task = tokio::spawn(crate::telemetry::monitor::run(Arc::clone(&state)));
         let router = http::router(Arc::clone(&state));
         let mut http_task = tokio::spawn(
             axum::serve(listener, router)
@@ -177,6 +248,9 @@ impl Application {
             () = shutdown.cancelled() => None,
             result = &mut feed_task => Some(("feed", flatten(result))),
             result = &mut pruner_task => Some(("history pruner", flatten(result))),
+            result = &mut reload_task => Some(("SIGHUP reload", flatten(result))),
+            result = &mut probe_task => Some(("probe", flatten(result))),
+            result = &mut monitor_task => Some(("telemetry monitor", flatten(result))),
             result = &mut http_task => Some(("http server", flatten(result.map(|r| r.map_err(anyhow::Error::from))))),
         };
         // A task that returned cleanly because shutdown began did not die.
@@ -204,6 +278,11 @@ impl Application {
         }
         if !feed_task.is_finished() {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut feed_task).await;
+        }
+        for task in [&mut probe_task, &mut monitor_task] {
+            if !task.is_finished() {
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+            }
         }
         if !http_task.is_finished() {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await;

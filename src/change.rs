@@ -75,6 +75,9 @@ pub struct Change {
     /// Everything of the client's `change` message after its `room` field:
     /// built once, shared by every room the change goes to.
     message_tail: String,
+    /// Where the key and the row sit in `message_tail`.
+    key_at: std::ops::Range<usize>,
+    row_at: std::ops::Range<usize>,
 }
 
 /// What arrives on the gateway's channel: a whole change, or, for a change too
@@ -152,8 +155,10 @@ impl Change {
         tail.push_str(",\"op\":\"");
         tail.push_str(op.as_str());
         tail.push_str("\",\"key\":");
+        let key_at = tail.len()..tail.len() + key.get().len();
         tail.push_str(key.get());
         tail.push_str(",\"row\":");
+        let row_at = tail.len()..tail.len() + row.get().len();
         tail.push_str(row.get());
         tail.push_str(",\"committed_at\":\"");
         tail.push_str(&format_rfc3339_micros(committed_at_us));
@@ -166,7 +171,19 @@ impl Change {
             op,
             rooms,
             message_tail: tail,
+            key_at,
+            row_at,
         }
+    }
+
+    /// The primary key, as JSON.
+    pub fn key_json(&self) -> &str {
+        &self.message_tail[self.key_at.clone()]
+    }
+
+    /// The row, as JSON.
+    pub fn row_json(&self) -> &str {
+        &self.message_tail[self.row_at.clone()]
     }
 
     /// Roughly the memory the change holds.

@@ -7,6 +7,7 @@
 //! backoff; catching up from the same position is what loses nothing.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -21,6 +22,8 @@ use crate::change::{Change, Notification, Position, now_us};
 use crate::rooms::Hub;
 use crate::telemetry::{Counters, FeedState, Telemetry};
 
+/// Most notifications dispatched as one group.
+const MAX_GROUP: usize = 512;
 /// Rows read per catch-up query.
 const CATCH_UP_PAGE: i64 = 1000;
 /// How often the LISTEN connection is checked (and the clock offset sampled);
@@ -152,7 +155,26 @@ impl Feed {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 event = notifications.recv() => match event {
-                    Some(Ok(payload)) => self.on_notification(&payload).await?,
+                    Some(Ok(payload)) => {
+                        // Everything that arrived meanwhile goes as one group,
+                        // so each room's share can be batched.
+                        let mut payloads = vec![payload];
+                        let mut failed = None;
+                        while payloads.len() < MAX_GROUP {
+                            match notifications.try_recv() {
+                                Ok(Ok(payload)) => payloads.push(payload),
+                                Ok(Err(error)) => {
+                                    failed = Some(error);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.on_notifications(payloads).await?;
+                        if let Some(error) = failed {
+                            return Err(error).context("LISTEN connection failed");
+                        }
+                    }
                     Some(Err(error)) => return Err(error).context("LISTEN connection failed"),
                     None => return Err(anyhow!("LISTEN connection closed")),
                 },
@@ -214,45 +236,46 @@ impl Feed {
                 .fetch_all(&self.pool),
             )
             .await?;
+            let mut changes = Vec::with_capacity(page.len());
             for doc in &page {
                 if let Notification::Change(change) = Notification::parse(doc)? {
                     from = change.position;
-                    self.dispatch(change);
+                    changes.push(change);
                 }
             }
+            self.dispatch(changes);
             if (page.len() as i64) < CATCH_UP_PAGE {
                 return Ok(from);
             }
         }
     }
 
-    async fn on_notification(&mut self, payload: &str) -> anyhow::Result<()> {
-        let change = match Notification::parse(payload) {
-            Ok(Notification::Change(change)) => change,
-            Ok(Notification::Reference(position)) => {
-                if self.position.is_some_and(|p| position <= p) {
-                    return Ok(());
+    async fn on_notifications(&mut self, payloads: Vec<String>) -> anyhow::Result<()> {
+        let mut changes = Vec::with_capacity(payloads.len());
+        for payload in &payloads {
+            let change = match Notification::parse(payload) {
+                Ok(Notification::Change(change)) => change,
+                Ok(Notification::Reference(position)) => {
+                    if self.position.is_some_and(|p| position <= p) {
+                        continue;
+                    }
+                    self.fetch(position).await?
                 }
-                self.fetch(position).await?
-            }
-            Err(error) => {
-                tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
-                return Ok(());
-            }
-        };
-        // The offset is database clock minus ours: both ends on the database's clock.
-        let lag = now_us()
-            + self
-                .telemetry
-                .feed
-                .clock_offset_us
-                .load(std::sync::atomic::Ordering::Relaxed)
-            - change.committed_at_us;
-        self.telemetry
-            .feed
-            .lag_us
-            .store(lag, std::sync::atomic::Ordering::Relaxed);
-        self.dispatch(change);
+                Err(error) => {
+                    tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
+                    continue;
+                }
+            };
+            changes.push(change);
+        }
+        if let Some(last) = changes.last() {
+            // The offset is database clock minus ours: both ends on the
+            // database's clock.
+            let offset = self.telemetry.feed.clock_offset_us.load(Ordering::Relaxed);
+            let lag = now_us() + offset - last.committed_at_us;
+            self.telemetry.feed.lag_us.store(lag, Ordering::Relaxed);
+        }
+        self.dispatch(changes);
         Ok(())
     }
 
@@ -273,18 +296,23 @@ impl Feed {
         }
     }
 
-    /// Fans a change out, once: anything at or below the last position was
+    /// Fans changes out, once: anything at or below the last position was
     /// dispatched already (a catch-up and a notification can both carry it).
-    fn dispatch(&mut self, change: Change) {
-        if self.position.is_some_and(|p| change.position <= p) {
+    fn dispatch(&mut self, changes: Vec<Change>) {
+        let after = self.position;
+        let fresh: Vec<Arc<Change>> = changes
+            .into_iter()
+            .filter(|c| after.is_none_or(|p| c.position > p))
+            .map(Arc::new)
+            .collect();
+        let Some(last) = fresh.last().map(|c| c.position) else {
             return;
-        }
+        };
         let counters = &self.telemetry.counters;
-        Counters::add(&counters.changes_received, 1);
-        let position = change.position;
-        let deliveries = self.hub.dispatch(Arc::new(change));
-        Counters::add(&counters.deliveries_queued, deliveries as u64);
-        self.set_position(position);
+        Counters::add(&counters.changes_received, fresh.len() as u64);
+        let done = self.hub.dispatch_group(fresh);
+        Counters::add(&counters.deliveries_queued, done.deliveries as u64);
+        self.set_position(last);
     }
 
     fn set_position(&mut self, position: Position) {

@@ -1,6 +1,7 @@
 //! Fan-out: which connections are subscribed to which rooms, and the bounded
-//! send queue of each connection. The feed hands every committed change to
-//! [`Hub::dispatch`]; each room's message is built once and cloned to members.
+//! send queue of each connection. The feed hands committed changes to
+//! [`Hub::dispatch_group`], which runs them through the pipeline (dedup,
+//! batching, encoding) and queues each room's units, built once, to members.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,32 +11,22 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use crate::change::{Change, Position, push_json_str};
+use crate::config::{Features, PipelineSettings};
+use crate::pipeline::batch::plan_units;
+use crate::pipeline::dedup::{self, Dedup};
+use crate::pipeline::encode::Unit;
 
 /// A room name as clients and templates spell it: `project:42`.
 pub type Room = Arc<str>;
 
-/// A message queued for one connection. Cloning shares the bytes.
-#[derive(Debug, Clone)]
-pub struct Frame {
-    pub text: Utf8Bytes,
-    /// Commit time of the change it carries (database clock, microseconds),
-    /// or `None` for protocol messages; feeds the commit-to-send histogram.
-    pub committed_at_us: Option<i64>,
-}
-
-impl Frame {
-    pub fn control(text: String) -> Frame {
-        Frame {
-            text: text.into(),
-            committed_at_us: None,
-        }
-    }
-}
-
 /// What a connection's send task works through, in order.
 #[derive(Debug)]
 pub enum Outbound {
-    Frame(Frame),
+    /// A protocol message (welcome, subscribed, error, reset) or a replayed
+    /// change: plain text, not measured as a live delivery.
+    Control(Utf8Bytes),
+    /// Live changes for one room, encoded once for every member.
+    Changes(Arc<Unit>),
     /// Read the room's history `(since, upto]` from the outbox and send it
     /// here: live changes queued after this item are all past `upto`, so the
     /// replay and the live stream join with no gap and no duplicate.
@@ -44,6 +35,17 @@ pub enum Outbound {
         since: Position,
         upto: Position,
     },
+}
+
+impl Outbound {
+    /// Bytes it holds in the queue, as counted against the queue's bound.
+    pub fn queued_size(&self) -> usize {
+        match self {
+            Outbound::Control(text) => text.len(),
+            Outbound::Changes(unit) => unit.text.len(),
+            Outbound::Replay { .. } => 0,
+        }
+    }
 }
 
 /// Why the gateway closes a connection (SPEC section 4 close codes).
@@ -103,13 +105,18 @@ impl Subscriber {
         (Arc::new(sub), rx)
     }
 
-    /// Queues a frame. A full queue means the client cannot keep up: it is
+    /// Queues a protocol message.
+    pub fn push_control(&self, text: String) -> bool {
+        self.push(Outbound::Control(text.into()))
+    }
+
+    /// Queues an item. A full queue means the client cannot keep up: it is
     /// closed as a slow consumer rather than slowing anyone else down.
-    pub fn push(&self, frame: Frame) -> bool {
+    pub fn push(&self, item: Outbound) -> bool {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
-        let len = frame.text.len();
+        let len = item.queued_size();
         let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if queued > self.queue_limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -119,13 +126,7 @@ impl Subscriber {
             ));
             return false;
         }
-        self.tx.send(Outbound::Frame(frame)).is_ok()
-    }
-
-    pub fn push_replay(&self, room: Room, since: Position, upto: Position) {
-        if !self.closing.load(Ordering::Relaxed) {
-            let _ = self.tx.send(Outbound::Replay { room, since, upto });
-        }
+        self.tx.send(item).is_ok()
     }
 
     /// The send task reports bytes it has written.
@@ -183,7 +184,6 @@ struct Member {
 const RECENT_CHANGES: usize = 10_000;
 const RECENT_BYTES: usize = 32 << 20;
 
-#[derive(Default)]
 struct HubState {
     rooms: HashMap<Room, Vec<Member>>,
     /// The last position dispatched: every change after it reaches every
@@ -193,6 +193,9 @@ struct HubState {
     recent: VecDeque<Arc<Change>>,
     recent_floor: Position,
     recent_bytes: usize,
+    dedup: Dedup,
+    pipeline: PipelineSettings,
+    features: Features,
 }
 
 impl HubState {
@@ -216,9 +219,20 @@ impl HubState {
 /// Rooms and their members. One lock, held by the single feed task while it
 /// fans a change out and by a subscribe while it joins: that is what makes
 /// "every change after the `subscribed` position is delivered" exact.
-#[derive(Default)]
 pub struct Hub {
     state: Mutex<HubState>,
+    pub stats: crate::pipeline::PipelineStats,
+}
+
+/// What one [`Hub::dispatch_group`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    /// Changes queued, counted once per member.
+    pub deliveries: usize,
+    /// Units (messages) built.
+    pub units: usize,
+    /// Room deliveries dropped as repeats.
+    pub deduplicated: usize,
 }
 
 /// What a subscribe did.
@@ -239,14 +253,35 @@ pub enum Replay {
 }
 
 impl Hub {
-    pub fn new(start: Position) -> Hub {
+    pub fn new(start: Position, pipeline: PipelineSettings, features: Features) -> Hub {
         Hub {
             state: Mutex::new(HubState {
+                rooms: HashMap::new(),
                 position: start,
+                recent: VecDeque::new(),
                 recent_floor: start,
-                ..HubState::default()
+                recent_bytes: 0,
+                dedup: Dedup::new(dedup::DEFAULT_CAPACITY),
+                pipeline,
+                features,
             }),
+            stats: Default::default(),
         }
+    }
+
+    /// Takes new tunables and switches (SIGHUP) for the next groups.
+    pub fn configure(&self, pipeline: PipelineSettings, features: Features) {
+        let mut state = self.lock();
+        if !features.dedup {
+            state.dedup.clear();
+        }
+        state.pipeline = pipeline;
+        state.features = features;
+    }
+
+    /// Entries the dedup stage remembers.
+    pub fn dedup_entries(&self) -> usize {
+        self.lock().dedup.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
@@ -274,10 +309,9 @@ impl Hub {
     pub fn reset_all(&self, reason: &str) {
         let state = self.lock();
         for (room, members) in &state.rooms {
-            let message = crate::protocol::reset_message(room, reason);
-            let frame = Frame::control(message);
+            let message = Utf8Bytes::from(crate::protocol::reset_message(room, reason));
             for member in members {
-                member.subscriber.push(frame.clone());
+                member.subscriber.push(Outbound::Control(message.clone()));
             }
         }
     }
@@ -303,7 +337,7 @@ impl Hub {
         msg.push_str(",\"position\":\"");
         msg.push_str(&floor.to_string());
         msg.push_str("\"}");
-        sub.push(Frame::control(msg));
+        sub.push_control(msg);
         let replay = match since.filter(|s| *s < live) {
             None => Replay::None,
             Some(since) if since >= state.recent_floor => {
@@ -311,13 +345,17 @@ impl Hub {
                 // share of it now, ahead of any live change.
                 for change in state.recent.iter().filter(|c| c.position > since) {
                     if change.rooms.iter().any(|r| r == room) {
-                        sub.push(Frame::control(change.message_for(room)));
+                        sub.push_control(change.message_for(room));
                     }
                 }
                 Replay::Memory
             }
             Some(since) => {
-                sub.push_replay(Room::from(room), since, live);
+                sub.push(Outbound::Replay {
+                    room: Room::from(room),
+                    since,
+                    upto: live,
+                });
                 Replay::Outbox
             }
         };
@@ -339,28 +377,88 @@ impl Hub {
         removed
     }
 
-    /// Queues `change` for every member of each of its rooms, and remembers
-    /// it for resumes; returns how many deliveries were queued.
-    pub fn dispatch(&self, change: Arc<Change>) -> usize {
+    /// Queues one change; see [`Hub::dispatch_group`].
+    pub fn dispatch(&self, change: Arc<Change>) -> Dispatched {
+        self.dispatch_group(vec![change])
+    }
+
+    /// Runs changes that reached the gateway together (in commit order)
+    /// through the pipeline: per room, repeats are dropped, the rest grouped
+    /// into units of up to the batch size, each unit encoded once and queued
+    /// to every member. Remembers the changes for resumes.
+    pub fn dispatch_group(&self, changes: Vec<Arc<Change>>) -> Dispatched {
         let mut state = self.lock();
-        let mut deliveries = 0;
-        for room in &change.rooms {
-            let Some(members) = state.rooms.get(room.as_str()) else {
-                continue;
-            };
-            let frame = Frame {
-                text: change.message_for(room).into(),
-                committed_at_us: Some(change.committed_at_us),
-            };
-            for member in members {
-                if change.position > member.floor && member.subscriber.push(frame.clone()) {
-                    deliveries += 1;
+        let HubState {
+            rooms,
+            dedup,
+            pipeline,
+            features,
+            ..
+        } = &mut *state;
+        let mut done = Dispatched::default();
+        let now = tokio::time::Instant::now();
+        // Each room's share of the group, in commit order.
+        let mut shares: Vec<(&str, Vec<&Change>)> = Vec::new();
+        let mut share_of: HashMap<&str, usize> = HashMap::new();
+        for change in &changes {
+            let mut content = None;
+            for room in &change.rooms {
+                if !rooms.contains_key(room.as_str()) {
+                    continue;
+                }
+                if features.dedup {
+                    let content = *content.get_or_insert_with(|| dedup.content_of(change));
+                    if !dedup.admit(room, change, content, pipeline.dedup_window, now) {
+                        done.deduplicated += 1;
+                        continue;
+                    }
+                }
+                let index = *share_of.entry(room.as_str()).or_insert_with(|| {
+                    shares.push((room.as_str(), Vec::new()));
+                    shares.len() - 1
+                });
+                shares[index].1.push(change);
+            }
+        }
+        for (room, share) in &shares {
+            let members = &rooms[*room];
+            let priority: Vec<bool> = share
+                .iter()
+                .map(|c| pipeline.priority_of(&c.schema, &c.table).bypasses_batching())
+                .collect();
+            for range in plan_units(&priority, pipeline.batch_size, features.batching) {
+                let group = &share[range.clone()];
+                let unit = Arc::new(Unit::new(room, group, priority[range.start]));
+                done.units += 1;
+                let (first, last) = (group[0].position, group[group.len() - 1].position);
+                for member in members {
+                    let item = if first > member.floor {
+                        Outbound::Changes(Arc::clone(&unit))
+                    } else if last > member.floor {
+                        // This member resumed past part of the group: its
+                        // own unit, without what it already has.
+                        let rest: Vec<&Change> = group.iter().copied().filter(|c| c.position > member.floor).collect();
+                        Outbound::Changes(Arc::new(Unit::new(room, &rest, unit.priority)))
+                    } else {
+                        continue;
+                    };
+                    let count = match &item {
+                        Outbound::Changes(u) => u.change_count(),
+                        _ => 0,
+                    };
+                    if member.subscriber.push(item) {
+                        done.deliveries += count;
+                    }
                 }
             }
         }
-        state.position = state.position.max(change.position);
-        state.remember(change);
-        deliveries
+        drop(shares);
+        self.stats.deduplicated.fetch_add(done.deduplicated as u64, Ordering::Relaxed);
+        for change in changes {
+            state.position = state.position.max(change.position);
+            state.remember(change);
+        }
+        done
     }
 
     pub fn room_count(&self) -> usize {
@@ -379,24 +477,31 @@ mod tests {
     use serde_json::value::RawValue;
 
     fn change(position: i64, rooms: &[&str]) -> Arc<Change> {
-        let raw = RawValue::from_string("{\"id\":1}".into()).unwrap();
+        let key = RawValue::from_string("{\"id\":1}".into()).unwrap();
+        let row = RawValue::from_string(format!("{{\"id\":1,\"version\":{position}}}")).unwrap();
         Arc::new(Change::new(
             Position(position),
             0,
             "public".into(),
             "tasks".into(),
             Op::Update,
-            &raw,
-            &raw,
+            &key,
+            &row,
             rooms.iter().map(|r| r.to_string()).collect(),
         ))
+    }
+
+    fn hub_at(start: Position) -> Hub {
+        let settings = crate::config::Settings::for_tests();
+        Hub::new(start, settings.pipeline, settings.features)
     }
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(item) = rx.try_recv() {
             match item {
-                Outbound::Frame(f) => out.push(f.text.to_string()),
+                Outbound::Control(text) => out.push(text.to_string()),
+                Outbound::Changes(unit) => out.push(unit.text.to_string()),
                 Outbound::Replay { room, since, upto } => {
                     out.push(format!("replay {room} {since}..{upto}"))
                 }
@@ -407,7 +512,7 @@ mod tests {
 
     #[test]
     fn changes_reach_members_of_their_rooms_only() {
-        let hub = Hub::new(Position(10));
+        let hub = hub_at(Position(10));
         let (a, mut rx_a) = Subscriber::new(1, 1 << 20);
         let (b, mut rx_b) = Subscriber::new(2, 1 << 20);
         let live_at_10 = Joined::Live {
@@ -417,8 +522,8 @@ mod tests {
         assert_eq!(hub.subscribe("project:1", &a, None), live_at_10);
         assert_eq!(hub.subscribe("project:2", &b, None), live_at_10);
         assert_eq!(hub.subscribe("project:2", &b, None), Joined::AlreadyMember);
-        assert_eq!(hub.dispatch(change(11, &["project:1"])), 1);
-        assert_eq!(hub.dispatch(change(12, &["project:1", "project:2"])), 2);
+        assert_eq!(hub.dispatch(change(11, &["project:1"])).deliveries, 1);
+        assert_eq!(hub.dispatch(change(12, &["project:1", "project:2"])).deliveries, 2);
         let got_a = drain(&mut rx_a);
         let got_b = drain(&mut rx_b);
         assert_eq!(got_a.len(), 3, "{got_a:?}");
@@ -436,7 +541,7 @@ mod tests {
 
     #[test]
     fn since_before_memory_queues_an_outbox_replay_and_a_future_since_is_a_floor() {
-        let hub = Hub::new(Position(20));
+        let hub = hub_at(Position(20));
         let (a, mut rx) = Subscriber::new(1, 1 << 20);
         let joined = hub.subscribe("r", &a, Some(Position(15)));
         assert!(matches!(joined, Joined::Live { replay: Replay::Outbox, .. }));
@@ -462,7 +567,7 @@ mod tests {
 
     #[test]
     fn resumes_within_memory_are_replayed_from_it_in_order() {
-        let hub = Hub::new(Position(0));
+        let hub = hub_at(Position(0));
         for p in 1..=5 {
             hub.dispatch(change(p, if p % 2 == 0 { &["even", "all"] } else { &["all"] }));
         }
@@ -485,12 +590,12 @@ mod tests {
 
     #[test]
     fn a_full_queue_closes_the_subscriber_as_slow() {
-        let hub = Hub::new(Position(0));
+        let hub = hub_at(Position(0));
         let (slow, _rx) = Subscriber::new(1, 600);
         hub.subscribe("r", &slow, None);
         let mut delivered = 0;
         for p in 1..100 {
-            delivered += hub.dispatch(change(p, &["r"]));
+            delivered += hub.dispatch(change(p, &["r"])).deliveries;
         }
         assert!(delivered < 5, "{delivered}");
         assert!(slow.is_closing());

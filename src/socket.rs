@@ -16,7 +16,8 @@ use crate::app::AppState;
 use crate::auth::Identity;
 use crate::change::{Notification, Position, now_us};
 use crate::protocol::{self, ClientMessage, ProtocolError, codes};
-use crate::rooms::{CloseReason, Frame, Joined, Outbound, Room, Subscriber};
+use crate::pipeline::encode::{Encoding, Unit, merge};
+use crate::rooms::{CloseReason, Joined, Outbound, Room, Subscriber};
 use crate::telemetry::Counters;
 
 /// Most frames written between two flushes: a socket that fell behind
@@ -31,6 +32,9 @@ const REPLAY_PAGE: i64 = 500;
 /// closed: it is broken or hostile, and answering it costs everyone.
 const ERROR_BUDGET: u32 = 50;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
+/// How long a client that stopped reading has to read on before its socket
+/// is dropped without a close frame.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for the client's half of a closing handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -49,6 +53,7 @@ pub async fn serve(
     state: Arc<AppState>,
     identity: Identity,
     connection_id: u64,
+    encoding: Encoding,
 ) {
     let settings = state.settings();
     let (subscriber, queue) = Subscriber::new(connection_id, settings.limits.send_queue_bytes);
@@ -56,11 +61,11 @@ pub async fn serve(
         last_heard_us: AtomicI64::new(now_us()),
         round_trip_us: AtomicI64::new(0),
     });
-    subscriber.push(Frame::control(protocol::welcome_message(
+    subscriber.push_control(protocol::welcome_message(
         &format!("{}-{connection_id}", state.instance_id),
         settings.heartbeat.interval.as_millis() as u64,
-        "none",
-    )));
+        encoding.as_str(),
+    ));
 
     let (sink, stream) = socket.split();
     let mut session = Session {
@@ -71,7 +76,7 @@ pub async fn serve(
         errors: ErrorBudget::default(),
     };
     {
-        let send = send_loop(sink, queue, &subscriber, &state, &liveness);
+        let send = send_loop(sink, queue, &subscriber, &state, &liveness, encoding);
         let receive = session.receive_loop(stream, &liveness);
         tokio::pin!(send, receive);
         tokio::select! {
@@ -96,7 +101,7 @@ pub async fn serve(
     tracing::debug!(connection_id, "connection closed");
 }
 
-/// Writes queued frames to the socket, flushing once per drained batch; sends
+/// Writes queued items to the socket, flushing once per drained batch; sends
 /// pings; closes the socket when asked to.
 async fn send_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -104,12 +109,17 @@ async fn send_loop(
     subscriber: &Subscriber,
     state: &AppState,
     liveness: &Liveness,
+    encoding: Encoding,
 ) {
     let settings = state.settings();
     let mut ping = tokio::time::interval(settings.heartbeat.interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
-    let mut latencies: Vec<u64> = Vec::new();
+    let mut writer = Writer {
+        encoding,
+        latencies: Vec::new(),
+        carry: None,
+    };
     let close = loop {
         tokio::select! {
             biased;
@@ -118,46 +128,26 @@ async fn send_loop(
                 CloseReason::GOING_AWAY,
                 "gateway shutting down; reconnect and resume from your last position",
             ),
-            item = queue.recv() => {
-                let Some(mut item) = item else { return };
-                let mut written = 0;
-                loop {
-                    let result = match item {
-                        Outbound::Frame(frame) => {
-                            written += 1;
-                            write_frame(&mut sink, frame, subscriber, state, &mut latencies).await
+            item = next_item(&mut writer.carry, &mut queue) => {
+                let Some(item) = item else { return };
+                let written = writer.write_ready(&mut sink, item, &mut queue, subscriber, state).await;
+                if let Err(reason) = written {
+                    break reason;
+                }
+                // A client that stops reading blocks this flush. Once its
+                // queue overflows (close requested) it has a grace period to
+                // read on and get its close frame; then the socket is
+                // dropped: it must not hold a task or memory forever.
+                tokio::select! {
+                    flushed = sink.flush() => if flushed.is_err() { return },
+                    reason = subscriber.close_requested() => {
+                        match tokio::time::timeout(SLOW_CLOSE_GRACE, sink.flush()).await {
+                            Ok(Ok(())) => break reason,
+                            _ => return,
                         }
-                        Outbound::Replay { room, since, upto } => {
-                            tokio::time::timeout(REPLAY_TIMEOUT, replay(&mut sink, state, &room, since, upto))
-                                .await
-                                .unwrap_or_else(|_| Err(CloseReason::new(
-                                    1013,
-                                    "history read timed out; reconnect and resume",
-                                )))
-                        }
-                    };
-                    if let Err(reason) = result {
-                        subscriber.close(reason);
-                        break;
-                    }
-                    if written >= MAX_FRAMES_PER_WRITE {
-                        break;
-                    }
-                    match queue.try_recv() {
-                        Ok(next) => item = next,
-                        Err(_) => break,
                     }
                 }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-                if !latencies.is_empty() {
-                    let offset = state.telemetry.feed.clock_offset_us.load(Ordering::Relaxed);
-                    let now = now_us() + offset;
-                    state.telemetry.commit_to_send.record_all(
-                        latencies.drain(..).map(|committed| (now - committed as i64).max(0) as u64),
-                    );
-                }
+                writer.record_latencies(state);
             }
             _ = ping.tick() => {
                 let silent_us = now_us() - liveness.last_heard_us.load(Ordering::Relaxed);
@@ -179,29 +169,146 @@ async fn send_loop(
         code: close.code,
         reason: close.reason.into(),
     };
-    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
 }
 
-/// Feeds one frame to the socket (flushed by the caller).
-async fn write_frame(
-    sink: &mut SplitSink<WebSocket, Message>,
-    frame: Frame,
-    subscriber: &Subscriber,
-    state: &AppState,
-    latencies: &mut Vec<u64>,
-) -> Result<(), CloseReason> {
-    let len = frame.text.len();
-    if let Some(committed) = frame.committed_at_us {
-        latencies.push(committed as u64);
+/// The next queued item: one held back by the last merge, else the queue's.
+async fn next_item(carry: &mut Option<Outbound>, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
+    match carry.take() {
+        Some(item) => Some(item),
+        None => queue.recv().await,
     }
-    sink.feed(Message::Text(frame.text))
-        .await
-        .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
-    subscriber.sent(len);
-    let counters = &state.telemetry.counters;
-    Counters::add(&counters.messages_sent, 1);
-    Counters::add(&counters.bytes_sent, len as u64);
-    Ok(())
+}
+
+/// The send loop's state between writes.
+struct Writer {
+    encoding: Encoding,
+    /// Commit times of the changes written since the last flush.
+    latencies: Vec<i64>,
+    /// An item taken from the queue that did not fit the last merge.
+    carry: Option<Outbound>,
+}
+
+impl Writer {
+    /// Feeds `first` and whatever else is queued right now (up to
+    /// [`MAX_FRAMES_PER_WRITE`] frames) to the socket; the caller flushes.
+    /// While the socket was busy, changes waiting for it are merged into
+    /// batches of up to the batch size (plain-text clients; compressed units
+    /// go as they are, to keep their shared compressed bytes).
+    async fn write_ready(
+        &mut self,
+        sink: &mut SplitSink<WebSocket, Message>,
+        first: Outbound,
+        queue: &mut mpsc::UnboundedReceiver<Outbound>,
+        subscriber: &Subscriber,
+        state: &AppState,
+    ) -> Result<(), CloseReason> {
+        let settings = state.settings();
+        let stats = &state.hub.stats;
+        let mut item = first;
+        let mut frames = 0;
+        loop {
+            subscriber.sent(item.queued_size());
+            let message = match item {
+                Outbound::Control(text) => Message::Text(text),
+                Outbound::Replay { room, since, upto } => {
+                    tokio::time::timeout(REPLAY_TIMEOUT, replay(sink, state, &room, since, upto))
+                        .await
+                        .unwrap_or_else(|_| Err(CloseReason::new(1013, "history read timed out; reconnect and resume")))?;
+                    match self.next_ready(queue) {
+                        Some(next) => {
+                            item = next;
+                            continue;
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                Outbound::Changes(unit) => {
+                    let mergeable = |u: &Unit| {
+                        self.encoding == Encoding::None && settings.features.batching && !u.priority
+                    };
+                    let mut units = vec![unit];
+                    if mergeable(&units[0]) {
+                        let mut count = units[0].change_count();
+                        while count < settings.pipeline.batch_size {
+                            match queue.try_recv() {
+                                Ok(Outbound::Changes(next))
+                                    if mergeable(&next) && count + next.change_count() <= settings.pipeline.batch_size =>
+                                {
+                                    subscriber.sent(next.text.len());
+                                    count += next.change_count();
+                                    units.push(next);
+                                }
+                                Ok(other) => {
+                                    self.carry = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    for unit in &units {
+                        self.latencies.extend_from_slice(&unit.committed_at_us);
+                    }
+                    let changes: usize = units.iter().map(|u| u.change_count()).sum();
+                    let raw: usize = units.iter().map(|u| u.text.len()).sum();
+                    let message = if units.len() > 1 {
+                        Message::Text(merge(&units).into())
+                    } else {
+                        let unit = &units[0];
+                        let compress = settings.features.compression
+                            && unit.text.len() > settings.pipeline.compression_threshold;
+                        match unit.compressed(self.encoding, settings.pipeline.compression_level) {
+                            Some(bytes) if compress => Message::Binary(bytes.clone()),
+                            _ => Message::Text(unit.text.clone()),
+                        }
+                    };
+                    let sent = match &message {
+                        Message::Binary(b) => b.len(),
+                        Message::Text(t) => t.len(),
+                        _ => 0,
+                    };
+                    let encoding = if matches!(message, Message::Binary(_)) { self.encoding } else { Encoding::None };
+                    stats.record_frame(encoding, changes, raw, sent);
+                    message
+                }
+            };
+            if let Message::Text(text) = &message {
+                Counters::add(&state.telemetry.counters.bytes_sent, text.len() as u64);
+            } else if let Message::Binary(bytes) = &message {
+                Counters::add(&state.telemetry.counters.bytes_sent, bytes.len() as u64);
+            }
+            Counters::add(&state.telemetry.counters.messages_sent, 1);
+            sink.feed(message)
+                .await
+                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+            frames += 1;
+            if frames >= MAX_FRAMES_PER_WRITE {
+                return Ok(());
+            }
+            match self.next_ready(queue) {
+                Some(next) => item = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn next_ready(&mut self, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
+        self.carry.take().or_else(|| queue.try_recv().ok())
+    }
+
+    /// Commit-to-send for what was just flushed, on the database's clock.
+    fn record_latencies(&mut self, state: &AppState) {
+        if self.latencies.is_empty() {
+            return;
+        }
+        let offset = state.telemetry.feed.clock_offset_us.load(Ordering::Relaxed);
+        let now = now_us() + offset;
+        state
+            .telemetry
+            .commit_to_send
+            .record_all(self.latencies.drain(..).map(|committed| (now - committed).max(0) as u64));
+    }
 }
 
 /// Sends a room's history `(since, upto]` from the outbox, or `reset` when
@@ -374,7 +481,7 @@ impl Session {
 
     fn refuse(&mut self, error: ProtocolError) {
         Counters::add(&self.state.telemetry.counters.client_errors, 1);
-        self.subscriber.push(Frame::control(error.to_message()));
+        self.subscriber.push_control(error.to_message());
         if self.errors.spend() {
             self.subscriber.close(CloseReason::new(
                 CloseReason::POLICY,
@@ -412,7 +519,7 @@ impl Session {
                 }
                 self.state.hub.unsubscribe(&room, self.subscriber.id);
                 self.subscriber
-                    .push(Frame::control(protocol::unsubscribed_message(&room)));
+                    .push_control(protocol::unsubscribed_message(&room));
                 Ok(())
             }
             // Acks feed the commit-to-ack measurement (its own issue).
@@ -434,7 +541,7 @@ impl Session {
                     self.rooms.remove(&room);
                     self.state.hub.unsubscribe(&room, self.subscriber.id);
                     self.subscriber
-                        .push(Frame::control(protocol::unsubscribed_message(&room)));
+                        .push_control(protocol::unsubscribed_message(&room));
                 }
                 Ok(())
             }

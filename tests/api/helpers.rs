@@ -296,6 +296,51 @@ impl Client {
         client
     }
 
+    /// A client whose socket buffers almost nothing: when it stops reading,
+    /// the gateway's queue for it fills quickly.
+    pub async fn connect_with_small_buffer(url: &str) -> Client {
+        let address = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(address).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("WebSocket handshake");
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        client.welcome = client.next_json().await;
+        client
+    }
+
+    /// The ids (`key.id`) of the next `count` changes, found without parsing
+    /// whole messages: for tests that move many large rows.
+    pub async fn change_ids(&mut self, count: usize) -> Vec<i64> {
+        const KEY: &str = "\"key\":";
+        let mut ids = Vec::with_capacity(count);
+        while ids.len() < count {
+            let Message::Text(text) = self.next_frame().await else {
+                panic!("expected text")
+            };
+            for (at, _) in text.match_indices(KEY) {
+                let digits: String = text[at + KEY.len()..]
+                    .chars()
+                    .skip_while(|c| !c.is_ascii_digit())
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                ids.push(digits.parse().unwrap());
+            }
+        }
+        ids
+    }
+
     pub async fn send_json(&mut self, value: Value) {
         self.send_text(&value.to_string()).await;
     }
@@ -314,6 +359,22 @@ impl Client {
                 .expect("readable");
             match message {
                 Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+                Message::Close(frame) => panic!("connection closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next text or binary frame, as it came.
+    pub async fn next_frame(&mut self) -> Message {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a frame within the deadline")
+                .expect("connection open")
+                .expect("readable");
+            match message {
+                Message::Text(_) | Message::Binary(_) => return message,
                 Message::Close(frame) => panic!("connection closed: {frame:?}"),
                 _ => continue,
             }

@@ -6,4 +6,6 @@ mod helpers;
 mod delivery;
 mod faults;
 mod lifecycle;
+mod pipeline;
+mod observability;
 mod refusals;
