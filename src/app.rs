@@ -43,12 +43,55 @@ pub struct AppState {
     pub instance_id: String,
     pub next_connection_id: AtomicU64,
     pub active_connections: AtomicUsize,
+    /// Every open connection's liveness, for `/healthz` `connectionPool`.
+    connections_live:
+        std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::socket::Liveness>>>,
+    /// Refusals by code (error codes, HTTP refusals) and closes by code.
+    pub refusals: crate::socket::limits::Tally,
+    pub closes: crate::socket::limits::Tally,
+    /// `realtime.authorize`, cached.
+    pub authorizer: crate::authz::Authorizer,
     pub started_at: std::time::Instant,
 }
 
 impl AppState {
     pub fn settings(&self) -> Arc<Settings> {
         Arc::clone(&self.settings.read().expect("settings lock"))
+    }
+
+    pub fn register_connection(&self, id: u64, liveness: Arc<crate::socket::Liveness>) {
+        self.connections_live
+            .lock()
+            .expect("connections lock")
+            .insert(id, liveness);
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        self.connections_live
+            .lock()
+            .expect("connections lock")
+            .remove(&id);
+    }
+
+    /// A snapshot of every open connection's liveness.
+    pub fn connection_liveness(&self) -> Vec<Arc<crate::socket::Liveness>> {
+        self.connections_live
+            .lock()
+            .expect("connections lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A client acknowledged `position`: commit-to-ack, less half its round
+    /// trip, when the change is still in recent memory.
+    pub fn record_ack(&self, position: Position, liveness: &crate::socket::Liveness) {
+        if let Some(committed_at) = self.hub.committed_at(position) {
+            let round_trip = liveness
+                .round_trip_us
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.telemetry.record_ack(committed_at, round_trip);
+        }
     }
 
     /// What SIGHUP does: re-reads the config file (under the environment)
@@ -78,7 +121,10 @@ impl AppState {
         ];
         for (variable, changed) in fixed {
             if changed {
-                tracing::warn!(variable, "changed in the config, but only a restart applies it");
+                tracing::warn!(
+                    variable,
+                    "changed in the config, but only a restart applies it"
+                );
             }
         }
         next.database_url = current.database_url.clone();
@@ -168,7 +214,11 @@ impl Application {
             );
         }
         let telemetry = Arc::new(Telemetry::default());
-        let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
+        let hub = Arc::new(Hub::new(
+            Position(0),
+            settings.pipeline.clone(),
+            settings.features,
+        ));
         let feed = Feed::new(
             database_url,
             settings.channel.clone(),
@@ -178,6 +228,10 @@ impl Application {
         );
         let state = Arc::new(AppState {
             auth: Authenticator::new(&settings.auth, settings.history.jwt_leeway.as_secs()),
+            authorizer: crate::authz::Authorizer::new(pool.clone(), settings.cache.capacity),
+            connections_live: Default::default(),
+            refusals: Default::default(),
+            closes: Default::default(),
             settings: RwLock::new(Arc::new(settings)),
             hub,
             telemetry,

@@ -188,7 +188,11 @@ impl Change {
 
     /// Roughly the memory the change holds.
     pub fn size(&self) -> usize {
-        self.message_tail.len() + self.schema.len() + self.table.len() + self.rooms.iter().map(|r| r.len() + 24).sum::<usize>() + 96
+        self.message_tail.len()
+            + self.schema.len()
+            + self.table.len()
+            + self.rooms.iter().map(|r| r.len() + 24).sum::<usize>()
+            + 96
     }
 
     /// The `change` message for one of the change's rooms.

@@ -18,8 +18,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::POSITION_LOCK;
-use crate::change::{Change, Notification, Position, now_us};
+use crate::change::{Change, Notification, Position};
 use crate::rooms::Hub;
+use crate::telemetry::stages::Stage;
 use crate::telemetry::{Counters, FeedState, Telemetry};
 
 /// Most notifications dispatched as one group.
@@ -49,7 +50,9 @@ where
 {
     match tokio::time::timeout(DB_CALL_TIMEOUT, call).await {
         Ok(result) => result.with_context(|| what.to_owned()),
-        Err(_) => Err(anyhow!("{what}: no answer from the database in {DB_CALL_TIMEOUT:?}")),
+        Err(_) => Err(anyhow!(
+            "{what}: no answer from the database in {DB_CALL_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -136,9 +139,12 @@ impl Feed {
     async fn follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let telemetry = Arc::clone(&self.telemetry);
         let status = &telemetry.feed;
-        let (client, mut notifications, driver) = tokio::time::timeout(DB_CALL_TIMEOUT, listen(&self.database_url, &self.channel))
-            .await
-            .map_err(|_| anyhow!("connecting the LISTEN connection: no answer in {DB_CALL_TIMEOUT:?}"))??;
+        let (client, mut notifications, driver) =
+            tokio::time::timeout(DB_CALL_TIMEOUT, listen(&self.database_url, &self.channel))
+                .await
+                .map_err(|_| {
+                    anyhow!("connecting the LISTEN connection: no answer in {DB_CALL_TIMEOUT:?}")
+                })??;
         let _driver = AbortOnDrop(driver);
         status.set_state(FeedState::CatchingUp);
 
@@ -186,14 +192,17 @@ impl Feed {
     async fn catch_up(&mut self) -> anyhow::Result<Position> {
         bounded(
             "waiting out committing transactions",
-            sqlx::query("select pg_advisory_xact_lock($1)").bind(POSITION_LOCK).execute(&self.pool),
+            sqlx::query("select pg_advisory_xact_lock($1)")
+                .bind(POSITION_LOCK)
+                .execute(&self.pool),
         )
         .await?;
         let mut from = match self.position {
             Some(p) => {
                 let pruned_through: i64 = bounded(
                     "reading how far the outbox was pruned",
-                    sqlx::query_scalar("select pruned_through from realtime.settings").fetch_one(&self.pool),
+                    sqlx::query_scalar("select pruned_through from realtime.settings")
+                        .fetch_one(&self.pool),
                 )
                 .await?;
                 if p.0 < pruned_through {
@@ -269,12 +278,19 @@ impl Feed {
             changes.push(change);
         }
         if let Some(last) = changes.last() {
-            // The offset is database clock minus ours: both ends on the
-            // database's clock.
-            let offset = self.telemetry.feed.clock_offset_us.load(Ordering::Relaxed);
-            let lag = now_us() + offset - last.committed_at_us;
-            self.telemetry.feed.lag_us.store(lag, Ordering::Relaxed);
+            let lag = self.telemetry.since_commit_us(last.committed_at_us);
+            self.telemetry
+                .feed
+                .lag_us
+                .store(lag as i64, Ordering::Relaxed);
         }
+        let telemetry = &self.telemetry;
+        telemetry.stages.record_all(
+            Stage::NotifyLag,
+            changes
+                .iter()
+                .map(|c| telemetry.since_commit_us(c.committed_at_us)),
+        );
         self.dispatch(changes);
         Ok(())
     }
@@ -283,9 +299,11 @@ impl Feed {
     async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
         let doc: String = bounded(
             &format!("reading change {position} from the outbox"),
-            sqlx::query_scalar("select realtime.payload(c) from realtime.changes c where c.position = $1")
-                .bind(position.0)
-                .fetch_one(&self.pool),
+            sqlx::query_scalar(
+                "select realtime.payload(c) from realtime.changes c where c.position = $1",
+            )
+            .bind(position.0)
+            .fetch_one(&self.pool),
         )
         .await?;
         match Notification::parse(&doc)? {
@@ -323,27 +341,14 @@ impl Feed {
             .store(position.0, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Proves the LISTEN connection alive and samples the clock offset,
-    /// corrected by half the round trip.
+    /// Proves the LISTEN connection alive.
     async fn heartbeat(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
-        let sent = now_us();
-        let row = tokio::time::timeout(
-            HEARTBEAT_TIMEOUT,
-            client.query_one(
-                "select (extract(epoch from clock_timestamp()) * 1000000)::bigint",
-                &[],
-            ),
-        )
-        .await
-        .map_err(|_| anyhow!("LISTEN connection silent for {HEARTBEAT_TIMEOUT:?}"))?
-        .context("LISTEN connection heartbeat")?;
-        let received = now_us();
-        let db_now: i64 = row.get(0);
-        let offset = db_now - (sent + received) / 2;
-        self.telemetry
-            .feed
-            .clock_offset_us
-            .store(offset, std::sync::atomic::Ordering::Relaxed);
+        // Liveness only: the clock offset is estimated by the telemetry
+        // monitor, from round-trip-corrected samples on a pool connection.
+        tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query(""))
+            .await
+            .map_err(|_| anyhow!("LISTEN connection silent for {HEARTBEAT_TIMEOUT:?}"))?
+            .context("LISTEN connection heartbeat")?;
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod bench;
 pub mod capture;
 pub mod change;
@@ -16,6 +17,8 @@ pub mod embedded;
 pub mod feed;
 pub mod history;
 pub mod http;
+pub mod pipeline;
+pub mod probe;
 pub mod protocol;
 pub mod rooms;
 pub mod socket;

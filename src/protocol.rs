@@ -63,6 +63,8 @@ pub mod codes {
     pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
     pub const INVALID_TOKEN: &str = "invalid_token";
     pub const HISTORY_UNAVAILABLE: &str = "history_unavailable";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const AUTHORIZATION_UNAVAILABLE: &str = "authorization_unavailable";
 }
 
 pub fn error_message(code: &str, message: &str) -> String {
@@ -83,6 +85,12 @@ pub fn welcome_message(connection_id: &str, heartbeat_ms: u64, encoding: &str) -
         "encoding": encoding,
     })
     .to_string()
+}
+
+/// The reply to an accepted in-band `auth`: the connection now lives until
+/// the new token's `exp` (seconds since the epoch).
+pub fn authenticated_message(expires_at: Option<u64>) -> String {
+    serde_json::json!({"type": "authenticated", "expires_at": expires_at}).to_string()
 }
 
 pub fn unsubscribed_message(room: &str) -> String {

@@ -147,12 +147,8 @@ impl Subscriber {
         self.close_requested.notify_one();
     }
 
-    pub fn close_reason_code(&self) -> Option<u16> {
-        self.close_reason
-            .lock()
-            .expect("close reason lock")
-            .as_ref()
-            .map(|r| r.code)
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.lock().expect("close reason lock").clone()
     }
 
     pub fn is_closing(&self) -> bool {
@@ -203,7 +199,9 @@ impl HubState {
         self.recent_bytes += change.size();
         self.recent.push_back(change);
         while self.recent.len() > RECENT_CHANGES || self.recent_bytes > RECENT_BYTES {
-            let Some(old) = self.recent.pop_front() else { break };
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
             self.recent_bytes -= old.size();
             self.recent_floor = old.position;
         }
@@ -240,7 +238,10 @@ pub struct Dispatched {
 pub enum Joined {
     /// Live after this position. A `since` older than it was replayed from
     /// memory (already queued) or from the outbox (a replay is queued).
-    Live { position: Position, replay: Replay },
+    Live {
+        position: Position,
+        replay: Replay,
+    },
     AlreadyMember,
 }
 
@@ -277,6 +278,16 @@ impl Hub {
         }
         state.pipeline = pipeline;
         state.features = features;
+    }
+
+    /// The commit time of a recently dispatched change (for acks).
+    pub fn committed_at(&self, position: Position) -> Option<i64> {
+        let state = self.lock();
+        let index = state
+            .recent
+            .binary_search_by_key(&position, |c| c.position)
+            .ok()?;
+        Some(state.recent[index].committed_at_us)
     }
 
     /// Entries the dedup stage remembers.
@@ -359,7 +370,10 @@ impl Hub {
                 Replay::Outbox
             }
         };
-        Joined::Live { position: floor, replay }
+        Joined::Live {
+            position: floor,
+            replay,
+        }
     }
 
     /// Removes `sub` from `room`; false when it was not a member.
@@ -424,7 +438,11 @@ impl Hub {
             let members = &rooms[*room];
             let priority: Vec<bool> = share
                 .iter()
-                .map(|c| pipeline.priority_of(&c.schema, &c.table).bypasses_batching())
+                .map(|c| {
+                    pipeline
+                        .priority_of(&c.schema, &c.table)
+                        .bypasses_batching()
+                })
                 .collect();
             for range in plan_units(&priority, pipeline.batch_size, features.batching) {
                 let group = &share[range.clone()];
@@ -437,7 +455,11 @@ impl Hub {
                     } else if last > member.floor {
                         // This member resumed past part of the group: its
                         // own unit, without what it already has.
-                        let rest: Vec<&Change> = group.iter().copied().filter(|c| c.position > member.floor).collect();
+                        let rest: Vec<&Change> = group
+                            .iter()
+                            .copied()
+                            .filter(|c| c.position > member.floor)
+                            .collect();
                         Outbound::Changes(Arc::new(Unit::new(room, &rest, unit.priority)))
                     } else {
                         continue;
@@ -453,7 +475,9 @@ impl Hub {
             }
         }
         drop(shares);
-        self.stats.deduplicated.fetch_add(done.deduplicated as u64, Ordering::Relaxed);
+        self.stats
+            .deduplicated
+            .fetch_add(done.deduplicated as u64, Ordering::Relaxed);
         for change in changes {
             state.position = state.position.max(change.position);
             state.remember(change);
@@ -523,7 +547,11 @@ mod tests {
         assert_eq!(hub.subscribe("project:2", &b, None), live_at_10);
         assert_eq!(hub.subscribe("project:2", &b, None), Joined::AlreadyMember);
         assert_eq!(hub.dispatch(change(11, &["project:1"])).deliveries, 1);
-        assert_eq!(hub.dispatch(change(12, &["project:1", "project:2"])).deliveries, 2);
+        assert_eq!(
+            hub.dispatch(change(12, &["project:1", "project:2"]))
+                .deliveries,
+            2
+        );
         let got_a = drain(&mut rx_a);
         let got_b = drain(&mut rx_b);
         assert_eq!(got_a.len(), 3, "{got_a:?}");
@@ -544,7 +572,13 @@ mod tests {
         let hub = hub_at(Position(20));
         let (a, mut rx) = Subscriber::new(1, 1 << 20);
         let joined = hub.subscribe("r", &a, Some(Position(15)));
-        assert!(matches!(joined, Joined::Live { replay: Replay::Outbox, .. }));
+        assert!(matches!(
+            joined,
+            Joined::Live {
+                replay: Replay::Outbox,
+                ..
+            }
+        ));
         hub.dispatch(change(21, &["r"]));
         let got = drain(&mut rx);
         assert_eq!(got[1], "replay r 15..20");
@@ -569,11 +603,24 @@ mod tests {
     fn resumes_within_memory_are_replayed_from_it_in_order() {
         let hub = hub_at(Position(0));
         for p in 1..=5 {
-            hub.dispatch(change(p, if p % 2 == 0 { &["even", "all"] } else { &["all"] }));
+            hub.dispatch(change(
+                p,
+                if p % 2 == 0 {
+                    &["even", "all"]
+                } else {
+                    &["all"]
+                },
+            ));
         }
         let (a, mut rx) = Subscriber::new(1, 1 << 20);
         let joined = hub.subscribe("even", &a, Some(Position(1)));
-        assert!(matches!(joined, Joined::Live { position: Position(5), replay: Replay::Memory }));
+        assert!(matches!(
+            joined,
+            Joined::Live {
+                position: Position(5),
+                replay: Replay::Memory
+            }
+        ));
         hub.dispatch(change(6, &["even"]));
         let got = drain(&mut rx);
         let positions: Vec<_> = got[1..]
@@ -585,7 +632,13 @@ mod tests {
         hub.advance(Position(100));
         let (b, _rx) = Subscriber::new(2, 1 << 20);
         let joined = hub.subscribe("even", &b, Some(Position(5)));
-        assert!(matches!(joined, Joined::Live { replay: Replay::Outbox, .. }));
+        assert!(matches!(
+            joined,
+            Joined::Live {
+                replay: Replay::Outbox,
+                ..
+            }
+        ));
     }
 
     #[test]

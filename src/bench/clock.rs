@@ -21,11 +21,6 @@ impl Clock {
     pub fn now_us(&self) -> u64 {
         self.origin.elapsed().as_micros() as u64 + 1
     }
-
-    /// `instant` on this clock (1 for instants before the origin).
-    pub fn at(&self, instant: Instant) -> u64 {
-        instant.saturating_duration_since(self.origin).as_micros() as u64 + 1
-    }
 }
 
 impl Default for Clock {
@@ -51,10 +46,6 @@ impl SendLog {
             clock,
             sent_us: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
         }
-    }
-
-    pub fn capacity(&self) -> u64 {
-        self.sent_us.len() as u64
     }
 
     /// Stamps row `id` as sent now; returns the stamp.

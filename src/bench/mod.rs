@@ -1,8 +1,127 @@
-//! `ws-gateway bench`: the load-test framework (issue 7). Being written.
+//! `ws-gateway bench` (issue 7): the load-test framework. Beside the data
+//! path, not on it: it drives a gateway from both ends and reports
+//! commit-to-receive latency, losses, and the gateway's resource use.
+//!
+//! The tree reads as a run does: `plan` (presets and flags) -> `target` (the
+//! database and gateway under test) -> `table` -> `clients` (WebSocket side)
+//! and `writers` with `floor` (database side, on their own thread) ->
+//! `ledger`, `frames`, `latency` (what arrived, and how fast) -> `report`,
+//! `baseline` (what it means). `run` ties a delivery run together;
+//! `writer_cost` is the `--writers-only` mode.
 
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+mod baseline;
+mod clients;
+mod clock;
+mod floor;
+mod frames;
+mod latency;
+mod ledger;
+mod plan;
+mod procfs;
+mod progress;
+mod report;
+mod run;
+mod table;
+mod target;
+mod writer_cost;
+mod writers;
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench is not implemented yet")
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use plan::BenchArgs;
+
+use baseline::Severity;
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    // Read the baseline first: a typo in its name should not cost a run.
+    let baseline = match &args.baseline {
+        Some(path) => Some((path.display().to_string(), read_json(path)?)),
+        None => None,
+    };
+    let interrupt = CancellationToken::new();
+    let on_signal = interrupt.clone();
+    let signals = tokio::spawn(async move {
+        crate::app::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let result = if args.writers_only {
+        writer_cost::run(&args, interrupt)
+            .await
+            .and_then(|mut report| {
+                let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
+                report.failures.extend(regressions);
+                report.passed = report.failures.is_empty();
+                print!("{}{comparison}", report.to_text());
+                Ok((
+                    report_json(&report)?,
+                    report.passed,
+                    report.failures.clone(),
+                ))
+            })
+    } else {
+        run::run(&args, interrupt).await.and_then(|mut report| {
+            let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
+            report.failures.extend(regressions);
+            report.passed = report.failures.is_empty();
+            print!("{}{comparison}", report.to_text());
+            Ok((
+                report_json(&report)?,
+                report.passed,
+                report.failures.clone(),
+            ))
+        })
+    };
+    signals.abort();
+    let (json, passed, failures) = result?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    if passed {
+        Ok(())
+    } else {
+        Err(anyhow!("bench failed: {}", failures.join("; ")))
+    }
+}
+
+/// Compares with the baseline: the comparison's text, and the failures it adds.
+fn compare_with(
+    new: &serde_json::Value,
+    baseline: &Option<(String, serde_json::Value)>,
+) -> Result<(String, Vec<String>)> {
+    let Some((file, old)) = baseline else {
+        return Ok((String::new(), Vec::new()));
+    };
+    let comparison = baseline::compare(old, new).map_err(|e| anyhow!("--baseline {file}: {e}"))?;
+    let failures = match comparison.worst() {
+        Severity::Critical => {
+            let names: Vec<&str> = comparison
+                .rows
+                .iter()
+                .filter(|r| r.severity == Severity::Critical)
+                .map(|r| r.name.as_str())
+                .collect();
+            vec![format!(
+                "critical regression against {file}: {}",
+                names.join(", ")
+            )]
+        }
+        Severity::Warning | Severity::Ok => Vec::new(),
+    };
+    Ok((comparison.to_text(file), failures))
+}
+
+fn report_json(report: &impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(report).context("serializing the report")
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the baseline {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("the baseline {} is not a JSON report", path.display()))
 }

@@ -119,6 +119,12 @@ impl MachineCpu {
         let busy = self.busy.checked_sub(earlier.busy)?;
         (total > 0).then(|| busy as f64 * 100.0 / total as f64)
     }
+
+    /// CPU seconds all cores spent busy between `earlier` and `self`.
+    pub fn busy_seconds_since(&self, earlier: &MachineCpu) -> Option<f64> {
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        Some(busy as f64 / ticks_per_second())
+    }
 }
 
 fn parse_proc_stat(text: &str) -> Option<MachineCpu> {
@@ -194,6 +200,7 @@ mod tests {
         let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
         let b = parse_proc_stat("cpu  200 0 100 850 50 0 0 0 0 0\n").unwrap();
         assert_eq!(b.busy_pct_since(&a), Some(75.0));
+        assert_eq!(b.busy_seconds_since(&a), Some(150.0 / ticks_per_second()));
     }
 
     #[test]

@@ -156,7 +156,9 @@ impl Target {
                 }
                 Ok(Err(e)) => outcome = Err(anyhow!(e).context("waiting for the gateway")),
                 Err(_) => {
-                    tracing::warn!("the gateway did not stop within {GATEWAY_STOP_TIMEOUT:?}; killing it");
+                    tracing::warn!(
+                        "the gateway did not stop within {GATEWAY_STOP_TIMEOUT:?}; killing it"
+                    );
                     let _ = gateway.child.kill().await;
                 }
             }
@@ -221,26 +223,29 @@ async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(Gateway
 }
 
 /// Polls `/healthz` until it answers 200 with the feed live.
-async fn wait_live(addr: &str, mut child: Option<&mut GatewayChild>, timeout: Duration) -> Result<()> {
+async fn wait_live(
+    addr: &str,
+    mut child: Option<&mut GatewayChild>,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no answer");
     loop {
         if let Some(child) = child.as_deref_mut()
             && let Ok(Some(status)) = child.child.try_wait()
         {
             bail!("the gateway exited ({status}) while starting");
         }
-        match http_get(addr, "/healthz").await {
+        let last = match http_get(addr, "/healthz").await {
             Ok((200, body)) => {
                 let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 if health["feed"]["state"] == "live" {
                     return Ok(());
                 }
-                last = format!("feed state {}", health["feed"]["state"]);
+                format!("feed state {}", health["feed"]["state"])
             }
-            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
-            Err(e) => last = format!("{e:#}"),
-        }
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() >= deadline {
             bail!("gateway at {addr} not live after {timeout:?} (last: {last})");
         }
@@ -319,7 +324,10 @@ mod tests {
 
     #[test]
     fn gateway_urls_become_authorities() {
-        assert_eq!(http_authority("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(
+            http_authority("http://127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080"
+        );
         assert_eq!(http_authority("ws://h:1/ws").unwrap(), "h:1");
         assert_eq!(http_authority("localhost:9").unwrap(), "localhost:9");
         assert!(http_authority("https://h:1").is_err());

@@ -1,4 +1,8 @@
-//! `/metrics` in the Prometheus text format, names prefixed `ws_gateway_`.
+//! `/metrics` in the Prometheus text format (0.0.4), names prefixed
+//! `ws_gateway_`. Latency histograms are cumulative since start, with
+//! buckets fine below 10 ms (where we aim to be), so
+//! `histogram_quantile(0.99, rate(ws_gateway_commit_to_send_seconds_bucket[5m]))`
+//! answers over any range.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -7,22 +11,83 @@ use std::sync::atomic::Ordering;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use hdrhistogram::Histogram;
 
 use crate::app::AppState;
-use crate::telemetry::{Counters, FeedState};
+use crate::pipeline::PipelineStats;
+use crate::pipeline::encode::Encoding;
+use crate::telemetry::regression::Severity;
+use crate::telemetry::{Counters, FeedState, Stage, WindowedHistogram};
 
-/// Bucket bounds in seconds: fine below 10 ms, where we aim to be.
-const BUCKETS_S: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
+/// Bucket bounds in seconds.
+const BUCKETS_S: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Writes one metric family at a time, HELP and TYPE first.
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(
+            self.out,
+            "# HELP ws_gateway_{name} {help}\n# TYPE ws_gateway_{name} {kind}"
+        );
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "ws_gateway_{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "ws_gateway_{name}{{{labels}}} {value}");
+        }
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, "", value);
+    }
+
+    /// The series of one latency histogram; `labels` go before `le`.
+    fn latency(&mut self, name: &str, labels: &str, h: &WindowedHistogram) {
+        let bounds_us = BUCKETS_S.map(|s| (s * 1e6).round() as u64);
+        let c = h.cumulative(&bounds_us);
+        let sep = if labels.is_empty() { "" } else { "," };
+        for ((_, count), bound_s) in c.buckets.iter().zip(BUCKETS_S) {
+            self.sample(
+                &format!("{name}_bucket"),
+                &format!("{labels}{sep}le=\"{bound_s}\""),
+                count,
+            );
+        }
+        self.sample(
+            &format!("{name}_bucket"),
+            &format!("{labels}{sep}le=\"+Inf\""),
+            c.count,
+        );
+        self.sample(&format!("{name}_sum"), labels, c.sum_us as f64 / 1e6);
+        self.sample(&format!("{name}_count"), labels, c.count);
+    }
+}
+
+/// A label value as the text format wants it.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
 
 pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let t = &state.telemetry;
     let c = &t.counters;
-    let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 10] = [
+    let mut x = Exposition {
+        out: String::with_capacity(16 * 1024),
+    };
+    let pipeline = &state.hub.stats;
+    let counters: [(&str, &str, u64); 20] = [
         (
             "changes_received_total",
             "Changes received from the database feed.",
@@ -40,7 +105,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         ),
         (
             "bytes_out_total",
-            "Bytes written to client sockets (as sent).",
+            "Bytes written to client sockets, as sent (compressed where compressed).",
             Counters::get(&c.bytes_sent),
         ),
         (
@@ -49,9 +114,34 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Counters::get(&c.messages_received),
         ),
         (
+            "bytes_in_total",
+            "Bytes received from clients.",
+            Counters::get(&c.bytes_received),
+        ),
+        (
             "client_errors_total",
             "Client messages refused with an error.",
             Counters::get(&c.client_errors),
+        ),
+        (
+            "dedup_dropped_total",
+            "Room deliveries dropped by dedup: the room got the same content within the window.",
+            PipelineStats::get(&pipeline.deduplicated),
+        ),
+        (
+            "change_frames_total",
+            "Frames carrying changes written to sockets.",
+            PipelineStats::get(&pipeline.frames),
+        ),
+        (
+            "changes_sent_total",
+            "Changes in those frames.",
+            PipelineStats::get(&pipeline.changes),
+        ),
+        (
+            "batched_frames_total",
+            "Frames that carried more than one change.",
+            PipelineStats::get(&pipeline.batched_frames),
         ),
         (
             "slow_consumer_disconnects_total",
@@ -64,6 +154,11 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Counters::get(&c.connections_opened),
         ),
         (
+            "connections_closed_total",
+            "WebSocket connections ended.",
+            Counters::get(&c.connections_closed),
+        ),
+        (
             "connections_refused_total",
             "WebSocket upgrades refused.",
             Counters::get(&c.connections_refused),
@@ -73,72 +168,198 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "Times the feed lost its LISTEN connection.",
             t.feed.reconnects.load(Ordering::Relaxed),
         ),
+        (
+            "probes_sent_total",
+            "Probe rows committed (or attempted).",
+            Counters::get(&c.probes_sent),
+        ),
+        (
+            "probes_received_total",
+            "Probe changes received back over the probe's WebSocket.",
+            Counters::get(&c.probes_received),
+        ),
+        (
+            "probe_failures_total",
+            "Probe commits that failed or whose change did not come back in time.",
+            Counters::get(&c.probe_failures),
+        ),
+        (
+            "probe_reconnects_total",
+            "Times the probe's WebSocket was reconnected.",
+            Counters::get(&c.probe_reconnects),
+        ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP ws_gateway_{name} {help}\n# TYPE ws_gateway_{name} counter\nws_gateway_{name} {value}"
-        );
+        x.single(name, "counter", help, value);
     }
-    let gauges: [(&str, &str, f64); 4] = [
+    for (name, help, per_encoding) in [
+        (
+            "bytes_out_raw_total",
+            "Change frames' JSON bytes before compression, by the encoding they went out in.",
+            &pipeline.bytes_raw,
+        ),
+        (
+            "bytes_out_sent_total",
+            "Change frames' bytes as written (compressed where compressed), by encoding.",
+            &pipeline.bytes_sent,
+        ),
+    ] {
+        x.family(name, "counter", help);
+        for encoding in [Encoding::None, Encoding::Brotli, Encoding::Gzip] {
+            x.sample(
+                name,
+                &format!("encoding=\"{}\"", encoding.as_str()),
+                PipelineStats::get(&per_encoding[encoding as usize]),
+            );
+        }
+    }
+    let feed = &t.feed;
+    let gauges: [(&str, &str, f64); 8] = [
+        (
+            "regression_alerts",
+            "Regression alerts within the metric retention window (see /healthz regressionDetection).",
+            t.regression_summary().total_alerts as f64,
+        ),
         (
             "connections",
-            "Open WebSocket connections.",
+            "Open client WebSocket connections (the probe's left out).",
             state.active_connections.load(Ordering::Relaxed) as f64,
         ),
         (
             "rooms",
-            "Rooms with at least one subscriber.",
-            state.hub.room_count() as f64,
+            "Rooms with at least one subscriber (the probe's left out).",
+            t.excluding_probe(state.hub.room_count()) as f64,
+        ),
+        (
+            "subscriptions",
+            "Room subscriptions across connections (the probe's left out).",
+            t.excluding_probe(state.hub.subscription_count()) as f64,
         ),
         (
             "feed_up",
             "1 while the database feed is live or catching up.",
-            f64::from(u8::from(t.feed.state() != FeedState::Down)),
+            f64::from(u8::from(feed.state() != FeedState::Down)),
+        ),
+        (
+            "feed_lag_seconds",
+            "Commit to arrival of the last notification.",
+            feed.lag_us.load(Ordering::Relaxed).max(0) as f64 / 1e6,
         ),
         (
             "clock_offset_seconds",
-            "Database clock minus gateway clock.",
-            t.feed.clock_offset_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "Database clock minus gateway clock (round-trip corrected).",
+            feed.clock_offset_us.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+        (
+            "clock_uncertainty_seconds",
+            "Half the best round trip the clock offset rests on.",
+            feed.clock_uncertainty_us.load(Ordering::Relaxed) as f64 / 1e6,
         ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP ws_gateway_{name} {help}\n# TYPE ws_gateway_{name} gauge\nws_gateway_{name} {value}"
+        x.single(name, "gauge", help, value);
+    }
+
+    let summary = t.regression_summary();
+    x.family(
+        "regression_alerts_by_severity",
+        "gauge",
+        "Regression alerts within the metric retention window, by severity.",
+    );
+    for (severity, n) in [
+        (Severity::Warning, summary.warning_alerts),
+        (Severity::Critical, summary.critical_alerts),
+    ] {
+        let label = match severity {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        };
+        x.sample(
+            "regression_alerts_by_severity",
+            &format!("severity=\"{label}\""),
+            n,
         );
     }
-    histogram(
-        &mut out,
-        "commit_to_send_seconds",
-        "Database commit to frame written to the client socket.",
-        &t.commit_to_send.total(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    let _ = writeln!(
-        out,
-        "# HELP ws_gateway_{name} {help}\n# TYPE ws_gateway_{name} histogram"
-    );
-    for bound in BUCKETS_S {
-        let count = if h.is_empty() {
-            0
-        } else {
-            h.count_between(0, (bound * 1e6) as u64)
-        };
-        let _ = writeln!(out, "ws_gateway_{name}_bucket{{le=\"{bound}\"}} {count}");
+    for (name, label, help, tally) in [
+        (
+            "refusals_total",
+            "code",
+            "Requests refused, by code (HTTP refusals at the upgrade, protocol error codes).",
+            &state.refusals,
+        ),
+        (
+            "closes_total",
+            "reason",
+            "Connections closed, by reason (slow_consumer, token_expired, heartbeat_timeout, idle, ...).",
+            &state.closes,
+        ),
+    ] {
+        x.family(name, "counter", help);
+        for (value, n) in tally.snapshot() {
+            x.sample(name, &format!("{label}=\"{}\"", escape_label(&value)), n);
+        }
     }
-    let _ = writeln!(out, "ws_gateway_{name}_bucket{{le=\"+Inf\"}} {}", h.len());
-    let sum_s: f64 = h
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum::<f64>()
-        / 1e6;
-    let _ = writeln!(
-        out,
-        "ws_gateway_{name}_sum {sum_s}\nws_gateway_{name}_count {}",
-        h.len()
+    let bottlenecks = t.profile().map(|p| p.bottlenecks).unwrap_or_default();
+    x.family(
+        "stage_bottleneck",
+        "gauge",
+        "1 when the stage's P99 is over GATEWAY_BOTTLENECK_THRESHOLD_MS at the last profile.",
     );
+    for stage in Stage::ALL {
+        x.sample(
+            "stage_bottleneck",
+            &format!("stage=\"{}\"", stage.name()),
+            u8::from(bottlenecks.contains(&stage)),
+        );
+    }
+
+    for (name, help, h) in [
+        (
+            "commit_to_send_seconds",
+            "Database commit to frame written to the client socket.",
+            &t.commit_to_send,
+        ),
+        (
+            "commit_to_ack_seconds",
+            "Database commit to client ack, minus half the connection's round trip.",
+            &t.commit_to_ack,
+        ),
+        (
+            "probe_commit_to_receive_seconds",
+            "Built-in probe: database commit to receipt by its own WebSocket client.",
+            &t.probe,
+        ),
+    ] {
+        x.family(name, "histogram", help);
+        x.latency(name, "", h);
+    }
+    x.family(
+        "stage_seconds",
+        "histogram",
+        "Time spent in each stage of the data path (notify_lag, queueing, batch_wait, encoding, socket_write).",
+    );
+    for stage in Stage::ALL {
+        x.latency(
+            "stage_seconds",
+            &format!("stage=\"{}\"", stage.name()),
+            t.stages.histogram(stage),
+        );
+    }
+
+    x.family("batch_size", "histogram", "Changes per batch frame.");
+    let (buckets, count, sum) = t.batch_sizes.cumulative();
+    for (bound, n) in buckets {
+        x.sample("batch_size_bucket", &format!("le=\"{bound}\""), n);
+    }
+    x.sample("batch_size_bucket", "le=\"+Inf\"", count);
+    x.sample("batch_size_sum", "", sum);
+    x.sample("batch_size_count", "", count);
+
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        x.out,
+    )
 }

@@ -1,5 +1,6 @@
 //! HTTP beside the data path, on the same port: the WebSocket upgrade
-//! (`/ws`), `/healthz`, `/metrics`, `/latency` and the dashboard page.
+//! (`/ws`), `/healthz`, `/metrics`, `/latency`, and the dashboard page (`/`)
+//! with the JSON it polls (`/api/stats`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,10 +14,16 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::pipeline::encode::Encoding;
 use crate::socket;
-use crate::telemetry::{Counters, FeedState};
+use crate::telemetry::Counters;
 
+mod health;
+mod latency;
 mod metrics;
+mod stats;
+
+pub use latency::parse_window;
 
 /// Socket buffer sizes, chosen for memory per idle connection: tungstenite's
 /// 128 KiB read buffer default would be resident on every socket.
@@ -29,8 +36,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/ws", get(upgrade))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(health::healthz))
         .route("/metrics", get(metrics::render))
+        .route("/latency", get(latency::latency))
+        .route("/api/stats", get(stats::stats))
         .with_state(state)
 }
 
@@ -42,10 +51,14 @@ async fn dashboard() -> Html<&'static str> {
 struct UpgradeParams {
     token: Option<String>,
     encoding: Option<String>,
+    /// The built-in probe's key: its connection is not counted as a client.
+    probe: Option<String>,
 }
 
-fn refuse(state: &AppState, status: StatusCode, reason: String) -> Response {
+/// Refuses an upgrade; `code` names the refusal in `/metrics`.
+fn refuse(state: &AppState, status: StatusCode, code: &str, reason: String) -> Response {
     Counters::add(&state.telemetry.counters.connections_refused, 1);
+    state.refusals.count(code);
     (status, reason).into_response()
 }
 
@@ -60,6 +73,7 @@ async fn upgrade(
         return refuse(
             &state,
             StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
             "gateway shutting down".into(),
         );
     }
@@ -69,22 +83,14 @@ async fn upgrade(
         return refuse(
             &state,
             StatusCode::FORBIDDEN,
+            "origin_not_allowed",
             format!("origin {origin} is not allowed"),
         );
     }
-    match params.encoding.as_deref() {
-        None | Some("none") | Some("") => {}
-        // Compression is delivered by the pipeline issue; until then these
-        // are accepted and the welcome message says frames are plain.
-        Some("br") | Some("gzip") => {}
-        Some(other) => {
-            return refuse(
-                &state,
-                StatusCode::BAD_REQUEST,
-                format!("unknown encoding {other:?}: expected br, gzip or none"),
-            );
-        }
-    }
+    let encoding = match Encoding::parse(params.encoding.as_deref()) {
+        Ok(encoding) => encoding,
+        Err(message) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_encoding", message),
+    };
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -92,13 +98,22 @@ async fn upgrade(
     let token = params.token.as_deref().or(bearer);
     let identity = match state.auth.authenticate(token) {
         Ok(identity) => identity,
-        Err(error) => return refuse(&state, StatusCode::UNAUTHORIZED, error.to_string()),
+        Err(error) => {
+            return refuse(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                error.to_string(),
+            );
+        }
     };
+    let is_probe = params.probe.as_deref() == Some(state.telemetry.probe_key());
     let max = settings.limits.max_connections;
-    if state.active_connections.load(Ordering::Acquire) >= max {
+    if !is_probe && state.active_connections.load(Ordering::Acquire) >= max {
         return refuse(
             &state,
             StatusCode::SERVICE_UNAVAILABLE,
+            "connection_limit",
             format!("connection limit reached ({max}); try another instance or later"),
         );
     }
@@ -111,6 +126,9 @@ async fn upgrade(
         .saturating_mul(16)
         .max(2 << 20);
     let id = state.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    if is_probe {
+        state.telemetry.set_probe_connection(id);
+    }
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(MAX_OUTBOUND_FRAME_BYTES)
@@ -120,79 +138,15 @@ async fn upgrade(
             let tracked = Arc::clone(&state);
             state.connections.track_future(async move {
                 let counters = &tracked.telemetry.counters;
+                if is_probe {
+                    socket::serve(socket, Arc::clone(&tracked), identity, id, encoding).await;
+                    return;
+                }
                 Counters::add(&counters.connections_opened, 1);
                 tracked.active_connections.fetch_add(1, Ordering::AcqRel);
-                socket::serve(socket, Arc::clone(&tracked), identity, id).await;
+                socket::serve(socket, Arc::clone(&tracked), identity, id, encoding).await;
                 tracked.active_connections.fetch_sub(1, Ordering::AcqRel);
                 Counters::add(&counters.connections_closed, 1);
             })
         })
-}
-
-/// The original gateway's health document (SPEC section 5), 503 while the
-/// feed from the database is down.
-async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    let telemetry = &state.telemetry;
-    let counters = &telemetry.counters;
-    let feed = &telemetry.feed;
-    let feed_state = feed.state();
-    let connections = state.active_connections.load(Ordering::Relaxed);
-    let latency = telemetry.commit_to_send.recent(60);
-    let uptime_s = state.started_at.elapsed().as_secs_f64().max(1e-3);
-    let sent = Counters::get(&counters.messages_sent);
-    let received = Counters::get(&counters.messages_received);
-    let errors = Counters::get(&counters.client_errors);
-    let status = match feed_state {
-        FeedState::Live => "healthy",
-        FeedState::CatchingUp => "degraded",
-        FeedState::Down => "unhealthy",
-    };
-    let lag_ms = match feed_state {
-        FeedState::Down => None,
-        _ => Some(feed.lag_us.load(Ordering::Relaxed).max(0) as f64 / 1000.0),
-    };
-    let body = serde_json::json!({
-        "status": status,
-        "connections": connections,
-        "rooms": state.hub.room_count(),
-        "timestamp": crate::change::format_rfc3339_micros(crate::change::now_us()),
-        "performance": {
-            "totalMetrics": latency.count,
-            "recentMetrics": latency.count,
-            "averageLatency": latency.p50_ms.unwrap_or(0.0),
-        },
-        "cache": {"hits": 0, "misses": 0, "hitRate": 0.0, "totalEntries": 0},
-        "connectionPool": {
-            "totalConnections": Counters::get(&counters.connections_opened),
-            "activeConnections": connections,
-            "idleConnections": 0,
-            "averageLatency": 0.0,
-            "throughput": sent as f64 / uptime_s,
-            "errorRate": if received == 0 { 0.0 } else { errors as f64 / received as f64 },
-        },
-        "messageOptimization": {"pendingBatches": 0, "deduplicationCacheSize": 0, "activeBatchTimers": 0},
-        "regressionDetection": {
-            "totalAlerts": 0, "criticalAlerts": 0, "warningAlerts": 0,
-            "affectedMetrics": [], "recommendations": [],
-        },
-        "latency": {
-            "p50_ms": latency.p50_ms,
-            "p95_ms": latency.p95_ms,
-            "p99_ms": latency.p99_ms,
-            "count": latency.count,
-        },
-        "feed": {
-            "state": feed_state,
-            "position": feed.position.load(Ordering::Relaxed).to_string(),
-            "lag_ms": lag_ms,
-            "reconnects": feed.reconnects.load(Ordering::Relaxed),
-            "clock_offset_ms": feed.clock_offset_us.load(Ordering::Relaxed) as f64 / 1000.0,
-        },
-    });
-    let code = if feed_state == FeedState::Down {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    (code, axum::Json(body)).into_response()
 }

@@ -57,7 +57,14 @@ impl Dedup {
     }
 
     /// True when `change` must be sent to `room`; records it as the last send.
-    pub fn admit(&mut self, room: &str, change: &Change, content: u64, window: Duration, now: Instant) -> bool {
+    pub fn admit(
+        &mut self,
+        room: &str,
+        change: &Change,
+        content: u64,
+        window: Duration,
+        now: Instant,
+    ) -> bool {
         self.expire(now);
         let mut h = self.hasher.build_hasher();
         room.hash(&mut h);
@@ -80,7 +87,8 @@ impl Dedup {
         }
         // Stale order entries (keys rewritten since) are bounded too.
         if self.order.len() > self.capacity * 2 {
-            self.order.retain(|(k, e)| self.last.get(k).is_some_and(|(_, cur)| cur == e));
+            self.order
+                .retain(|(k, e)| self.last.get(k).is_some_and(|(_, cur)| cur == e));
         }
         true
     }
@@ -119,7 +127,16 @@ mod tests {
     fn change(id: i64, title: &str) -> Change {
         let key = RawValue::from_string(format!("{{\"id\":{id}}}")).unwrap();
         let row = RawValue::from_string(format!("{{\"id\":{id},\"title\":\"{title}\"}}")).unwrap();
-        Change::new(Position(1), 0, "public".into(), "tasks".into(), Op::Update, &key, &row, vec!["r".into()])
+        Change::new(
+            Position(1),
+            0,
+            "public".into(),
+            "tasks".into(),
+            Op::Update,
+            &key,
+            &row,
+            vec!["r".into()],
+        )
     }
 
     fn send(d: &mut Dedup, room: &str, c: &Change, now: Instant) -> bool {
@@ -140,7 +157,10 @@ mod tests {
         assert!(send(&mut d, "r", &change(2, "A"), now), "rows are separate");
         assert_eq!(d.dropped, 1);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(send(&mut d, "r", &a, Instant::now()), "after the window a repeat is sent");
+        assert!(
+            send(&mut d, "r", &a, Instant::now()),
+            "after the window a repeat is sent"
+        );
     }
 
     #[tokio::test(start_paused = true)]

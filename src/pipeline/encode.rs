@@ -24,7 +24,9 @@ impl Encoding {
             "" | "none" => Ok(Encoding::None),
             "br" => Ok(Encoding::Brotli),
             "gzip" => Ok(Encoding::Gzip),
-            other => Err(format!("unknown encoding {other:?}: expected br, gzip or none")),
+            other => Err(format!(
+                "unknown encoding {other:?}: expected br, gzip or none"
+            )),
         }
     }
 
@@ -49,7 +51,8 @@ pub fn brotli(input: &[u8], quality: u32) -> Vec<u8> {
         ..Default::default()
     };
     let mut out = Vec::with_capacity(input.len() / 3 + 64);
-    brotli::BrotliCompress(&mut &input[..], &mut out, &params).expect("compressing into memory cannot fail");
+    brotli::BrotliCompress(&mut &input[..], &mut out, &params)
+        .expect("compressing into memory cannot fail");
     out
 }
 
@@ -58,8 +61,12 @@ pub fn gzip(input: &[u8], level: u32) -> Vec<u8> {
         Vec::with_capacity(input.len() / 3 + 64),
         flate2::Compression::new(level.min(9)),
     );
-    encoder.write_all(input).expect("compressing into memory cannot fail");
-    encoder.finish().expect("compressing into memory cannot fail")
+    encoder
+        .write_all(input)
+        .expect("compressing into memory cannot fail");
+    encoder
+        .finish()
+        .expect("compressing into memory cannot fail")
 }
 
 /// One message for one room, ready for every member of the room.
@@ -74,6 +81,8 @@ pub struct Unit {
     pub committed_at_us: Vec<i64>,
     /// Critical or high priority tables' changes go alone, never merged.
     pub priority: bool,
+    /// When it was built and queued: the start of its queueing stage.
+    pub queued_at: std::time::Instant,
     brotli: OnceLock<Bytes>,
     gzip: OnceLock<Bytes>,
 }
@@ -87,7 +96,8 @@ impl Unit {
             let all = 0..text.len();
             (text, all)
         } else {
-            let mut text = String::with_capacity(changes.iter().map(|c| c.size()).sum::<usize>() + 32);
+            let mut text =
+                String::with_capacity(changes.iter().map(|c| c.size()).sum::<usize>() + 32);
             text.push_str("{\"type\":\"batch\",\"changes\":[");
             let start = text.len();
             for (i, change) in changes.iter().enumerate() {
@@ -105,6 +115,7 @@ impl Unit {
             changes_at,
             committed_at_us,
             priority,
+            queued_at: std::time::Instant::now(),
             brotli: OnceLock::new(),
             gzip: OnceLock::new(),
         }
@@ -123,8 +134,14 @@ impl Unit {
     pub fn compressed(&self, encoding: Encoding, level: u32) -> Option<&Bytes> {
         match encoding {
             Encoding::None => None,
-            Encoding::Brotli => Some(self.brotli.get_or_init(|| brotli(self.text.as_bytes(), level).into())),
-            Encoding::Gzip => Some(self.gzip.get_or_init(|| gzip(self.text.as_bytes(), level).into())),
+            Encoding::Brotli => Some(
+                self.brotli
+                    .get_or_init(|| brotli(self.text.as_bytes(), level).into()),
+            ),
+            Encoding::Gzip => Some(
+                self.gzip
+                    .get_or_init(|| gzip(self.text.as_bytes(), level).into()),
+            ),
         }
     }
 
@@ -158,8 +175,18 @@ mod tests {
 
     fn change(position: i64, body: &str) -> Change {
         let key = RawValue::from_string(format!("{{\"id\":{position}}}")).unwrap();
-        let row = RawValue::from_string(format!("{{\"id\":{position},\"notes\":\"{body}\"}}")).unwrap();
-        Change::new(Position(position), 1_000_000, "public".into(), "daily_logs".into(), Op::Insert, &key, &row, vec!["project:1".into()])
+        let row =
+            RawValue::from_string(format!("{{\"id\":{position},\"notes\":\"{body}\"}}")).unwrap();
+        Change::new(
+            Position(position),
+            1_000_000,
+            "public".into(),
+            "daily_logs".into(),
+            Op::Insert,
+            &key,
+            &row,
+            vec!["project:1".into()],
+        )
     }
 
     #[test]
@@ -174,8 +201,14 @@ mod tests {
         assert_eq!(v["type"], "batch");
         assert_eq!(v["changes"].as_array().unwrap().len(), 2);
         assert_eq!(v["changes"][1]["position"], "2");
-        let merged: Value = serde_json::from_str(&merge(&[Arc::new(single), Arc::new(batch)])).unwrap();
-        let positions: Vec<_> = merged["changes"].as_array().unwrap().iter().map(|c| c["position"].clone()).collect();
+        let merged: Value =
+            serde_json::from_str(&merge(&[Arc::new(single), Arc::new(batch)])).unwrap();
+        let positions: Vec<_> = merged["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["position"].clone())
+            .collect();
         assert_eq!(positions, ["1", "1", "2"]);
     }
 
@@ -185,15 +218,27 @@ mod tests {
         let unit = Unit::new("project:1", &[&change(7, &body)], false);
         let br = unit.compressed(Encoding::Brotli, 6).unwrap().clone();
         let mut plain = Vec::new();
-        brotli::Decompressor::new(&br[..], 4096).read_to_end(&mut plain).unwrap();
+        brotli::Decompressor::new(&br[..], 4096)
+            .read_to_end(&mut plain)
+            .unwrap();
         assert_eq!(plain, unit.text.as_bytes());
         let gz = unit.compressed(Encoding::Gzip, 6).unwrap().clone();
         let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut plain).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut plain)
+            .unwrap();
         assert_eq!(plain, unit.text.as_bytes());
-        assert!(br.len() < unit.text.len() / 5, "{} -> {}", unit.text.len(), br.len());
+        assert!(
+            br.len() < unit.text.len() / 5,
+            "{} -> {}",
+            unit.text.len(),
+            br.len()
+        );
         // The same bytes every time: compressed once.
-        assert_eq!(unit.compressed(Encoding::Brotli, 6).unwrap().as_ptr(), br.as_ptr());
+        assert_eq!(
+            unit.compressed(Encoding::Brotli, 6).unwrap().as_ptr(),
+            br.as_ptr()
+        );
         assert!(unit.compressed(Encoding::None, 6).is_none());
     }
 

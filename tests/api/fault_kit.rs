@@ -157,7 +157,6 @@ impl Subscriber {
         })
         .await
     }
-
 }
 
 impl Drop for Subscriber {
@@ -180,8 +179,11 @@ async fn run_subscriber(
     while !stop.load(Ordering::Relaxed) {
         let url = &urls[attempt % urls.len()];
         attempt += 1;
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str())).await
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
         else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -211,7 +213,11 @@ async fn run_subscriber(
                 Message::Text(text) => text,
                 Message::Close(frame) => {
                     let close = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string()));
-                    received.lock().unwrap().closes.push(close.unwrap_or((None, String::new())));
+                    received
+                        .lock()
+                        .unwrap()
+                        .closes
+                        .push(close.unwrap_or((None, String::new())));
                     break;
                 }
                 _ => continue,
@@ -280,9 +286,9 @@ pub async fn assert_received_everything(pool: &PgPool, subscriber: &Subscriber, 
     }
     let complete = || {
         let r = subscriber.received.lock().unwrap();
-        rooms.iter().all(|room| {
-            r.positions.get(room).map_or(0, Vec::len) >= expected[room].len()
-        })
+        rooms
+            .iter()
+            .all(|room| r.positions.get(room).map_or(0, Vec::len) >= expected[room].len())
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !complete() && tokio::time::Instant::now() < deadline {
@@ -314,12 +320,22 @@ pub struct GatewayProcess {
 }
 
 pub async fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl GatewayProcess {
-    pub async fn start(database_url: &str, port: u16, extra_env: &[(&str, &str)]) -> GatewayProcess {
-        let log = std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
+    pub async fn start(
+        database_url: &str,
+        port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> GatewayProcess {
+        let log =
+            std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"));
         command
@@ -338,14 +354,20 @@ impl GatewayProcess {
         }
         let child = command.spawn().expect("starting the gateway binary");
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let gateway = GatewayProcess { address, child, log };
+        let gateway = GatewayProcess {
+            address,
+            child,
+            log,
+        };
         gateway.wait_live().await;
         gateway
     }
 
     pub async fn wait_live(&self) {
         eventually("gateway process to be live", || async {
-            let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address)).await
+            let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address))
+                    .await
             else {
                 return None;
             };
@@ -393,10 +415,14 @@ impl Proxy {
             let cut = Arc::clone(&cut);
             async move {
                 loop {
-                    let Ok((client, _)) = listener.accept().await else { return };
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
                     let cut = Arc::clone(&cut);
                     tokio::spawn(async move {
-                        let Ok(server) = TcpStream::connect(upstream).await else { return };
+                        let Ok(server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
                         let a = tokio::spawn(pump(cr, sw, Arc::clone(&cut)));
@@ -420,7 +446,11 @@ impl Drop for Proxy {
     }
 }
 
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 16 * 1024];
     loop {

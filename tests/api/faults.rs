@@ -23,7 +23,10 @@ fn all_rooms() -> Vec<String> {
 fn subscribers(urls: &[String], hop_every: usize) -> Vec<(Subscriber, Vec<String>)> {
     let mut out = Vec::new();
     for rooms in [all_rooms(), all_rooms(), vec![room_of(1, ROOMS)]] {
-        out.push((Subscriber::start(urls.to_vec(), rooms.clone(), hop_every), rooms));
+        out.push((
+            Subscriber::start(urls.to_vec(), rooms.clone(), hop_every),
+            rooms,
+        ));
     }
     out
 }
@@ -41,7 +44,9 @@ async fn check_all(pool: &sqlx::PgPool, subs: &[(Subscriber, Vec<String>)]) {
 }
 
 fn connections(subs: &[(Subscriber, Vec<String>)]) -> Vec<usize> {
-    subs.iter().map(|(s, _)| s.received.lock().unwrap().connections).collect()
+    subs.iter()
+        .map(|(s, _)| s.received.lock().unwrap().connections)
+        .collect()
 }
 
 #[tokio::test]
@@ -70,9 +75,16 @@ async fn killing_the_listen_connection_loses_and_duplicates_nothing() {
     }
     work.finish().await;
     check_all(&app.db.pool, &subs).await;
-    assert_eq!(connections(&subs), [1, 1, 1], "clients stay connected through feed faults");
+    assert_eq!(
+        connections(&subs),
+        [1, 1, 1],
+        "clients stay connected through feed faults"
+    );
     let (_, health) = app.health().await;
-    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 5, "{health}");
+    assert!(
+        health["feed"]["reconnects"].as_u64().unwrap() >= 5,
+        "{health}"
+    );
 }
 
 async fn postgres_restart(mode: StopMode) {
@@ -96,9 +108,16 @@ async fn postgres_restart(mode: StopMode) {
     work.finish().await;
     // The test's own pool reconnects on use.
     check_all(&app.db.pool, &subs).await;
-    assert_eq!(connections(&subs), [1, 1, 1], "clients stay connected through a database restart");
+    assert_eq!(
+        connections(&subs),
+        [1, 1, 1],
+        "clients stay connected through a database restart"
+    );
     let (_, health) = app.health().await;
-    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 1, "{health}");
+    assert!(
+        health["feed"]["reconnects"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
 }
 
 #[tokio::test]
@@ -122,9 +141,10 @@ async fn database_unreachable_for_30_s_loses_and_duplicates_nothing() {
         format!("127.0.0.1:{}", options.get_port()).parse().unwrap()
     };
     let proxy = Proxy::start(server).await;
-    let via_proxy = db
-        .url
-        .replace(&format!(":{}/", server.port()), &format!(":{}/", proxy.port));
+    let via_proxy = db.url.replace(
+        &format!(":{}/", server.port()),
+        &format!(":{}/", proxy.port),
+    );
     let writer_url = db.url.clone();
     let mut proxied = db;
     proxied.url = via_proxy;
@@ -142,7 +162,10 @@ async fn database_unreachable_for_30_s_loses_and_duplicates_nothing() {
     })
     .await;
     let noticed = cut_at.elapsed();
-    assert!(noticed < Duration::from_secs(6), "feed down noticed after {noticed:?}");
+    assert!(
+        noticed < Duration::from_secs(6),
+        "feed down noticed after {noticed:?}"
+    );
     let (_, metrics) = crate::helpers::http_get(app.address, "/metrics").await;
     assert!(metrics.contains("ws_gateway_feed_up 0"), "{metrics}");
     while cut_at.elapsed() < Duration::from_secs(30) {
@@ -152,7 +175,11 @@ async fn database_unreachable_for_30_s_loses_and_duplicates_nothing() {
     work.finish().await;
     app.wait_for_feed("live").await;
     check_all(&app.db.pool, &subs).await;
-    assert_eq!(connections(&subs), [1, 1, 1], "clients stay connected through the outage");
+    assert_eq!(
+        connections(&subs),
+        [1, 1, 1],
+        "clients stay connected through the outage"
+    );
 }
 
 /// SIGKILL the gateway process while writers commit; a new one starts on the
@@ -196,10 +223,17 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
     work.wait_committed(1000).await;
     a.signal(libc::SIGTERM);
     let status = a.wait_exit().await;
-    assert!(status.success(), "graceful stop exits 0: {status:?}\n{}", a.log_text());
+    assert!(
+        status.success(),
+        "graceful stop exits 0: {status:?}\n{}",
+        a.log_text()
+    );
     work.finish().await;
     check_all(&db.pool, &subs).await;
-    let hops: usize = subs.iter().map(|(s, _)| s.hops.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let hops: usize = subs
+        .iter()
+        .map(|(s, _)| s.hops.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
     assert!(hops >= 3, "clients moved between instances: {hops}");
     let told_to_go = subs.iter().any(|(s, _)| {
         s.received
@@ -209,7 +243,10 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
             .iter()
             .any(|(code, reason)| *code == Some(1001) && reason.contains("resume"))
     });
-    assert!(told_to_go, "clients of the stopped instance were told to reconnect and resume");
+    assert!(
+        told_to_go,
+        "clients of the stopped instance were told to reconnect and resume"
+    );
     let log = a.log_text();
     assert!(log.contains("SIGTERM"), "{log}");
 }
@@ -254,18 +291,21 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
             .await
             .unwrap();
     }
-    let positions: Vec<i64> =
-        sqlx::query_scalar("select position from realtime.changes where 'project:1' = any (rooms) order by position")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "select position from realtime.changes where 'project:1' = any (rooms) order by position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     let before_all = positions[0] - 1;
     // The first five are two days old; retention is a day.
-    sqlx::query("update realtime.changes set committed_at = now() - interval '2 days' where position <= $1")
-        .bind(positions[4])
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "update realtime.changes set committed_at = now() - interval '2 days' where position <= $1",
+    )
+    .bind(positions[4])
+    .execute(&pool)
+    .await
+    .unwrap();
     // Only one instance prunes at a time: while another holds the lock, no-op.
     let mut other = pool.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
@@ -273,10 +313,14 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let skipped = ws_gateway::history::prune(&pool, Duration::from_secs(86_400)).await.unwrap();
+    let skipped = ws_gateway::history::prune(&pool, Duration::from_secs(86_400))
+        .await
+        .unwrap();
     assert_eq!(skipped, None);
     other.rollback().await.unwrap();
-    let pruned = ws_gateway::history::prune(&pool, Duration::from_secs(86_400)).await.unwrap();
+    let pruned = ws_gateway::history::prune(&pool, Duration::from_secs(86_400))
+        .await
+        .unwrap();
     assert!(pruned.unwrap() >= 5, "{pruned:?}");
     let pruned_through: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
         .fetch_one(&pool)
@@ -286,20 +330,25 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
 
     let app = spawn_app_with(db, |_| {}).await;
     let mut old = app.connect().await;
-    old.subscribe_since("project:1", Some(&before_all.to_string())).await;
+    old.subscribe_since("project:1", Some(&before_all.to_string()))
+        .await;
     let reset = old.next_json().await;
     assert_eq!(reset["type"], "reset", "{reset}");
     assert_eq!(reset["reason"], "history_expired");
     assert_eq!(reset["room"], "project:1");
 
     let mut recent = app.connect().await;
-    recent.subscribe_since("project:1", Some(&positions[4].to_string())).await;
+    recent
+        .subscribe_since("project:1", Some(&positions[4].to_string()))
+        .await;
     let replayed = recent.changes(5).await;
     assert_eq!(crate::helpers::positions(&replayed), positions[5..]);
 
     let mut future = app.connect().await;
     future
-        .send_json(serde_json::json!({"type": "subscribe", "room": "project:1", "since": "999999999"}))
+        .send_json(
+            serde_json::json!({"type": "subscribe", "room": "project:1", "since": "999999999"}),
+        )
         .await;
     let error = future.next_json().await;
     assert_eq!(error["type"], "error");

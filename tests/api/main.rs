@@ -6,6 +6,7 @@ mod helpers;
 mod delivery;
 mod faults;
 mod lifecycle;
-mod pipeline;
 mod observability;
+mod pipeline;
 mod refusals;
+mod security;

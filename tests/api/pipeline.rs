@@ -37,8 +37,15 @@ async fn a_b_a_arrives_three_times_and_a_a_once() {
     }
     barrier(pool, "done").await;
     let got = client.changes_until_marker("done").await;
-    let bodies: Vec<_> = got.iter().map(|c| c["row"]["body"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(bodies, ["A", "B", "A"], "INSERT A, UPDATE B, UPDATE A; the repeated A->A updates dropped");
+    let bodies: Vec<_> = got
+        .iter()
+        .map(|c| c["row"]["body"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["A", "B", "A"],
+        "INSERT A, UPDATE B, UPDATE A; the repeated A->A updates dropped"
+    );
     let (_, metrics) = crate::helpers::http_get(app.address, "/metrics").await;
     let dropped = metric(&metrics, "ws_gateway_dedup_dropped_total");
     assert!(dropped >= 2.0, "dedup drops counted: {dropped}");
@@ -46,7 +53,10 @@ async fn a_b_a_arrives_three_times_and_a_a_once() {
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
@@ -96,14 +106,19 @@ fn parse_rfc3339_us(s: &str) -> i64 {
     let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh.parse::<i64>().unwrap() * 3600 + mm.parse::<i64>().unwrap() * 60 + ss.parse::<i64>().unwrap();
+    let secs = days * 86_400
+        + hh.parse::<i64>().unwrap() * 3600
+        + mm.parse::<i64>().unwrap() * 60
+        + ss.parse::<i64>().unwrap();
     secs * 1_000_000 + us.parse::<i64>().unwrap()
 }
 
 #[tokio::test]
 async fn critical_tables_are_never_batched() {
     let app = spawn_app_with(fresh_database().await, |s| {
-        s.pipeline.priority_tables.insert("items".into(), Priority::Critical);
+        s.pipeline
+            .priority_tables
+            .insert("items".into(), Priority::Critical);
     })
     .await;
     let mut client = app.connect().await;
@@ -114,7 +129,10 @@ async fn critical_tables_are_never_batched() {
         .unwrap();
     for id in 1..=30 {
         let message = client.next_json().await;
-        assert_eq!(message["type"], "change", "critical changes go alone: {message}");
+        assert_eq!(
+            message["type"], "change",
+            "critical changes go alone: {message}"
+        );
         assert_eq!(message["row"]["id"], id);
     }
 }
@@ -126,8 +144,12 @@ async fn connect_with(app: &crate::helpers::TestApp, encoding: &str) -> Client {
 fn decode(encoding: &str, bytes: &[u8]) -> String {
     let mut plain = String::new();
     match encoding {
-        "br" => brotli::Decompressor::new(bytes, 4096).read_to_string(&mut plain).unwrap(),
-        "gzip" => flate2::read::GzDecoder::new(bytes).read_to_string(&mut plain).unwrap(),
+        "br" => brotli::Decompressor::new(bytes, 4096)
+            .read_to_string(&mut plain)
+            .unwrap(),
+        "gzip" => flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut plain)
+            .unwrap(),
         _ => unreachable!(),
     };
     plain
@@ -144,31 +166,52 @@ async fn compressed_frames_decode_to_exactly_the_plain_message() {
     for c in [&mut plain, &mut br, &mut gz] {
         c.subscribe("project:4").await;
     }
-    let notes = "Level 3 east: formwork stripped, slab cured 7 days, rebar inspection passed. ".repeat(60);
+    let notes =
+        "Level 3 east: formwork stripped, slab cured 7 days, rebar inspection passed. ".repeat(60);
     sqlx::query("insert into items (id, project_id, body) values (1, 4, $1)")
         .bind(&notes)
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let Message::Text(expected) = plain.next_frame().await else { panic!("plain clients get text") };
+    let Message::Text(expected) = plain.next_frame().await else {
+        panic!("plain clients get text")
+    };
     for (client, encoding) in [(&mut br, "br"), (&mut gz, "gzip")] {
         let frame = client.next_frame().await;
-        let Message::Binary(bytes) = frame else { panic!("{encoding}: large messages come compressed") };
-        assert!(bytes.len() < expected.len() / 4, "{encoding}: {} -> {}", expected.len(), bytes.len());
-        assert_eq!(decode(encoding, &bytes), expected.as_str(), "{encoding} decodes to the plain message");
+        let Message::Binary(bytes) = frame else {
+            panic!("{encoding}: large messages come compressed")
+        };
+        assert!(
+            bytes.len() < expected.len() / 4,
+            "{encoding}: {} -> {}",
+            expected.len(),
+            bytes.len()
+        );
+        assert_eq!(
+            decode(encoding, &bytes),
+            expected.as_str(),
+            "{encoding} decodes to the plain message"
+        );
     }
     // Below the threshold, everyone gets text.
     sqlx::query("insert into items (id, project_id, body) values (2, 4, 'short')")
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let Message::Text(small) = plain.next_frame().await else { panic!() };
+    let Message::Text(small) = plain.next_frame().await else {
+        panic!()
+    };
     for client in [&mut br, &mut gz] {
-        let Message::Text(text) = client.next_frame().await else { panic!("small messages stay text") };
+        let Message::Text(text) = client.next_frame().await else {
+            panic!("small messages stay text")
+        };
         assert_eq!(text, small);
     }
     let (_, metrics) = crate::helpers::http_get(app.address, "/metrics").await;
-    assert!(metric(&metrics, "ws_gateway_bytes_out_raw_total{encoding=\"br\"}") > metric(&metrics, "ws_gateway_bytes_out_sent_total{encoding=\"br\"}"));
+    assert!(
+        metric(&metrics, "ws_gateway_bytes_out_raw_total{encoding=\"br\"}")
+            > metric(&metrics, "ws_gateway_bytes_out_sent_total{encoding=\"br\"}")
+    );
 }
 
 /// One client stops reading: it is closed with 4008 while 50 others get
@@ -193,7 +236,9 @@ async fn a_client_that_stops_reading_is_closed_as_slow_and_others_keep_up() {
         };
         let mut c = app.connect().await;
         c.subscribe(room).await;
-        readers.push(tokio::spawn(async move { (expected, c.change_ids(expected as usize).await) }));
+        readers.push(tokio::spawn(async move {
+            (expected, c.change_ids(expected as usize).await)
+        }));
     }
     // Each round: five 20 KB rows for project:2 and one small row for
     // project:3, in one transaction. 8 MB in all for project:2: past what
@@ -256,7 +301,10 @@ async fn sighup_switches_compression_off_without_dropping_connections() {
             .bind(big.clone())
     };
     insert().execute(&db.pool).await.unwrap();
-    assert!(matches!(client.next_frame().await, Message::Binary(_)), "compressed while on");
+    assert!(
+        matches!(client.next_frame().await, Message::Binary(_)),
+        "compressed while on"
+    );
 
     std::fs::write(&config, "GATEWAY_FEATURES=all,-compression\n").unwrap();
     gateway.signal(libc::SIGHUP);

@@ -1,0 +1,510 @@
+//! A delivery run from start to report: target up, table created, clients
+//! connected and subscribed (memory measured idle), writers and floor ready,
+//! then write, drain, stop, count.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{self, ClientContext, ClientEnd, ClientOutcome, ClientProbe};
+use super::clock::{Clock, SendLog};
+use super::floor::{FloorOutcome, FloorSpec};
+use super::latency::{Collector, LatencyRecorder, LatencySummary};
+use super::ledger::Tally;
+use super::plan::{BenchArgs, Plan};
+use super::procfs::{self, MachineCpu};
+use super::progress::Progress;
+use super::report::{
+    self, BenchUsage, Connections, Deliveries, FloorResult, GatewayUsage, Interval, MachineUsage,
+    PostgresUsage, Report, RunConfig, Writes,
+};
+use super::table;
+use super::target::{Target, TargetOptions};
+use super::writers::{DbSide, WriteOutcome, WriteProgress, WriterSpec};
+
+/// Latency histogram shards for the clients (see latency.rs).
+const LATENCY_SHARDS: usize = 32;
+/// How often the monitor looks at progress while writing and draining.
+const TICK: Duration = Duration::from_millis(20);
+/// How often latencies are collected for the progress bar.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// Quiet time between the last `subscribed` and the idle memory reading.
+const SETTLE: Duration = Duration::from_secs(1);
+
+pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<Report> {
+    let plan = Plan::resolve(args).map_err(|e| anyhow!(e))?;
+    let fd_limit = procfs::raise_fd_limit();
+    let needed = plan.connections as u64 + 256;
+    if fd_limit < needed {
+        bail!(
+            "the open-file limit is {fd_limit} and {} connections need about {needed}: raise the hard limit (`ulimit -Hn`)",
+            plan.connections
+        );
+    }
+    let mut target = Target::start(&TargetOptions {
+        gateway: args.gateway.clone(),
+        gateway_pid: args.gateway_pid,
+        db: args.db.clone(),
+        needs_gateway: plan.needs_gateway(),
+        connections: plan.connections,
+        channel: args.channel.clone(),
+    })
+    .await?;
+    let outcome = measure(&plan, args, &mut target, &interrupt).await;
+    let stopped = target.shutdown().await;
+    let report = outcome?;
+    if let Err(e) = stopped {
+        tracing::warn!(error = format!("{e:#}"), "cleaning up after the run");
+    }
+    Ok(report)
+}
+
+/// CPU and time at one moment.
+struct Usage {
+    at: Instant,
+    gateway_cpu: Option<Duration>,
+    postgres_cpu: Option<Duration>,
+    bench_cpu: Duration,
+    machine: Option<MachineCpu>,
+}
+
+impl Usage {
+    fn now(target: &Target) -> Usage {
+        Usage {
+            at: Instant::now(),
+            gateway_cpu: target.gateway_pid.and_then(procfs::process_cpu),
+            postgres_cpu: target.postgres_pid.and_then(procfs::process_tree_cpu),
+            bench_cpu: procfs::self_cpu(),
+            machine: MachineCpu::now(),
+        }
+    }
+}
+
+fn delta(later: Option<Duration>, earlier: Option<Duration>) -> Option<f64> {
+    Some(later?.saturating_sub(earlier?).as_secs_f64())
+}
+
+async fn measure(
+    plan: &Plan,
+    args: &BenchArgs,
+    target: &mut Target,
+    interrupt: &CancellationToken,
+) -> Result<Report> {
+    let started_at = crate::change::format_rfc3339_micros(crate::change::now_us());
+    let pool = table::connect(&target.db_url).await?;
+    let channel = table::ensure_realtime(&pool, &args.channel).await?;
+    table::recreate(&pool).await?;
+    table::track(&pool).await?;
+    pool.close().await;
+
+    let clock = Clock::new();
+    let total_rows = plan.total_rows();
+    let send_log = Arc::new(SendLog::new(clock, total_rows));
+    let latency = Arc::new(LatencyRecorder::new(LATENCY_SHARDS));
+    let floor_latency = Arc::new(LatencyRecorder::new(1));
+    let rooms = plan.rooms as u64;
+
+    if let Some(url) = target.ws_url() {
+        clients::preflight(&url, plan.encoding, &target.db_url).await?;
+    }
+
+    // Idle memory: before any client, then with all of them subscribed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let memory_before = target.gateway_pid.and_then(procfs::process_memory);
+
+    let stop_clients = CancellationToken::new();
+    let ctx = Arc::new(ClientContext {
+        url: target.ws_url().unwrap_or_default(),
+        rooms,
+        encoding: plan.encoding,
+        read_buffer_bytes: plan.read_buffer_bytes,
+        measure_after_id: plan.warmup_rows(),
+        send_log: Arc::clone(&send_log),
+        latency: Arc::clone(&latency),
+        connecting: Arc::new(Semaphore::new(plan.connect_concurrency)),
+        stop: stop_clients.clone(),
+    });
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let connect_started = Instant::now();
+    let mut probes = Vec::with_capacity(plan.connections);
+    let mut handles = Vec::with_capacity(plan.connections);
+    for index in 0..plan.connections {
+        let probe = Arc::new(ClientProbe::new(plan.room_of_client(index)));
+        probes.push(Arc::clone(&probe));
+        handles.push(tokio::spawn(clients::run_client(
+            index,
+            Arc::clone(&ctx),
+            probe,
+            ready_tx.clone(),
+        )));
+    }
+    drop(ready_tx);
+    let mut connected = 0;
+    let mut answered = 0;
+    while answered < plan.connections {
+        tokio::select! {
+            ok = ready_rx.recv() => match ok {
+                Some(ok) => {
+                    answered += 1;
+                    connected += usize::from(ok);
+                }
+                None => break,
+            },
+            () = interrupt.cancelled() => {
+                stop_clients.cancel();
+                bail!("interrupted while connecting");
+            }
+        }
+    }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    let memory_after = if plan.connections > 0 {
+        tokio::time::sleep(SETTLE).await;
+        target.gateway_pid.and_then(procfs::process_memory)
+    } else {
+        memory_before
+    };
+
+    let progress = Arc::new(WriteProgress::new(rooms));
+    let floor_spec = plan.floor.then(|| FloorSpec {
+        db_url: target.db_url.clone(),
+        channel: channel.clone(),
+        measure_after_id: plan.warmup_rows(),
+    });
+    let mut db_side = DbSide::start(
+        WriterSpec {
+            db_url: target.db_url.clone(),
+            writers: plan.writers,
+            schedule: plan.schedule,
+            total_rows,
+            rooms,
+            payload_bytes: plan.payload_bytes,
+            run_seed: crate::change::now_us() as u64,
+        },
+        floor_spec,
+        Arc::clone(&send_log),
+        Arc::clone(&progress),
+        Arc::clone(&floor_latency),
+        interrupt.clone(),
+    )
+    .await?;
+
+    let bar = Progress::new(!args.no_progress, total_rows, plan.scenario.as_str());
+    let mut collector = Collector::new();
+    let mut intervals = Vec::new();
+    let usage_start = Usage::now(target);
+    db_side.go();
+
+    // Write, then drain: until every connected client (and the floor) has
+    // every committed row of its room, or the drain timeout.
+    let mut writes: Option<WriteOutcome> = None;
+    let mut drain_deadline = None;
+    let mut extra_failures = Vec::new();
+    let mut last_collect = Instant::now();
+    let mut last_interval = (Instant::now(), Usage::now(target));
+    let mut writes_done = db_side.writes();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut writes_done, if writes.is_none() => {
+                let done = done?;
+                drain_deadline = Some(Instant::now() + plan.drain_timeout);
+                writes = Some(done);
+            }
+            _ = tick.tick() => {}
+        }
+        if let Some(why) = target.gateway_exited() {
+            extra_failures.push(why);
+            break;
+        }
+        let committed: Vec<u64> = progress
+            .committed_per_room
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let (delivered, in_flight, dropped) = delivery_state(&probes, &committed);
+        let floor_pending = plan.floor
+            && progress.floor_delivered.load(Ordering::Relaxed)
+                < progress.committed.load(Ordering::Relaxed);
+        if last_collect.elapsed() >= COLLECT_EVERY {
+            collector.collect(&latency);
+            last_collect = Instant::now();
+        }
+        let p99 = LatencySummary::of(&collector.total).p99;
+        bar.update(
+            progress.committed.load(Ordering::Relaxed),
+            format!(
+                "delivered {delivered}  in flight {in_flight}  dropped {dropped}  p99 {} ms",
+                p99.map(report::num).unwrap_or_else(|| "-".into())
+            ),
+        );
+        if let Some(every) = plan.report_every
+            && last_interval.0.elapsed() >= every
+        {
+            collector.collect(&latency);
+            let now = Usage::now(target);
+            let seconds = now.at.duration_since(last_interval.1.at).as_secs_f64();
+            let pct = |cpu: Option<f64>| cpu.map(|c| c * 100.0 / seconds);
+            let line = Interval {
+                elapsed_s: now.at.duration_since(usage_start.at).as_secs_f64(),
+                committed: committed.iter().sum(),
+                delivered,
+                in_flight,
+                dropped_connections: dropped,
+                latency_ms: collector.take_window(),
+                gateway_cpu_pct: pct(delta(now.gateway_cpu, last_interval.1.gateway_cpu)),
+                gateway_rss_bytes: target
+                    .gateway_pid
+                    .and_then(procfs::process_memory)
+                    .map(|m| m.rss),
+                bench_cpu_pct: (now.bench_cpu.saturating_sub(last_interval.1.bench_cpu))
+                    .as_secs_f64()
+                    * 100.0
+                    / seconds,
+            };
+            bar.println(&line.to_text());
+            intervals.push(line);
+            last_interval = (Instant::now(), now);
+        }
+        if interrupt.is_cancelled() {
+            extra_failures.push("interrupted".to_owned());
+            if writes.is_none() {
+                writes = Some((&mut writes_done).await?);
+            }
+            break;
+        }
+        if let Some(deadline) = drain_deadline {
+            if in_flight == 0 && !floor_pending {
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    let usage_end = Usage::now(target);
+    let memory_end = target.gateway_pid.and_then(procfs::process_memory);
+    bar.finish();
+
+    stop_clients.cancel();
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outcomes.push(handle.await.context("a client task panicked")?);
+    }
+    let floor = db_side.finish().await;
+    collector.collect(&latency);
+    let mut floor_collector = Collector::new();
+    floor_collector.collect(&floor_latency);
+    let writes = writes.unwrap_or_default();
+
+    let report = assemble(Assembly {
+        plan,
+        started_at,
+        target,
+        writes: &writes,
+        outcomes: &outcomes,
+        floor,
+        latency: LatencySummary::of(&collector.total),
+        floor_latency: LatencySummary::of(&floor_collector.total),
+        connected,
+        connect_s,
+        usage: (&usage_start, &usage_end),
+        memory: (memory_before, memory_after, memory_end),
+        intervals,
+        extra_failures,
+    });
+    Ok(report)
+}
+
+/// Delivered (distinct, all clients), still expected by live clients, and
+/// clients that ended early.
+fn delivery_state(probes: &[Arc<ClientProbe>], committed: &[u64]) -> (u64, u64, usize) {
+    let mut delivered = 0;
+    let mut in_flight = 0;
+    let mut dropped = 0;
+    for probe in probes {
+        let got = probe.delivered.load(Ordering::Relaxed);
+        delivered += got;
+        if probe.ended.load(Ordering::Relaxed) {
+            dropped += 1;
+        } else {
+            in_flight += committed[probe.room as usize].saturating_sub(got);
+        }
+    }
+    (delivered, in_flight, dropped)
+}
+
+struct Assembly<'a> {
+    plan: &'a Plan,
+    started_at: String,
+    target: &'a Target,
+    writes: &'a WriteOutcome,
+    outcomes: &'a [ClientOutcome],
+    floor: Option<FloorOutcome>,
+    latency: LatencySummary,
+    floor_latency: LatencySummary,
+    connected: usize,
+    connect_s: f64,
+    usage: (&'a Usage, &'a Usage),
+    memory: (
+        Option<procfs::Memory>,
+        Option<procfs::Memory>,
+        Option<procfs::Memory>,
+    ),
+    intervals: Vec<Interval>,
+    extra_failures: Vec<String>,
+}
+
+fn assemble(a: Assembly<'_>) -> Report {
+    let plan = a.plan;
+    let mut tally = Tally::default();
+    let mut connect_errors = 0;
+    let mut dropped = 0;
+    let mut first_error = None;
+    let mut slow_path_frames = 0;
+    let mut protocol_errors = 0;
+    let mut last_receive_us = 0;
+    let mut extra = a.extra_failures;
+    for outcome in a.outcomes {
+        let expected = a.writes.committed_per_room[outcome.ledger.room() as usize];
+        slow_path_frames += outcome.slow_frames;
+        protocol_errors += outcome.protocol_errors;
+        last_receive_us = last_receive_us.max(outcome.last_receive_us);
+        let error = match &outcome.end {
+            ClientEnd::Stopped => None,
+            ClientEnd::ConnectFailed(e) => {
+                connect_errors += 1;
+                Some(e)
+            }
+            ClientEnd::Dropped(e) => {
+                dropped += 1;
+                Some(e)
+            }
+            ClientEnd::Undecodable(e) => {
+                if !extra.contains(e) {
+                    extra.push(e.clone());
+                }
+                Some(e)
+            }
+        };
+        if first_error.is_none() {
+            first_error = error.cloned();
+        }
+        if !matches!(outcome.end, ClientEnd::ConnectFailed(_)) {
+            tally.add(&outcome.ledger, expected);
+        }
+    }
+    let writes = a.writes;
+    let committed = writes.committed();
+    let write_s = (writes.last_commit_us.saturating_sub(writes.first_send_us)) as f64 / 1e6;
+    let delivery_s = (last_receive_us.saturating_sub(writes.first_send_us)) as f64 / 1e6;
+    let per_s = if delivery_s > 0.0 {
+        tally.delivered as f64 / delivery_s
+    } else {
+        0.0
+    };
+    let (start, end) = a.usage;
+    let gateway_cpu = delta(end.gateway_cpu, start.gateway_cpu);
+    let (before, after, at_end) = a.memory;
+    let gateway = a.target.gateway_pid.map(|pid| GatewayUsage {
+        pid,
+        cpu_s: gateway_cpu,
+        cpu_ms_per_1k_deliveries: gateway_cpu
+            .and_then(|c| report::cpu_ms_per_1k(c, tally.delivered)),
+        peak_rss_bytes: at_end.map(|m| m.peak_rss),
+        rss_before_clients_bytes: before.map(|m| m.rss),
+        rss_after_clients_bytes: after.map(|m| m.rss),
+        rss_per_connection_bytes: match (before, after) {
+            (Some(b), Some(af)) if a.connected > 0 => {
+                Some((af.rss as f64 - b.rss as f64) / a.connected as f64)
+            }
+            _ => None,
+        },
+    });
+    let bench_cpu = end.bench_cpu.saturating_sub(start.bench_cpu).as_secs_f64();
+    let floor = a.floor.map(|f| {
+        let mut floor_tally = Tally::default();
+        floor_tally.add(&f.ledger, committed);
+        FloorResult {
+            tally: floor_tally,
+            latency_ms: a.floor_latency,
+            error: f.error,
+        }
+    });
+    let mut report = Report {
+        schema: report::SCHEMA.into(),
+        kind: "delivery".into(),
+        scenario: plan.scenario.as_str().into(),
+        started_at: a.started_at,
+        config: RunConfig {
+            connections: plan.connections,
+            rooms: plan.rooms,
+            rate: plan.schedule.mean_rate(),
+            burst_size: plan.schedule.burst_size(),
+            payload_bytes: plan.payload_bytes,
+            duration_s: plan.duration.as_secs_f64(),
+            warmup_s: plan.warmup.as_secs_f64(),
+            writers: plan.writers,
+            encoding: plan.encoding.as_str().into(),
+            floor: plan.floor,
+        },
+        target: a.target.description.clone(),
+        writes: Writes {
+            planned: plan.total_rows(),
+            committed,
+            failed: writes.failed,
+            commits_per_s: if write_s > 0.0 {
+                committed as f64 / write_s
+            } else {
+                0.0
+            },
+            max_behind_schedule_ms: writes.max_behind.as_secs_f64() * 1000.0,
+            first_error: writes.first_error.clone(),
+        },
+        deliveries: Deliveries { tally, per_s },
+        latency_ms: a.latency,
+        connections: Connections {
+            requested: plan.connections,
+            connected: a.connected,
+            connect_errors,
+            dropped,
+            connect_s: a.connect_s,
+            first_error,
+            slow_path_frames,
+            protocol_errors,
+        },
+        gateway,
+        postgres: delta(end.postgres_cpu, start.postgres_cpu).map(|cpu_s| PostgresUsage { cpu_s }),
+        bench: BenchUsage {
+            cpu_s: bench_cpu,
+            cpu_ms_per_1k_deliveries: report::cpu_ms_per_1k(bench_cpu, tally.delivered),
+        },
+        machine: MachineUsage {
+            cpus: procfs::cpus(),
+            busy_pct: match (end.machine, start.machine) {
+                (Some(e), Some(s)) => e.busy_pct_since(&s),
+                _ => None,
+            },
+            other_cpu_s: match (end.machine, start.machine) {
+                (Some(e), Some(s)) => e.busy_seconds_since(&s).map(|busy| {
+                    (busy
+                        - bench_cpu
+                        - gateway_cpu.unwrap_or(0.0)
+                        - delta(end.postgres_cpu, start.postgres_cpu).unwrap_or(0.0))
+                    .max(0.0)
+                }),
+                _ => None,
+            },
+        },
+        floor,
+        intervals: a.intervals,
+        failures: Vec::new(),
+        passed: false,
+    };
+    report.judge(extra);
+    report
+}

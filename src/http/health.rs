@@ -1,0 +1,122 @@
+//! `/healthz`: the original gateway's health document (SPEC section 5), with
+//! the same field names, 503 while the feed from the database is down.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::telemetry::{Counters, FINE_SLOT_S, FeedState, Percentiles, Stage, Telemetry};
+
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let (code, body) = document(&state);
+    (code, axum::Json(body)).into_response()
+}
+
+/// `{p50_ms, p95_ms, p99_ms, count}`, percentiles null when empty.
+pub fn summary(p: &Percentiles) -> Value {
+    json!({"p50_ms": p.p50_ms, "p95_ms": p.p95_ms, "p99_ms": p.p99_ms, "count": p.count})
+}
+
+fn ms(us: i64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// Timing samples held within `window` across every histogram.
+fn metrics_within(t: &Telemetry, window: Duration) -> u64 {
+    let seconds = window.as_secs().max(FINE_SLOT_S);
+    [&t.commit_to_send, &t.commit_to_ack, &t.probe]
+        .into_iter()
+        .chain(Stage::ALL.iter().map(|&s| t.stages.histogram(s)))
+        .map(|h| h.recent_count(seconds))
+        .sum()
+}
+
+/// The document and its status code.
+pub fn document(state: &AppState) -> (StatusCode, Value) {
+    let settings = state.settings();
+    let telemetry = &state.telemetry;
+    let counters = &telemetry.counters;
+    let feed = &telemetry.feed;
+    let feed_state = feed.state();
+    let connections = state.active_connections.load(Ordering::Relaxed);
+    let latency = telemetry.commit_to_send.recent(60);
+    let uptime_s = state.started_at.elapsed().as_secs_f64().max(1e-3);
+    let sent = Counters::get(&counters.messages_sent);
+    let received = Counters::get(&counters.messages_received);
+    let errors = Counters::get(&counters.client_errors);
+    let status = match feed_state {
+        FeedState::Live => "healthy",
+        FeedState::CatchingUp => "degraded",
+        FeedState::Down => "unhealthy",
+    };
+    let lag_ms = match feed_state {
+        FeedState::Down => None,
+        _ => Some(ms(feed.lag_us.load(Ordering::Relaxed).max(0))),
+    };
+    let profile = telemetry.profile();
+    let stages: Vec<Value> = match &profile {
+        Some(p) => p
+            .stages
+            .iter()
+            .map(|s| {
+                json!({"stage": s.stage, "p50_ms": s.p50_ms, "p95_ms": s.p95_ms,
+                       "p99_ms": s.p99_ms, "count": s.count, "bottleneck": s.bottleneck})
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let bottlenecks: Vec<Stage> = profile.map(|p| p.bottlenecks).unwrap_or_default();
+    let body = json!({
+        "status": status,
+        "connections": connections,
+        "rooms": telemetry.excluding_probe(state.hub.room_count()),
+        "timestamp": crate::change::format_rfc3339_micros(crate::change::now_us()),
+        "performance": {
+            "totalMetrics": metrics_within(telemetry, settings.profiler.metric_retention),
+            "recentMetrics": metrics_within(telemetry, settings.profiler.interval),
+            "averageLatency": latency.mean_ms.unwrap_or(0.0),
+            "stages": stages,
+            "bottlenecks": bottlenecks,
+        },
+        "cache": state.authorizer.stats(),
+        "connectionPool": {
+            "totalConnections": Counters::get(&counters.connections_opened),
+            "activeConnections": connections,
+            "idleConnections": 0,
+            "averageLatency": ms(feed.db_round_trip_us.load(Ordering::Relaxed)),
+            "throughput": sent as f64 / uptime_s,
+            "errorRate": if received == 0 { 0.0 } else { errors as f64 / received as f64 },
+        },
+        // Batches form as changes arrive and while a socket is busy: none
+        // waits on a timer.
+        "messageOptimization": {
+            "pendingBatches": 0,
+            "deduplicationCacheSize": state.hub.dedup_entries(),
+            "activeBatchTimers": 0,
+        },
+        "regressionDetection": telemetry.regression_summary(),
+        "latency": summary(&latency),
+        "probe": summary(&telemetry.probe.recent(60)),
+        "ack": summary(&telemetry.commit_to_ack.recent(60)),
+        "feed": {
+            "state": feed_state,
+            "position": feed.position.load(Ordering::Relaxed).to_string(),
+            "lag_ms": lag_ms,
+            "reconnects": feed.reconnects.load(Ordering::Relaxed),
+            "clock_offset_ms": ms(feed.clock_offset_us.load(Ordering::Relaxed)),
+            "clock_uncertainty_ms": ms(feed.clock_uncertainty_us.load(Ordering::Relaxed)),
+        },
+    });
+    let code = if feed_state == FeedState::Down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, body)
+}

@@ -1,0 +1,133 @@
+//! One client connection: a receive half that handles what the client sends
+//! (`session`), and a send half that owns the socket's writing side and
+//! works through the connection's queue (`send`), with its heartbeat and
+//! limits beside them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize};
+use std::time::Duration;
+
+use axum::extract::ws::WebSocket;
+use futures_util::StreamExt;
+
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::change::now_us;
+use crate::pipeline::encode::Encoding;
+use crate::protocol;
+use crate::rooms::{CloseReason, Subscriber};
+use crate::telemetry::Counters;
+
+pub mod heartbeat;
+pub mod limits;
+mod send;
+mod session;
+
+/// How long a client that stopped reading has to read on before its socket
+/// is dropped without a close frame.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long to wait for the client's half of a closing handshake.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// What both halves of a connection, and `/healthz`, know about it.
+#[derive(Debug)]
+pub struct Liveness {
+    /// When anything was last heard from the client (gateway clock, us).
+    pub last_heard_us: AtomicI64,
+    /// When the client last sent a protocol message (us).
+    pub last_message_us: AtomicI64,
+    /// Last measured ping round trip, us (0 until measured).
+    pub round_trip_us: AtomicI64,
+    /// A ping is out and its pong has not come back.
+    pub ping_outstanding: AtomicBool,
+    pub subscriptions: AtomicUsize,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        let now = now_us();
+        Liveness {
+            last_heard_us: AtomicI64::new(now),
+            last_message_us: AtomicI64::new(now),
+            round_trip_us: AtomicI64::new(0),
+            ping_outstanding: AtomicBool::new(false),
+            subscriptions: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Serves one upgraded WebSocket until either side closes it or the gateway
+/// shuts down.
+pub async fn serve(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    identity: Identity,
+    connection_id: u64,
+    encoding: Encoding,
+) {
+    let settings = state.settings();
+    let (subscriber, queue) = Subscriber::new(connection_id, settings.limits.send_queue_bytes);
+    let liveness = Arc::new(Liveness::new());
+    state.register_connection(connection_id, Arc::clone(&liveness));
+    subscriber.push_control(protocol::welcome_message(
+        &format!("{}-{connection_id}", state.instance_id),
+        settings.heartbeat.interval.as_millis() as u64,
+        encoding.as_str(),
+    ));
+
+    let (sink, stream) = socket.split();
+    let mut session = session::Session::new(
+        Arc::clone(&state),
+        Arc::clone(&subscriber),
+        identity,
+        Arc::clone(&liveness),
+    );
+    {
+        let send = send::send_loop(sink, queue, &subscriber, &state, &liveness, encoding);
+        let receive = session.receive_loop(stream);
+        tokio::pin!(send, receive);
+        tokio::select! {
+            () = &mut send => {
+                // We closed (slow consumer, shutdown, write error): give the
+                // client a moment to answer the close frame.
+                let _ = tokio::time::timeout(CLOSE_LINGER, &mut receive).await;
+            }
+            () = &mut receive => {
+                // The client closed or broke the protocol: answer its close.
+                subscriber.close(CloseReason::new(1000, ""));
+                let _ = tokio::time::timeout(CLOSE_LINGER, &mut send).await;
+            }
+        }
+    }
+    session.leave_all();
+    state.unregister_connection(connection_id);
+    let reason = subscriber.close_reason();
+    if reason
+        .as_ref()
+        .is_some_and(|r| r.code == CloseReason::SLOW_CONSUMER)
+    {
+        Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
+    }
+    let kind = close_kind(reason.as_ref());
+    state.closes.count(kind);
+    tracing::debug!(connection_id, kind, "connection closed");
+}
+
+/// The `reason` label of `ws_gateway_closes_total`.
+fn close_kind(reason: Option<&CloseReason>) -> &'static str {
+    let Some(reason) = reason else {
+        return "dropped";
+    };
+    match reason.code {
+        CloseReason::SLOW_CONSUMER => "slow_consumer",
+        CloseReason::TOKEN_EXPIRED => "token_expired",
+        CloseReason::TOO_BIG => "message_too_big",
+        CloseReason::GOING_AWAY => "shutdown",
+        1000 if reason.reason.starts_with("idle") => "idle",
+        1000 => "client",
+        CloseReason::POLICY if reason.reason.starts_with("heartbeat") => "heartbeat_timeout",
+        CloseReason::POLICY if reason.reason.starts_with("rate") => "rate_limited",
+        CloseReason::POLICY => "misbehaving",
+        _ => "error",
+    }
+}

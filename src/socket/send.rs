@@ -1,0 +1,386 @@
+//! The sending half of a connection: works through its queue (changes,
+//! protocol replies, replays, close requests), merges what waits while the
+//! socket is busy, compresses per the client's encoding, and pings.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
+use futures_util::stream::SplitSink;
+use tokio::sync::mpsc;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::heartbeat::Heartbeat;
+use super::{CLOSE_LINGER, Liveness, SLOW_CLOSE_GRACE};
+use crate::app::AppState;
+use crate::change::{Notification, Position, now_us};
+use crate::pipeline::encode::{Encoding, Unit, merge};
+use crate::protocol;
+use crate::rooms::{CloseReason, Outbound, Room, Subscriber};
+use crate::telemetry::Counters;
+use crate::telemetry::stages::Stage;
+
+/// Most frames written between two flushes: a socket that fell behind
+/// catches up in large writes, and still yields to other tasks.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+/// The longest a replay from the outbox may take before the client is told
+/// to come back (1013) rather than have its live changes wait behind it.
+const REPLAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Outbox rows read per replay query.
+const REPLAY_PAGE: i64 = 500;
+
+/// Writes queued items to the socket, flushing once per drained batch; sends
+/// pings; closes the socket when asked to.
+pub(super) async fn send_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::UnboundedReceiver<Outbound>,
+    subscriber: &Subscriber,
+    state: &AppState,
+    liveness: &Liveness,
+    encoding: Encoding,
+) {
+    let settings = state.settings();
+    let mut heartbeat = Heartbeat::new(
+        settings.heartbeat.interval,
+        settings.heartbeat.min,
+        settings.heartbeat.max,
+        settings.features.adaptive_heartbeat,
+    );
+    let mut next_ping = Instant::now() + heartbeat.interval();
+    let mut writer = Writer {
+        encoding,
+        latencies: Vec::new(),
+        carry: None,
+    };
+    let close = loop {
+        let wake = next_ping.min(deadlines(state, liveness));
+        tokio::select! {
+            biased;
+            reason = subscriber.close_requested() => break reason,
+            () = state.shutdown.cancelled() => break CloseReason::new(
+                CloseReason::GOING_AWAY,
+                "gateway shutting down; reconnect and resume from your last position",
+            ),
+            item = next_item(&mut writer.carry, &mut queue) => {
+                let Some(item) = item else { return };
+                let write_started = std::time::Instant::now();
+                let written = writer.write_ready(&mut sink, item, &mut queue, subscriber, state).await;
+                if let Err(reason) = written {
+                    break reason;
+                }
+                // A client that stops reading blocks this flush. Once its
+                // queue overflows (close requested) it has a grace period to
+                // read on and get its close frame; then the socket is
+                // dropped: it must not hold a task or memory forever.
+                tokio::select! {
+                    flushed = sink.flush() => if flushed.is_err() { return },
+                    reason = subscriber.close_requested() => {
+                        match tokio::time::timeout(SLOW_CLOSE_GRACE, sink.flush()).await {
+                            Ok(Ok(())) => break reason,
+                            _ => return,
+                        }
+                    }
+                }
+                writer.record_latencies(state, subscriber.id);
+                state.telemetry.stages.record_since(Stage::SocketWrite, write_started);
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let settings = state.settings();
+                let now = now_us();
+                let silent = Duration::from_micros((now - liveness.last_heard_us.load(Ordering::Relaxed)).max(0) as u64);
+                if silent > settings.heartbeat.connection_timeout {
+                    break CloseReason::new(
+                        CloseReason::POLICY,
+                        format!("heartbeat timeout: nothing heard for {} ms", silent.as_millis()),
+                    );
+                }
+                let quiet = Duration::from_micros((now - liveness.last_message_us.load(Ordering::Relaxed)).max(0) as u64);
+                if liveness.subscriptions.load(Ordering::Relaxed) == 0 && quiet > settings.heartbeat.max_idle {
+                    break CloseReason::new(1000, format!("idle: no subscription and no message for {} ms", quiet.as_millis()));
+                }
+                if Instant::now() >= next_ping {
+                    if liveness.ping_outstanding.swap(true, Ordering::Relaxed) {
+                        heartbeat.missed();
+                    } else {
+                        // Zero: no ping has been answered yet.
+                        let round_trip = liveness.round_trip_us.load(Ordering::Relaxed).max(0) as u64;
+                        if round_trip > 0 {
+                            heartbeat.answered(Duration::from_micros(round_trip));
+                        }
+                    }
+                    next_ping = Instant::now() + heartbeat.interval();
+                    let stamp = now.to_be_bytes();
+                    if sink.send(Message::Ping(stamp.to_vec().into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    // Recorded on the subscriber (closes from here, like the heartbeat's,
+    // were decided locally), which also stops anything more being queued.
+    subscriber.close(close.clone());
+    if close.code != CloseReason::SLOW_CONSUMER {
+        // What was queued before the close (the errors that explain it, the
+        // last changes) goes first; a slow consumer's queue is what it could
+        // not take, and it resumes from its position instead.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(item) = writer.carry.take().or_else(|| queue.try_recv().ok()) {
+                if writer
+                    .write_ready(&mut sink, item, &mut queue, subscriber, state)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = sink.flush().await;
+        })
+        .await;
+    }
+    let frame = CloseFrame {
+        code: close.code,
+        reason: close.reason.into(),
+    };
+    let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
+}
+
+/// When the connection must be looked at even if no ping is due: when it
+/// would pass the heartbeat timeout, or go idle.
+fn deadlines(state: &AppState, liveness: &Liveness) -> Instant {
+    let settings = state.settings();
+    let now = now_us();
+    let heard = liveness.last_heard_us.load(Ordering::Relaxed);
+    let silence_left = settings.heartbeat.connection_timeout.as_micros() as i64 - (now - heard);
+    let mut left = silence_left;
+    if liveness.subscriptions.load(Ordering::Relaxed) == 0 {
+        let spoke = liveness.last_message_us.load(Ordering::Relaxed);
+        left = left.min(settings.heartbeat.max_idle.as_micros() as i64 - (now - spoke));
+    }
+    // A millisecond past the limit, so the check sees it passed.
+    Instant::now() + Duration::from_micros(left.max(0) as u64 + 1000)
+}
+
+/// The next queued item: one held back by the last merge, else the queue's.
+async fn next_item(
+    carry: &mut Option<Outbound>,
+    queue: &mut mpsc::UnboundedReceiver<Outbound>,
+) -> Option<Outbound> {
+    match carry.take() {
+        Some(item) => Some(item),
+        None => queue.recv().await,
+    }
+}
+
+/// The send loop's state between writes.
+struct Writer {
+    encoding: Encoding,
+    /// Commit times of the changes written since the last flush.
+    latencies: Vec<i64>,
+    /// An item taken from the queue that did not fit the last merge.
+    carry: Option<Outbound>,
+}
+
+impl Writer {
+    /// Feeds `first` and whatever else is queued right now (up to
+    /// [`MAX_FRAMES_PER_WRITE`] frames) to the socket; the caller flushes.
+    /// While the socket was busy, changes waiting for it are merged into
+    /// batches of up to the batch size (plain-text clients; compressed units
+    /// go as they are, to keep their shared compressed bytes).
+    async fn write_ready(
+        &mut self,
+        sink: &mut SplitSink<WebSocket, Message>,
+        first: Outbound,
+        queue: &mut mpsc::UnboundedReceiver<Outbound>,
+        subscriber: &Subscriber,
+        state: &AppState,
+    ) -> Result<(), CloseReason> {
+        let settings = state.settings();
+        let stats = &state.hub.stats;
+        let mut item = first;
+        let mut frames = 0;
+        loop {
+            subscriber.sent(item.queued_size());
+            let message = match item {
+                Outbound::Control(text) => Message::Text(text),
+                Outbound::Replay { room, since, upto } => {
+                    tokio::time::timeout(REPLAY_TIMEOUT, replay(sink, state, &room, since, upto))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(CloseReason::new(
+                                1013,
+                                "history read timed out; reconnect and resume",
+                            ))
+                        })?;
+                    match self.next_ready(queue) {
+                        Some(next) => {
+                            item = next;
+                            continue;
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                Outbound::Changes(unit) => {
+                    let mergeable = |u: &Unit| {
+                        self.encoding == Encoding::None && settings.features.batching && !u.priority
+                    };
+                    let mut units = vec![unit];
+                    if mergeable(&units[0]) {
+                        let mut count = units[0].change_count();
+                        while count < settings.pipeline.batch_size {
+                            match queue.try_recv() {
+                                Ok(Outbound::Changes(next))
+                                    if mergeable(&next)
+                                        && count + next.change_count()
+                                            <= settings.pipeline.batch_size =>
+                                {
+                                    subscriber.sent(next.text.len());
+                                    count += next.change_count();
+                                    units.push(next);
+                                }
+                                Ok(other) => {
+                                    self.carry = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    for unit in &units {
+                        self.latencies.extend_from_slice(&unit.committed_at_us);
+                        state
+                            .telemetry
+                            .stages
+                            .record_since(Stage::Queueing, unit.queued_at);
+                    }
+                    if units.len() > 1 {
+                        let waited = units[units.len() - 1].queued_at - units[0].queued_at;
+                        state
+                            .telemetry
+                            .stages
+                            .record(Stage::BatchWait, waited.as_micros() as u64);
+                    }
+                    let changes: usize = units.iter().map(|u| u.change_count()).sum();
+                    let raw: usize = units.iter().map(|u| u.text.len()).sum();
+                    let message = if units.len() > 1 {
+                        Message::Text(merge(&units).into())
+                    } else {
+                        let unit = &units[0];
+                        let compress = settings.features.compression
+                            && unit.text.len() > settings.pipeline.compression_threshold;
+                        match unit.compressed(self.encoding, settings.pipeline.compression_level) {
+                            Some(bytes) if compress => Message::Binary(bytes.clone()),
+                            _ => Message::Text(unit.text.clone()),
+                        }
+                    };
+                    let sent = match &message {
+                        Message::Binary(b) => b.len(),
+                        Message::Text(t) => t.len(),
+                        _ => 0,
+                    };
+                    let encoding = if matches!(message, Message::Binary(_)) {
+                        self.encoding
+                    } else {
+                        Encoding::None
+                    };
+                    stats.record_frame(encoding, changes, raw, sent);
+                    state.telemetry.batch_sizes.record(changes as u64);
+                    message
+                }
+            };
+            if let Message::Text(text) = &message {
+                Counters::add(&state.telemetry.counters.bytes_sent, text.len() as u64);
+            } else if let Message::Binary(bytes) = &message {
+                Counters::add(&state.telemetry.counters.bytes_sent, bytes.len() as u64);
+            }
+            Counters::add(&state.telemetry.counters.messages_sent, 1);
+            sink.feed(message)
+                .await
+                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+            frames += 1;
+            if frames >= MAX_FRAMES_PER_WRITE {
+                return Ok(());
+            }
+            match self.next_ready(queue) {
+                Some(next) => item = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn next_ready(&mut self, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
+        self.carry.take().or_else(|| queue.try_recv().ok())
+    }
+
+    /// Commit-to-send for what was just flushed, on the database's clock.
+    fn record_latencies(&mut self, state: &AppState, connection_id: u64) {
+        if !self.latencies.is_empty() {
+            state
+                .telemetry
+                .record_sends(connection_id, self.latencies.drain(..));
+        }
+    }
+}
+
+/// Sends a room's history `(since, upto]` from the outbox, or `reset` when
+/// part of it has been pruned. Runs in the send loop, so live changes queued
+/// meanwhile wait behind it and follow it in order.
+async fn replay(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    room: &Room,
+    since: Position,
+    upto: Position,
+) -> Result<(), CloseReason> {
+    let unavailable = |e: sqlx::Error| {
+        tracing::warn!(error = %e, room = %room, "history read failed");
+        // Try Again Later: the client resumes from the same position.
+        CloseReason::new(1013, "history unavailable right now; reconnect and resume")
+    };
+    let mut tx = state.pool.begin().await.map_err(unavailable)?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let pruned_through: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    if since.0 < pruned_through {
+        let reset = protocol::reset_message(room, "history_expired");
+        return sink
+            .feed(Message::Text(reset.into()))
+            .await
+            .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")));
+    }
+    let mut from = since;
+    loop {
+        let page: Vec<String> = sqlx::query_scalar(
+            "select realtime.payload(c) from realtime.changes c \
+             where c.position > $1 and c.position <= $2 and $3 = any (c.rooms) \
+             order by c.position limit $4",
+        )
+        .bind(from.0)
+        .bind(upto.0)
+        .bind(&**room)
+        .bind(REPLAY_PAGE)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for doc in &page {
+            let Ok(Notification::Change(change)) = Notification::parse(doc) else {
+                continue;
+            };
+            from = change.position;
+            sink.feed(Message::Text(change.message_for(room).into()))
+                .await
+                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+        }
+        if (page.len() as i64) < REPLAY_PAGE {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The receiving half of a connection: decodes what the client sends and
+//! acts on it (subscribe, unsubscribe, ack, auth), within its limits, and
+//! closes the connection when its token expires.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
+use tokio::time::Instant;
+
+use super::Liveness;
+use super::limits::{ErrorBudget, RateLimit, Verdict};
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::change::{Position, now_us};
+use crate::protocol::{self, ClientMessage, ProtocolError, codes};
+use crate::rooms::{CloseReason, Joined, Room, Subscriber};
+use crate::telemetry::Counters;
+
+/// A client that sends this many refused messages within the window is
+/// closed: it is broken or hostile, and answering it costs everyone.
+const ERROR_BUDGET: u32 = 50;
+const ERROR_WINDOW: Duration = Duration::from_secs(10);
+
+/// The receiving half's state.
+pub(super) struct Session {
+    state: Arc<AppState>,
+    subscriber: Arc<Subscriber>,
+    identity: Identity,
+    rooms: HashSet<Room>,
+    liveness: Arc<Liveness>,
+    errors: ErrorBudget,
+    rate: RateLimit,
+}
+
+impl Session {
+    pub(super) fn new(
+        state: Arc<AppState>,
+        subscriber: Arc<Subscriber>,
+        identity: Identity,
+        liveness: Arc<Liveness>,
+    ) -> Session {
+        let rate = RateLimit::new(state.settings().limits.rate_limit, Instant::now());
+        Session {
+            state,
+            subscriber,
+            identity,
+            rooms: HashSet::new(),
+            liveness,
+            errors: ErrorBudget::new(ERROR_BUDGET, ERROR_WINDOW),
+            rate,
+        }
+    }
+
+    /// Leaves every room (the connection is gone).
+    pub(super) fn leave_all(&mut self) {
+        for room in self.rooms.drain() {
+            self.state.hub.unsubscribe(&room, self.subscriber.id);
+        }
+    }
+
+    /// When the token stops being valid (its `exp` plus the leeway).
+    fn expires_at(&self) -> Option<Instant> {
+        let exp = self.identity.expires_at?;
+        let leeway = self.state.settings().history.jwt_leeway;
+        let until =
+            Duration::from_micros((exp as i64 * 1_000_000 - now_us()).max(0) as u64) + leeway;
+        Some(Instant::now() + until)
+    }
+
+    pub(super) async fn receive_loop(&mut self, mut stream: SplitStream<WebSocket>) {
+        loop {
+            let expiry = self.expires_at();
+            let next = tokio::select! {
+                next = stream.next() => next,
+                () = async {
+                    match expiry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.state.refusals.count("token_expired");
+                    self.subscriber.close(CloseReason::new(
+                        CloseReason::TOKEN_EXPIRED,
+                        "token expired: reconnect with a fresh token (or send {\"type\":\"auth\"} before exp)",
+                    ));
+                    return;
+                }
+            };
+            let Some(message) = next else { return };
+            if self.subscriber.is_closing() {
+                // Closing: read on (ignoring it) until the client's close
+                // frame, so the socket is not torn down with unread data,
+                // which would reset it and lose our close frame.
+                match message {
+                    Ok(Message::Close(_)) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+            let now = now_us();
+            self.liveness.last_heard_us.store(now, Ordering::Relaxed);
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    self.on_read_error(error);
+                    return;
+                }
+            };
+            match message {
+                Message::Text(text) => {
+                    Counters::add(
+                        &self.state.telemetry.counters.bytes_received,
+                        text.len() as u64,
+                    );
+                    self.liveness.last_message_us.store(now, Ordering::Relaxed);
+                    if self.admit() {
+                        self.on_text(&text).await;
+                    }
+                }
+                Message::Binary(bytes) => {
+                    Counters::add(
+                        &self.state.telemetry.counters.bytes_received,
+                        bytes.len() as u64,
+                    );
+                    self.liveness.last_message_us.store(now, Ordering::Relaxed);
+                    if self.admit() {
+                        self.refuse(ProtocolError::new(
+                            codes::BINARY_NOT_SUPPORTED,
+                            "binary frames are not accepted; send JSON text frames",
+                        ));
+                    }
+                }
+                Message::Pong(payload) => {
+                    if let Ok(stamp) = <[u8; 8]>::try_from(&payload[..]) {
+                        let round_trip = now - i64::from_be_bytes(stamp);
+                        self.liveness
+                            .round_trip_us
+                            .store(round_trip.max(0), Ordering::Relaxed);
+                        self.liveness
+                            .ping_outstanding
+                            .store(false, Ordering::Relaxed);
+                    }
+                }
+                Message::Ping(_) => {}
+                Message::Close(_) => return,
+            }
+        }
+    }
+
+    /// The inbound rate limit (`GATEWAY_RATE_LIMIT` messages/s).
+    fn admit(&mut self) -> bool {
+        Counters::add(&self.state.telemetry.counters.messages_received, 1);
+        match self.rate.check(Instant::now()) {
+            Verdict::Allow => true,
+            Verdict::Refuse => {
+                let limit = self.state.settings().limits.rate_limit;
+                self.refuse(ProtocolError::new(
+                    codes::RATE_LIMITED,
+                    format!("more than {limit} messages per second; this one was dropped"),
+                ));
+                false
+            }
+            Verdict::Close => {
+                self.state.refusals.count("rate_limit_close");
+                self.subscriber
+                    .close(CloseReason::new(CloseReason::POLICY, "rate limit exceeded"));
+                false
+            }
+        }
+    }
+
+    fn on_read_error(&self, error: axum::Error) {
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let inner = error.into_inner();
+        match inner.downcast_ref::<WsError>() {
+            Some(WsError::Capacity(capacity)) => {
+                Counters::add(&self.state.telemetry.counters.client_errors, 1);
+                self.state.refusals.count("message_too_big_close");
+                self.subscriber.close(CloseReason::new(
+                    CloseReason::TOO_BIG,
+                    format!("inbound message too big: {capacity}"),
+                ));
+            }
+            _ => tracing::debug!(connection_id = self.subscriber.id, error = %inner, "read failed"),
+        }
+    }
+
+    fn refuse(&mut self, error: ProtocolError) {
+        Counters::add(&self.state.telemetry.counters.client_errors, 1);
+        self.state.refusals.count(error.code);
+        self.subscriber.push_control(error.to_message());
+        if self.errors.spend(Instant::now()) {
+            self.state.refusals.count("error_budget_close");
+            self.subscriber.close(CloseReason::new(
+                CloseReason::POLICY,
+                format!("more than {ERROR_BUDGET} refused messages in {ERROR_WINDOW:?}"),
+            ));
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let limit = self.state.settings().limits.max_message_bytes;
+        if text.len() > limit {
+            return self.refuse(ProtocolError::new(
+                codes::MESSAGE_TOO_BIG,
+                format!("message is {} bytes; at most {limit} allowed", text.len()),
+            ));
+        }
+        let result = match protocol::decode(text) {
+            Ok(message) => self.handle(message).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            self.refuse(error);
+        }
+    }
+
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), ProtocolError> {
+        match message {
+            ClientMessage::Subscribe { room, since } => self.subscribe(room, since).await,
+            ClientMessage::Unsubscribe { room } => {
+                if !self.rooms.contains(room.as_str()) {
+                    return Err(ProtocolError::new(
+                        codes::NOT_SUBSCRIBED,
+                        format!("not subscribed to {room:?}"),
+                    ));
+                }
+                self.leave(&room);
+                Ok(())
+            }
+            ClientMessage::Ack { position } => {
+                self.state.record_ack(position, &self.liveness);
+                Ok(())
+            }
+            ClientMessage::Auth { token } => self.reauthenticate(&token).await,
+        }
+    }
+
+    fn leave(&mut self, room: &str) {
+        self.rooms.remove(room);
+        self.state.hub.unsubscribe(room, self.subscriber.id);
+        self.liveness
+            .subscriptions
+            .store(self.rooms.len(), Ordering::Relaxed);
+        self.subscriber
+            .push_control(protocol::unsubscribed_message(room));
+    }
+
+    /// A fresh token in-band: extends the connection past the old `exp` and
+    /// replaces its rooms; subscriptions the new token no longer allows are
+    /// dropped (each with an `unsubscribed`).
+    async fn reauthenticate(&mut self, token: &str) -> Result<(), ProtocolError> {
+        let identity = self.state.auth.authenticate(Some(token)).map_err(|e| {
+            ProtocolError::new(
+                codes::INVALID_TOKEN,
+                format!("{e}; the current token stays in force"),
+            )
+        })?;
+        if identity.subject != self.identity.subject {
+            return Err(ProtocolError::new(
+                codes::INVALID_TOKEN,
+                "the new token is for another subject; open a new connection for it",
+            ));
+        }
+        self.identity = identity;
+        let rooms: Vec<Room> = self.rooms.iter().cloned().collect();
+        for room in rooms {
+            if !self.may_read(&room).await.unwrap_or(false) {
+                self.leave(&room);
+            }
+        }
+        self.subscriber
+            .push_control(protocol::authenticated_message(self.identity.expires_at));
+        Ok(())
+    }
+
+    /// The token grants the room, or `realtime.authorize` does.
+    async fn may_read(&self, room: &str) -> Result<bool, ProtocolError> {
+        if self.identity.grants.allows(room) {
+            return Ok(true);
+        }
+        let Some(subject) = self.identity.subject.as_deref() else {
+            return Ok(false);
+        };
+        let settings = self.state.settings();
+        let ttl = settings.features.cache.then_some(settings.cache.ttl);
+        self.state
+            .authorizer
+            .allows(subject, room, ttl)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, room, "authorization check failed");
+                ProtocolError::new(
+                    codes::AUTHORIZATION_UNAVAILABLE,
+                    "cannot check access to that room right now; retry",
+                )
+            })
+    }
+
+    async fn subscribe(
+        &mut self,
+        room: String,
+        since: Option<Position>,
+    ) -> Result<(), ProtocolError> {
+        if self.rooms.contains(room.as_str()) {
+            return Err(ProtocolError::new(
+                codes::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {room:?}"),
+            ));
+        }
+        let limit = self.state.settings().limits.max_subscriptions;
+        if self.rooms.len() >= limit {
+            return Err(ProtocolError::new(
+                codes::TOO_MANY_SUBSCRIPTIONS,
+                format!("at most {limit} subscriptions per connection"),
+            ));
+        }
+        if !self.may_read(&room).await? {
+            return Err(ProtocolError::new(
+                codes::FORBIDDEN,
+                format!("you may not read room {room:?}"),
+            ));
+        }
+        if let Some(since) = since
+            && since > self.state.hub.position()
+        {
+            self.check_position_exists(since).await?;
+        }
+        match self.state.hub.subscribe(&room, &self.subscriber, since) {
+            Joined::Live { .. } => {
+                self.rooms.insert(Room::from(room));
+                self.liveness
+                    .subscriptions
+                    .store(self.rooms.len(), Ordering::Relaxed);
+                Ok(())
+            }
+            Joined::AlreadyMember => Err(ProtocolError::new(
+                codes::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {room:?}"),
+            )),
+        }
+    }
+
+    /// A `since` ahead of this instance's feed is fine when another instance
+    /// handed it out (this one will catch up); one ahead of the database
+    /// never came from us.
+    async fn check_position_exists(&self, since: Position) -> Result<(), ProtocolError> {
+        let query = sqlx::query_scalar("select last_value from realtime.position_seq")
+            .fetch_one(&self.state.pool);
+        let latest: Result<i64, String> =
+            match tokio::time::timeout(Duration::from_secs(5), query).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err("timed out".into()),
+            };
+        match latest {
+            Ok(latest) if since.0 > latest => Err(ProtocolError::new(
+                codes::INVALID_POSITION,
+                format!(
+                    "position {since} was never handed out by this database (latest is {latest})"
+                ),
+            )),
+            Ok(_) => Ok(()),
+            Err(error) => {
+                tracing::warn!(%error, "could not check a resume position");
+                Err(ProtocolError::new(
+                    codes::HISTORY_UNAVAILABLE,
+                    "cannot check that position right now; retry",
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! What the gateway counts and times, beside the data path: delivery
+//! counters, the state of the feed, commit-to-send / commit-to-ack / probe
+//! latency and per-stage timings as HDR histograms over sliding windows, the
+//! database clock's offset, the profiler and the regression detector.
+//!
+//! Recording is synchronous and cheap (a counter, or a short lock on a
+//! histogram). The [`monitor`] task does the periodic work: clock samples,
+//! the dashboard's time series, bottleneck and regression checks.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::change::now_us;
+
+pub mod clock;
+mod histogram;
+pub mod monitor;
+pub mod regression;
+mod report;
+pub mod stages;
+pub mod timeline;
+
+pub use histogram::{
+    Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram,
+    new_histogram,
+};
+pub use report::print_latency;
+pub use stages::{Profile, Stage, Stages};
+
+use regression::AlertLog;
+use timeline::Timeline;
+
+/// Where the feed from the database stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    Down = 0,
+    CatchingUp = 1,
+    Live = 2,
+}
+
+/// The feed's state, shared with `/healthz`.
+#[derive(Default)]
+pub struct FeedStatus {
+    state: AtomicU8,
+    pub position: AtomicI64,
+    /// Commit to arrival of the last notification, microseconds.
+    pub lag_us: AtomicI64,
+    pub reconnects: AtomicU64,
+    /// Database clock minus gateway clock, microseconds (the monitor's
+    /// round-trip-corrected estimate, see [`clock`]).
+    pub clock_offset_us: AtomicI64,
+    /// The true offset is within this of `clock_offset_us`.
+    pub clock_uncertainty_us: AtomicI64,
+    /// Mean round trip of a query on the pool, microseconds.
+    pub db_round_trip_us: AtomicI64,
+}
+
+impl FeedStatus {
+    pub fn state(&self) -> FeedState {
+        match self.state.load(Ordering::Acquire) {
+            2 => FeedState::Live,
+            1 => FeedState::CatchingUp,
+            _ => FeedState::Down,
+        }
+    }
+
+    pub fn set_state(&self, state: FeedState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+}
+
+/// Counters, each bumped in one place.
+#[derive(Default)]
+pub struct Counters {
+    pub changes_received: AtomicU64,
+    pub deliveries_queued: AtomicU64,
+    pub messages_sent: AtomicU64,
+    /// Bytes written to sockets, as sent (compressed where compressed;
+    /// the pipeline's own stats split change frames by encoding).
+    pub bytes_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub client_errors: AtomicU64,
+    pub slow_consumer_closes: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub connections_refused: AtomicU64,
+    /// The built-in probe: rows committed, received back over its own
+    /// WebSocket, failed (commit refused, or not back within its timeout),
+    /// and times its socket was reconnected.
+    pub probes_sent: AtomicU64,
+    pub probes_received: AtomicU64,
+    pub probe_failures: AtomicU64,
+    pub probe_reconnects: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Bounds of the batch-size histogram (changes per `batch` frame).
+pub const BATCH_SIZE_BOUNDS: [u64; 10] = [1, 2, 3, 5, 10, 20, 50, 100, 200, 500];
+
+/// Everything measured, shared by the feed, the sockets, the probe and HTTP.
+pub struct Telemetry {
+    /// Database commit to frame written (flushed) to a client socket.
+    pub commit_to_send: WindowedHistogram,
+    /// Database commit to a client's `ack`, minus half its round trip.
+    pub commit_to_ack: WindowedHistogram,
+    /// The probe's commit to its own WebSocket client receiving the change.
+    pub probe: WindowedHistogram,
+    pub stages: Stages,
+    pub feed: FeedStatus,
+    pub counters: Counters,
+    /// Changes per `batch` frame.
+    pub batch_sizes: SizeHistogram,
+    /// What the monitor task computed, for `/healthz`, `/api/stats` and logs.
+    pub(crate) timeline: Mutex<Timeline>,
+    pub(crate) alerts: Mutex<AlertLog>,
+    pub(crate) profile: Mutex<Option<Profile>>,
+    /// The built-in probe is a client of its own gateway, but not one the
+    /// operator counts: it presents this key (`/ws?probe=`), and its
+    /// connection is left out of connections, rooms and commit-to-send.
+    probe_key: String,
+    probe_connection: AtomicU64,
+    probe_live: AtomicBool,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            commit_to_send: WindowedHistogram::hour(),
+            commit_to_ack: WindowedHistogram::hour(),
+            probe: WindowedHistogram::hour(),
+            stages: Stages::default(),
+            feed: FeedStatus::default(),
+            counters: Counters::default(),
+            batch_sizes: SizeHistogram::new(&BATCH_SIZE_BOUNDS),
+            timeline: Mutex::new(Timeline::new(
+                monitor::SERIES_KEPT.as_micros() as i64,
+                (MAX_WINDOW.as_micros() + monitor::SAMPLE_EVERY.as_micros() * 2) as i64,
+            )),
+            alerts: Mutex::new(AlertLog::default()),
+            profile: Mutex::new(None),
+            probe_key: random_key(),
+            probe_connection: AtomicU64::new(0),
+            probe_live: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Unguessable enough that a client cannot pass for the probe by accident.
+fn random_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_us());
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("telemetry lock")
+}
+
+impl Telemetry {
+    /// Now on the database's clock, microseconds: what a `committed_at` is
+    /// subtracted from.
+    pub fn db_now_us(&self) -> i64 {
+        now_us() + self.feed.clock_offset_us.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds from `committed_at_us` (database clock) until now.
+    pub fn since_commit_us(&self, committed_at_us: i64) -> u64 {
+        (self.db_now_us() - committed_at_us).max(0) as u64
+    }
+
+    /// Frames carrying changes committed at `committed_at_us` (database
+    /// clock) were just flushed to connection `connection_id`'s socket. The
+    /// probe's own connection is left out: it is measured end to end as the
+    /// probe, and "send" is real traffic.
+    pub fn record_sends(&self, connection_id: u64, committed_at_us: impl IntoIterator<Item = i64>) {
+        if self.is_probe(connection_id) {
+            return;
+        }
+        let now = self.db_now_us();
+        self.commit_to_send
+            .record_all(committed_at_us.into_iter().map(|c| (now - c).max(0) as u64));
+    }
+
+    /// The key the probe presents when it connects.
+    pub fn probe_key(&self) -> &str {
+        &self.probe_key
+    }
+
+    /// Marks `connection_id` as the probe's (the upgrade saw its key).
+    pub fn set_probe_connection(&self, connection_id: u64) {
+        self.probe_connection
+            .store(connection_id, Ordering::Relaxed);
+    }
+
+    pub fn is_probe(&self, connection_id: u64) -> bool {
+        connection_id != 0 && self.probe_connection.load(Ordering::Relaxed) == connection_id
+    }
+
+    /// Whether the probe is subscribed to its room right now (so `rooms`
+    /// can leave that room out).
+    pub fn set_probe_live(&self, live: bool) {
+        self.probe_live.store(live, Ordering::Relaxed);
+    }
+
+    pub fn probe_live(&self) -> bool {
+        self.probe_live.load(Ordering::Relaxed)
+    }
+
+    /// A count of rooms or subscriptions with the probe's own (one of each) left out.
+    pub fn excluding_probe(&self, count: usize) -> usize {
+        count.saturating_sub(usize::from(self.probe_live()))
+    }
+
+    /// A client acked the change committed at `committed_at_us`; its
+    /// connection's last measured round trip is `round_trip_us` (0 when not
+    /// measured yet). The ack left the client half a round trip ago.
+    pub fn record_ack(&self, committed_at_us: i64, round_trip_us: i64) {
+        let latency = self.db_now_us() - committed_at_us - round_trip_us.max(0) / 2;
+        self.commit_to_ack.record(latency.max(0) as u64);
+    }
+
+    /// `/healthz` `regressionDetection`.
+    pub fn regression_summary(&self) -> regression::RegressionSummary {
+        lock(&self.alerts).summary()
+    }
+
+    /// The newest alerts, newest first.
+    pub fn latest_alerts(&self, n: usize) -> Vec<regression::Alert> {
+        lock(&self.alerts).latest(n)
+    }
+
+    /// The profiler's last verdict.
+    pub fn profile(&self) -> Option<Profile> {
+        lock(&self.profile).clone()
+    }
+
+    /// The dashboard's points after `t` (ms since the Unix epoch).
+    pub fn series_after(&self, t: i64) -> Vec<timeline::Sample> {
+        lock(&self.timeline).samples_after(t)
+    }
+
+    /// The counters the timeline keeps, as of now; `compression` is the
+    /// pipeline's `(bytes before, bytes after)` over change frames.
+    pub fn counter_snapshot(&self, compression: (u64, u64)) -> timeline::CounterSnapshot {
+        let c = &self.counters;
+        let get = Counters::get;
+        timeline::CounterSnapshot {
+            at_us: now_us(),
+            deliveries: get(&c.deliveries_queued),
+            messages_sent: get(&c.messages_sent),
+            bytes_sent: get(&c.bytes_sent),
+            change_bytes_raw: compression.0,
+            change_bytes_sent: compression.1,
+            errors: get(&c.slow_consumer_closes) + get(&c.probe_failures),
+            attempts: get(&c.deliveries_queued) + get(&c.probes_sent),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_subtract_half_the_round_trip() {
+        let t = Telemetry::default();
+        t.feed.clock_offset_us.store(5_000_000, Ordering::Relaxed);
+        // Committed 20 ms ago on the database's clock, which runs 5 s ahead.
+        let committed = now_us() + 5_000_000 - 20_000;
+        t.record_ack(committed, 8_000);
+        let p = t.commit_to_ack.recent(60);
+        assert_eq!(p.count, 1);
+        let ms = p.p50_ms.unwrap();
+        assert!((16.0..17.0).contains(&ms), "{ms}");
+    }
+
+    #[test]
+    fn the_probe_connection_is_not_real_traffic() {
+        let t = Telemetry::default();
+        let committed = t.db_now_us() - 3_000;
+        t.record_sends(7, [committed, committed]);
+        t.set_probe_connection(9);
+        t.record_sends(9, [committed]);
+        assert_eq!(t.commit_to_send.recent(60).count, 2);
+        assert!(t.is_probe(9) && !t.is_probe(7) && !t.is_probe(0));
+        assert_eq!(t.excluding_probe(3), 3);
+        t.set_probe_live(true);
+        assert_eq!(t.excluding_probe(3), 2);
+        assert_ne!(Telemetry::default().probe_key(), t.probe_key());
+    }
+}
