@@ -68,9 +68,7 @@ fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("encode");
     for payload in [200, 2_000, 20_000] {
         for batch in [1usize, 10] {
-            let changes: Vec<Change> = (0..batch as i64)
-                .map(|i| daily_log(i + 1, payload))
-                .collect();
+            let changes: Vec<Change> = (0..batch as i64).map(|i| daily_log(i + 1, payload)).collect();
             let refs: Vec<&Change> = changes.iter().collect();
             let unit = Unit::new("project:3", &refs, false);
             group.throughput(Throughput::Bytes(unit.text.len() as u64));

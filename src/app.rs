@@ -44,8 +44,7 @@ pub struct AppState {
     pub next_connection_id: AtomicU64,
     pub active_connections: AtomicUsize,
     /// Every open connection's liveness, for `/healthz` `connectionPool`.
-    connections_live:
-        std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::socket::Liveness>>>,
+    connections_live: std::sync::Mutex<std::collections::HashMap<u64, ConnectionHandle>>,
     /// Refusals by code (error codes, HTTP refusals) and closes by code.
     pub refusals: crate::socket::limits::Tally,
     pub closes: crate::socket::limits::Tally,
@@ -59,37 +58,52 @@ impl AppState {
         Arc::clone(&self.settings.read().expect("settings lock"))
     }
 
-    pub fn register_connection(&self, id: u64, liveness: Arc<crate::socket::Liveness>) {
-        self.connections_live
-            .lock()
-            .expect("connections lock")
-            .insert(id, liveness);
+    pub fn register_connection(&self, id: u64, handle: ConnectionHandle) {
+        self.connections_live.lock().expect("connections lock").insert(id, handle);
     }
 
     pub fn unregister_connection(&self, id: u64) {
-        self.connections_live
-            .lock()
-            .expect("connections lock")
-            .remove(&id);
+        self.connections_live.lock().expect("connections lock").remove(&id);
     }
 
-    /// A snapshot of every open connection's liveness.
-    pub fn connection_liveness(&self) -> Vec<Arc<crate::socket::Liveness>> {
-        self.connections_live
-            .lock()
-            .expect("connections lock")
-            .values()
-            .cloned()
-            .collect()
+    /// The open connections' pool figures (the probe's own excluded).
+    pub fn connection_pool(&self) -> PoolSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::change::now_us();
+        let active_window = self.settings().heartbeat.interval.as_micros() as i64 * 2;
+        let live = self.connections_live.lock().expect("connections lock");
+        let mut pool = PoolSnapshot::default();
+        let mut round_trips = Vec::new();
+        for (id, handle) in live.iter() {
+            if self.telemetry.is_probe(*id) {
+                continue;
+            }
+            let l = &handle.liveness;
+            let spoke = now - l.last_message_us.load(Relaxed) < active_window;
+            if l.subscriptions.load(Relaxed) > 0 || spoke {
+                pool.active += 1;
+            } else {
+                pool.idle += 1;
+            }
+            let rtt = l.round_trip_us.load(Relaxed);
+            if rtt > 0 {
+                round_trips.push(rtt);
+            }
+            if handle.subscriber.queued_bytes() > 0 {
+                pool.backlogged += 1;
+            }
+        }
+        if !round_trips.is_empty() {
+            pool.average_round_trip_ms = round_trips.iter().sum::<i64>() as f64 / round_trips.len() as f64 / 1000.0;
+        }
+        pool
     }
 
     /// A client acknowledged `position`: commit-to-ack, less half its round
     /// trip, when the change is still in recent memory.
     pub fn record_ack(&self, position: Position, liveness: &crate::socket::Liveness) {
         if let Some(committed_at) = self.hub.committed_at(position) {
-            let round_trip = liveness
-                .round_trip_us
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let round_trip = liveness.round_trip_us.load(std::sync::atomic::Ordering::Relaxed);
             self.telemetry.record_ack(committed_at, round_trip);
         }
     }
@@ -121,10 +135,7 @@ impl AppState {
         ];
         for (variable, changed) in fixed {
             if changed {
-                tracing::warn!(
-                    variable,
-                    "changed in the config, but only a restart applies it"
-                );
+                tracing::warn!(variable, "changed in the config, but only a restart applies it");
             }
         }
         next.database_url = current.database_url.clone();
@@ -139,12 +150,30 @@ impl AppState {
     }
 }
 
+/// What the gateway keeps of each open connection for `/healthz`.
+pub struct ConnectionHandle {
+    pub liveness: Arc<crate::socket::Liveness>,
+    pub subscriber: Arc<crate::rooms::Subscriber>,
+}
+
+/// `/healthz` `connectionPool`, from the open connections.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolSnapshot {
+    /// Subscribed, or heard from within two heartbeat intervals.
+    pub active: usize,
+    pub idle: usize,
+    /// Mean ping round trip of connections that answered one.
+    pub average_round_trip_ms: f64,
+    /// Connections with frames waiting to be written.
+    pub backlogged: usize,
+}
+
 /// Reloads the configuration on every SIGHUP until shutdown.
 async fn reload_on_hangup(state: Arc<AppState>) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
-        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("listening for SIGHUP")?;
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("listening for SIGHUP")?;
         loop {
             tokio::select! {
                 () = state.shutdown.cancelled() => return Ok(()),
@@ -171,10 +200,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let database_url = settings
-            .database_url
-            .clone()
-            .ok_or_else(|| anyhow!("DATABASE_URL is not set: point it at the ConstructTrack database (or run `make run` for a local demo)"))?;
+        let database_url = settings.database_url.clone().ok_or_else(|| {
+            anyhow!(
+                "DATABASE_URL is not set: point it at the ConstructTrack database (or run `make run` for a local demo)"
+            )
+        })?;
         let connect: PgConnectOptions = database_url
             .parse()
             .context("DATABASE_URL is not a valid PostgreSQL URL")?;
@@ -214,11 +244,7 @@ impl Application {
             );
         }
         let telemetry = Arc::new(Telemetry::default());
-        let hub = Arc::new(Hub::new(
-            Position(0),
-            settings.pipeline.clone(),
-            settings.features,
-        ));
+        let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
         let feed = Feed::new(
             database_url,
             settings.channel.clone(),
@@ -243,17 +269,11 @@ impl Application {
             active_connections: AtomicUsize::new(0),
             started_at: std::time::Instant::now(),
         });
-        Ok(Application {
-            listener,
-            state,
-            feed,
-        })
+        Ok(Application { listener, state, feed })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     pub fn port(&self) -> u16 {
@@ -271,11 +291,7 @@ impl Application {
 
     /// Runs until the shutdown token is cancelled or a task dies; says which.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application {
-            listener,
-            state,
-            feed,
-        } = self;
+        let Application { listener, state, feed } = self;
         let shutdown = state.shutdown.clone();
         tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
 
@@ -286,10 +302,7 @@ impl Application {
             state.settings().history.retention,
             shutdown.clone(),
         ));
-        let mut probe_task = tokio::spawn(crate::probe::run(
-            Arc::clone(&state),
-            listener.local_addr()?,
-        ));
+        let mut probe_task = tokio::spawn(crate::probe::run(Arc::clone(&state), listener.local_addr()?));
         let mut monitor_task = tokio::spawn(crate::telemetry::monitor::run(Arc::clone(&state)));
         let router = http::router(Arc::clone(&state));
         let mut http_task = tokio::spawn(

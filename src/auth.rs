@@ -148,40 +148,26 @@ mod tests {
     fn jwt_tokens_are_checked() {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let secret = "a-secret-of-at-least-thirty-two-bytes!";
-        let auth = Authenticator::new(
-            &Auth::Jwt {
-                secret: secret.into(),
-            },
-            0,
-        );
+        let auth = Authenticator::new(&Auth::Jwt { secret: secret.into() }, 0);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
         let token = |exp: u64, key: &str| {
             let claims = serde_json::json!({"sub": "u1", "exp": exp, "rooms": ["project:*"]});
-            encode(
-                &Header::default(),
-                &claims,
-                &EncodingKey::from_secret(key.as_bytes()),
-            )
-            .unwrap()
+            encode(&Header::default(), &claims, &EncodingKey::from_secret(key.as_bytes())).unwrap()
         };
         let id = auth.authenticate(Some(&token(now + 60, secret))).unwrap();
         assert_eq!(id.subject.as_deref(), Some("u1"));
         assert!(id.grants.allows("project:1"));
         assert_eq!(auth.authenticate(None).unwrap_err(), AuthError::Missing);
         assert_eq!(
-            auth.authenticate(Some(&token(now - 60, secret)))
-                .unwrap_err(),
+            auth.authenticate(Some(&token(now - 60, secret))).unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
-            auth.authenticate(Some(&token(
-                now + 60,
-                "another-secret-of-thirty-two-bytes!!"
-            )))
-            .unwrap_err(),
+            auth.authenticate(Some(&token(now + 60, "another-secret-of-thirty-two-bytes!!")))
+                .unwrap_err(),
             AuthError::BadSignature
         );
         assert!(matches!(

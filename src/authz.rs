@@ -56,12 +56,7 @@ impl Authorizer {
 
     /// May `subject` read `room`? False when the function does not exist.
     /// `ttl` None: the cache feature is off, ask every time.
-    pub async fn allows(
-        &self,
-        subject: &str,
-        room: &str,
-        ttl: Option<Duration>,
-    ) -> Result<bool, AuthzError> {
+    pub async fn allows(&self, subject: &str, room: &str, ttl: Option<Duration>) -> Result<bool, AuthzError> {
         let now = Instant::now();
         let key = (subject.to_owned(), room.to_owned());
         if ttl.is_some()
@@ -88,9 +83,7 @@ impl Authorizer {
             }
             Ok(Err(e)) => return Err(AuthzError(e.to_string())),
             Err(_) => {
-                return Err(AuthzError(
-                    "realtime.authorize did not answer in time".into(),
-                ));
+                return Err(AuthzError("realtime.authorize did not answer in time".into()));
             }
         };
         if let Some(ttl) = ttl {
@@ -105,12 +98,10 @@ impl Authorizer {
         {
             return Ok(exists);
         }
-        let exists: bool = sqlx::query_scalar(
-            "select to_regprocedure('realtime.authorize(text, text)') is not null",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| AuthzError(e.to_string()))?;
+        let exists: bool = sqlx::query_scalar("select to_regprocedure('realtime.authorize(text, text)') is not null")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| AuthzError(e.to_string()))?;
         *self.function.lock().expect("authorize lock") = Some((exists, now));
         Ok(exists)
     }

@@ -16,19 +16,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// `realtime` too, so an application database gains nothing outside it.
 /// Concurrent gateways are safe: sqlx takes an advisory lock.
 pub async fn migrate(pool: &PgPool, channel: &str) -> anyhow::Result<()> {
-    let mut conn = pool
-        .acquire()
-        .await
-        .context("connecting to the database to migrate")?;
+    let mut conn = pool.acquire().await.context("connecting to the database to migrate")?;
     sqlx::raw_sql("create schema if not exists realtime; set search_path to realtime")
         .execute(&mut *conn)
         .await
         .context("creating the realtime schema")?;
     let applied = MIGRATOR.run_direct(&mut *conn).await;
     // The connection goes back to the pool: give it its usual search path.
-    sqlx::raw_sql("reset search_path")
-        .execute(&mut *conn)
-        .await?;
+    sqlx::raw_sql("reset search_path").execute(&mut *conn).await?;
     applied.context("applying the realtime migrations")?;
     sqlx::query("select realtime.set_channel($1)")
         .bind(channel)

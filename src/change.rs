@@ -113,8 +113,7 @@ pub struct BadDocument(String);
 
 impl Notification {
     pub fn parse(payload: &str) -> Result<Notification, BadDocument> {
-        let doc: Document =
-            serde_json::from_str(payload).map_err(|e| BadDocument(e.to_string()))?;
+        let doc: Document = serde_json::from_str(payload).map_err(|e| BadDocument(e.to_string()))?;
         if doc.reference {
             return Ok(Notification::Reference(Position(doc.p)));
         }
@@ -273,16 +272,7 @@ mod tests {
     fn positions_are_strict_decimals() {
         assert_eq!("42".parse::<Position>(), Ok(Position(42)));
         assert_eq!("0".parse::<Position>(), Ok(Position(0)));
-        for bad in [
-            "",
-            "-1",
-            "+1",
-            "042",
-            " 1",
-            "1.0",
-            "abc",
-            "99999999999999999999",
-        ] {
+        for bad in ["", "-1", "+1", "042", " 1", "1.0", "abc", "99999999999999999999"] {
             assert!(bad.parse::<Position>().is_err(), "{bad:?} accepted");
         }
     }

@@ -101,10 +101,7 @@ fn settings() -> anyhow::Result<Settings> {
 }
 
 async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let url = settings
-        .database_url
-        .as_deref()
-        .context("DATABASE_URL is not set")?;
+    let url = settings.database_url.as_deref().context("DATABASE_URL is not set")?;
     PgPoolOptions::new()
         .max_connections(2)
         .connect(url)
@@ -118,10 +115,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate => {
             let settings = settings()?;
             capture::migrate(&pool(&settings).await?, &settings.channel).await?;
-            println!(
-                "realtime schema is up to date (channel {})",
-                settings.channel
-            );
+            println!("realtime schema is up to date (channel {})", settings.channel);
             Ok(())
         }
         Command::Track { table, rooms } => {
@@ -175,9 +169,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     let cluster = if settings.database_url.is_none() {
         let cluster = PrivateCluster::start(&data_dir, ClusterOptions::default())
             .await
-            .with_context(|| {
-                format!("starting the private PostgreSQL in {}", data_dir.display())
-            })?;
+            .with_context(|| format!("starting the private PostgreSQL in {}", data_dir.display()))?;
         let url = cluster.create_database("constructtrack").await?;
         settings.database_url = Some(url);
         Some(cluster)
@@ -185,10 +177,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
         None
     };
     let url = settings.database_url.clone().expect("set above");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await?;
+    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
     capture::migrate(&pool, &settings.channel).await?;
     demo::load_schema(&pool).await?;
 
@@ -205,9 +194,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     println!();
     println!("  ws-gateway demo is running");
     println!("  dashboard:  http://{address}/");
-    println!(
-        "  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})"
-    );
+    println!("  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})");
     println!("  health:     http://{address}/healthz");
     println!("  database:   {url}");
     println!("  ctrl-c stops it all");

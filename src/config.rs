@@ -295,13 +295,7 @@ impl Features {
         adaptive_heartbeat: false,
         cache: false,
     };
-    pub const NAMES: [&str; 5] = [
-        "dedup",
-        "batching",
-        "compression",
-        "adaptive_heartbeat",
-        "cache",
-    ];
+    pub const NAMES: [&str; 5] = ["dedup", "batching", "compression", "adaptive_heartbeat", "cache"];
 
     fn switch(&mut self, name: &str) -> Option<&mut bool> {
         match name {
@@ -353,10 +347,7 @@ impl Features {
             match features.switch(name) {
                 Some(switch) => *switch = on,
                 None if name == "all" || name == "none" => {
-                    return Err(format!(
-                        "`{name}` may only be the first item; {}",
-                        allowed()
-                    ));
+                    return Err(format!("`{name}` may only be the first item; {}", allowed()));
                 }
                 None => return Err(format!("unknown feature `{name}`; {}", allowed())),
             }
@@ -420,9 +411,7 @@ impl Settings {
 
     /// Settings from a complete set of variables, refusing unknown
     /// `GATEWAY_*` names. Pure: nothing is read from the process.
-    pub fn from_vars(
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Settings, ConfigError> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
         let vars: BTreeMap<String, String> = vars.into_iter().collect();
         for (name, value) in &vars {
             if name.starts_with("GATEWAY_") && !KNOWN_VARIABLES.contains(&name.as_str()) {
@@ -439,11 +428,7 @@ impl Settings {
         let vars = Vars { lookup: &lookup };
         Ok(Settings {
             database_url: vars.optional("DATABASE_URL", parse_database_url)?,
-            listen: vars.parse(
-                "GATEWAY_LISTEN",
-                ([127, 0, 0, 1], 8080).into(),
-                parse_listen,
-            )?,
+            listen: vars.parse("GATEWAY_LISTEN", ([127, 0, 0, 1], 8080).into(), parse_listen)?,
             channel: vars.parse("GATEWAY_CHANNEL", "realtime_changes".into(), parse_channel)?,
             auth: read_auth(&vars)?,
             auto_migrate: vars.flag("GATEWAY_AUTO_MIGRATE", true)?,
@@ -542,11 +527,7 @@ fn read_pipeline(vars: &Vars<'_>) -> Result<PipelineSettings, ConfigError> {
     Ok(PipelineSettings {
         batch_size: vars.int("GATEWAY_BATCH_SIZE", 10, 1..=1000)?,
         batch_timeout: vars.millis("GATEWAY_BATCH_TIMEOUT_MS", 100, 1..=10_000)?,
-        priority_tables: vars.parse(
-            "GATEWAY_PRIORITY_TABLES",
-            HashMap::new(),
-            parse_priority_tables,
-        )?,
+        priority_tables: vars.parse("GATEWAY_PRIORITY_TABLES", HashMap::new(), parse_priority_tables)?,
         compression_threshold: vars.int("GATEWAY_COMPRESSION_THRESHOLD", 1024, 0..=1 << 20)?,
         compression_level: vars.int("GATEWAY_COMPRESSION_LEVEL", 6, 0..=11)?,
         dedup_window: vars.millis("GATEWAY_DEDUP_WINDOW_MS", 5000, 1..=600_000)?,
@@ -586,12 +567,10 @@ fn read_history(vars: &Vars<'_>) -> Result<HistorySettings, ConfigError> {
 }
 
 fn read_auth(vars: &Vars<'_>) -> Result<Auth, ConfigError> {
-    let jwt = vars.parse("GATEWAY_AUTH", true, |raw| {
-        match raw.to_ascii_lowercase().as_str() {
-            "jwt" => Ok(true),
-            "none" => Ok(false),
-            _ => Err("expected jwt or none".to_owned()),
-        }
+    let jwt = vars.parse("GATEWAY_AUTH", true, |raw| match raw.to_ascii_lowercase().as_str() {
+        "jwt" => Ok(true),
+        "none" => Ok(false),
+        _ => Err("expected jwt or none".to_owned()),
     })?;
     if !jwt {
         return Ok(Auth::None);
@@ -617,23 +596,15 @@ fn read_auth(vars: &Vars<'_>) -> Result<Auth, ConfigError> {
 }
 
 fn read_heartbeat(vars: &Vars<'_>) -> Result<HeartbeatSettings, ConfigError> {
-    let interval = vars.millis(
-        "GATEWAY_HEARTBEAT_MS",
-        25_000,
-        HEARTBEAT_MIN_MS..=HEARTBEAT_MAX_MS,
-    )?;
-    let connection_timeout =
-        vars.millis("GATEWAY_CONNECTION_TIMEOUT_MS", 60_000, 1000..=3_600_000)?;
+    let interval = vars.millis("GATEWAY_HEARTBEAT_MS", 25_000, HEARTBEAT_MIN_MS..=HEARTBEAT_MAX_MS)?;
+    let connection_timeout = vars.millis("GATEWAY_CONNECTION_TIMEOUT_MS", 60_000, 1000..=3_600_000)?;
     // A timeout shorter than the interval would close healthy connections
     // between two pings.
     if connection_timeout < interval {
         return Err(ConfigError::new(
             "GATEWAY_CONNECTION_TIMEOUT_MS",
             &connection_timeout.as_millis().to_string(),
-            format!(
-                "expected at least GATEWAY_HEARTBEAT_MS ({})",
-                interval.as_millis()
-            ),
+            format!("expected at least GATEWAY_HEARTBEAT_MS ({})", interval.as_millis()),
         ));
     }
     Ok(HeartbeatSettings {
@@ -647,8 +618,7 @@ fn read_heartbeat(vars: &Vars<'_>) -> Result<HeartbeatSettings, ConfigError> {
 
 fn read_profiler(vars: &Vars<'_>) -> Result<ProfilerSettings, ConfigError> {
     let interval = vars.millis("GATEWAY_PROFILING_INTERVAL_MS", 5000, 100..=3_600_000)?;
-    let metric_retention =
-        vars.millis("GATEWAY_METRIC_RETENTION_MS", 300_000, 1000..=86_400_000)?;
+    let metric_retention = vars.millis("GATEWAY_METRIC_RETENTION_MS", 300_000, 1000..=86_400_000)?;
     if metric_retention < interval {
         return Err(ConfigError::new(
             "GATEWAY_METRIC_RETENTION_MS",
@@ -699,11 +669,7 @@ impl Vars<'_> {
     }
 
     /// `parse` returns the value, or what would have been allowed.
-    fn optional<T>(
-        &self,
-        name: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
+    fn optional<T>(&self, name: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
         let Some(raw) = self.get(name) else {
             return Ok(None);
         };
@@ -729,73 +695,41 @@ impl Vars<'_> {
             raw.parse()
                 .ok()
                 .filter(|n| range.contains(n))
-                .ok_or_else(|| {
-                    format!(
-                        "expected an integer from {} to {}",
-                        range.start(),
-                        range.end()
-                    )
-                })
+                .ok_or_else(|| format!("expected an integer from {} to {}", range.start(), range.end()))
         })
     }
 
-    fn millis(
-        &self,
-        name: &str,
-        default_ms: u64,
-        range_ms: RangeInclusive<u64>,
-    ) -> Result<Duration, ConfigError> {
-        self.int(name, default_ms, range_ms)
-            .map(Duration::from_millis)
+    fn millis(&self, name: &str, default_ms: u64, range_ms: RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+        self.int(name, default_ms, range_ms).map(Duration::from_millis)
     }
 
-    fn percent(
-        &self,
-        name: &str,
-        default: f64,
-        range: RangeInclusive<f64>,
-    ) -> Result<f64, ConfigError> {
+    fn percent(&self, name: &str, default: f64, range: RangeInclusive<f64>) -> Result<f64, ConfigError> {
         self.parse(name, default, |raw| {
             raw.parse()
                 .ok()
                 .filter(|pct| range.contains(pct))
-                .ok_or_else(|| {
-                    format!(
-                        "expected a percentage from {} to {}",
-                        range.start(),
-                        range.end()
-                    )
-                })
+                .ok_or_else(|| format!("expected a percentage from {} to {}", range.start(), range.end()))
         })
     }
 
     fn flag(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
-        self.parse(name, default, |raw| {
-            match raw.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => Ok(true),
-                "false" | "0" | "no" | "off" => Ok(false),
-                _ => Err("expected true or false (also 1/0, yes/no, on/off)".to_owned()),
-            }
+        self.parse(name, default, |raw| match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("expected true or false (also 1/0, yes/no, on/off)".to_owned()),
         })
     }
 
     /// A duration written with a unit: `90s`, `30m`, `24h`, `7d`.
-    fn span(
-        &self,
-        name: &str,
-        default: Duration,
-        range: RangeInclusive<Duration>,
-    ) -> Result<Duration, ConfigError> {
+    fn span(&self, name: &str, default: Duration, range: RangeInclusive<Duration>) -> Result<Duration, ConfigError> {
         self.parse(name, default, |raw| {
-            parse_span(raw)
-                .filter(|span| range.contains(span))
-                .ok_or_else(|| {
-                    format!(
-                        "expected a duration such as 90s, 30m, 24h or 7d, from {} to {}",
-                        format_span(*range.start()),
-                        format_span(*range.end())
-                    )
-                })
+            parse_span(raw).filter(|span| range.contains(span)).ok_or_else(|| {
+                format!(
+                    "expected a duration such as 90s, 30m, 24h or 7d, from {} to {}",
+                    format_span(*range.start()),
+                    format_span(*range.end())
+                )
+            })
         })
     }
 }
@@ -839,11 +773,7 @@ fn parse_priority_tables(list: &str) -> Result<HashMap<String, Priority>, String
         Priority::NAMES
     );
     let mut tables = HashMap::new();
-    for item in list
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-    {
+    for item in list.split(',').map(str::trim).filter(|item| !item.is_empty()) {
         let refuse = |why: &str| format!("{allowed}; `{item}` {why}");
         let (table, priority) = item.split_once('=').ok_or_else(|| refuse("has no `=`"))?;
         let table = table.trim().to_ascii_lowercase();
@@ -851,8 +781,7 @@ fn parse_priority_tables(list: &str) -> Result<HashMap<String, Priority>, String
         if parts > 2 || !table.split('.').all(is_lowercase_identifier) {
             return Err(refuse("does not name a table"));
         }
-        let priority =
-            Priority::parse(priority.trim()).ok_or_else(|| refuse("has an unknown priority"))?;
+        let priority = Priority::parse(priority.trim()).ok_or_else(|| refuse("has an unknown priority"))?;
         if tables.insert(table, priority).is_some() {
             return Err(refuse("names a table already listed"));
         }
@@ -868,11 +797,7 @@ fn parse_origins(list: &str) -> Result<Vec<String>, String> {
         return Ok(Vec::new());
     }
     let mut origins = Vec::new();
-    for item in list
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-    {
+    for item in list.split(',').map(str::trim).filter(|item| !item.is_empty()) {
         let origin = item.trim_end_matches('/').to_ascii_lowercase();
         if !is_origin(&origin) {
             return Err(format!(
@@ -902,12 +827,7 @@ fn is_origin(origin: &str) -> bool {
         Some(bracketed) => bracketed
             .strip_suffix(']')
             .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
-        None => {
-            !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-        }
+        None => !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
     };
     let port_ok = port.is_empty()
         || port
@@ -1014,11 +934,9 @@ fn process_env() -> Result<BTreeMap<String, String>, ConfigError> {
 /// The env file at `path` with `env` over it; an empty value in `env` does
 /// not hide the file's value, since empty counts as unset.
 fn layered(path: &Path, env: BTreeMap<String, String>) -> Result<Settings, ConfigError> {
-    let file_error = |allowed: String| {
-        ConfigError::new("GATEWAY_CONFIG_FILE", &path.display().to_string(), allowed)
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| file_error(format!("expected a readable env file: {err}")))?;
+    let file_error = |allowed: String| ConfigError::new("GATEWAY_CONFIG_FILE", &path.display().to_string(), allowed);
+    let text =
+        std::fs::read_to_string(path).map_err(|err| file_error(format!("expected a readable env file: {err}")))?;
     let mut vars: BTreeMap<String, String> = parse_env_file(&text)
         .map_err(|line| {
             file_error(format!(
@@ -1027,10 +945,7 @@ fn layered(path: &Path, env: BTreeMap<String, String>) -> Result<Settings, Confi
         })?
         .into_iter()
         .collect();
-    vars.extend(
-        env.into_iter()
-            .filter(|(_, value)| !value.trim().is_empty()),
-    );
+    vars.extend(env.into_iter().filter(|(_, value)| !value.trim().is_empty()));
     let mut settings = Settings::from_vars(vars)?;
     settings.config_file = Some(path.to_path_buf());
     Ok(settings)
@@ -1129,10 +1044,7 @@ mod tests {
         assert_eq!(s.heartbeat.interval, Duration::from_millis(25_000));
         assert_eq!(s.heartbeat.min, Duration::from_secs(10));
         assert_eq!(s.heartbeat.max, Duration::from_secs(60));
-        assert_eq!(
-            s.heartbeat.connection_timeout,
-            Duration::from_millis(60_000)
-        );
+        assert_eq!(s.heartbeat.connection_timeout, Duration::from_millis(60_000));
         assert_eq!(s.heartbeat.max_idle, Duration::from_millis(300_000));
         assert_eq!(s.cache.capacity, 10_000);
         assert_eq!(s.cache.ttl, Duration::from_millis(60_000));
@@ -1184,10 +1096,7 @@ mod tests {
             ),
         ])
         .unwrap();
-        assert_eq!(
-            s.database_url.as_deref(),
-            Some("postgresql://gw:pw@db:5432/ct")
-        );
+        assert_eq!(s.database_url.as_deref(), Some("postgresql://gw:pw@db:5432/ct"));
         assert_eq!(s.listen, "[::]:9000".parse().unwrap());
         assert_eq!(s.channel, "_changes_2");
         assert_eq!(
@@ -1221,12 +1130,7 @@ mod tests {
     fn bool_forms() {
         for (raw, expected) in [("true", true), ("1", true), ("YES", true), ("on", true)]
             .into_iter()
-            .chain([
-                ("false", false),
-                ("0", false),
-                ("no", false),
-                ("Off", false),
-            ])
+            .chain([("false", false), ("0", false), ("no", false), ("Off", false)])
         {
             let s = settings(&[("GATEWAY_AUTO_MIGRATE", raw)]).unwrap();
             assert_eq!(s.auto_migrate, expected, "{raw}");
@@ -1235,21 +1139,13 @@ mod tests {
 
     #[test]
     fn refuses_bad_int_with_the_message_operators_see() {
-        let err = assert_refused(
-            &[("GATEWAY_BATCH_SIZE", "abc")],
-            "GATEWAY_BATCH_SIZE",
-            "abc",
-        );
+        let err = assert_refused(&[("GATEWAY_BATCH_SIZE", "abc")], "GATEWAY_BATCH_SIZE", "abc");
         assert_eq!(
             err.to_string(),
             r#"GATEWAY_BATCH_SIZE="abc" is not allowed: expected an integer from 1 to 1000"#
         );
         assert_refused(&[("GATEWAY_POOL_SIZE", "-1")], "GATEWAY_POOL_SIZE", "-1");
-        assert_refused(
-            &[("GATEWAY_CACHE_TTL_MS", "1.5")],
-            "GATEWAY_CACHE_TTL_MS",
-            "1.5",
-        );
+        assert_refused(&[("GATEWAY_CACHE_TTL_MS", "1.5")], "GATEWAY_CACHE_TTL_MS", "1.5");
     }
 
     #[test]
@@ -1276,22 +1172,13 @@ mod tests {
 
     #[test]
     fn refuses_bad_bool() {
-        let err = assert_refused(
-            &[("GATEWAY_AUTO_MIGRATE", "maybe")],
-            "GATEWAY_AUTO_MIGRATE",
-            "maybe",
-        );
+        let err = assert_refused(&[("GATEWAY_AUTO_MIGRATE", "maybe")], "GATEWAY_AUTO_MIGRATE", "maybe");
         assert!(err.allowed.contains("true or false"), "{err}");
     }
 
     #[test]
     fn spans() {
-        for (raw, seconds) in [
-            ("90s", 90),
-            ("30m", 1800),
-            ("24h", 86_400),
-            ("90d", 90 * 86_400),
-        ] {
+        for (raw, seconds) in [("90s", 90), ("30m", 1800), ("24h", 86_400), ("90d", 90 * 86_400)] {
             let s = settings(&[("GATEWAY_HISTORY_RETENTION", raw)]).unwrap();
             assert_eq!(s.history.retention, Duration::from_secs(seconds), "{raw}");
         }
@@ -1299,21 +1186,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_duration() {
-        for raw in [
-            "24",
-            "h",
-            "1w",
-            "-1h",
-            "1.5h",
-            "59s",
-            "91d",
-            "99999999999999999999d",
-        ] {
-            let err = assert_refused(
-                &[("GATEWAY_HISTORY_RETENTION", raw)],
-                "GATEWAY_HISTORY_RETENTION",
-                raw,
-            );
+        for raw in ["24", "h", "1w", "-1h", "1.5h", "59s", "91d", "99999999999999999999d"] {
+            let err = assert_refused(&[("GATEWAY_HISTORY_RETENTION", raw)], "GATEWAY_HISTORY_RETENTION", raw);
             assert!(err.allowed.contains("from 1m to 90d"), "{err}");
         }
     }
@@ -1334,20 +1208,12 @@ mod tests {
             "https://[nothost]:80",
             "https://[::1]x",
         ] {
-            let err = assert_refused(
-                &[("GATEWAY_ALLOWED_ORIGINS", raw)],
-                "GATEWAY_ALLOWED_ORIGINS",
-                raw,
-            );
+            let err = assert_refused(&[("GATEWAY_ALLOWED_ORIGINS", raw)], "GATEWAY_ALLOWED_ORIGINS", raw);
             assert!(err.allowed.contains("is not one"), "{err}");
         }
         let s = settings(&[("GATEWAY_ALLOWED_ORIGINS", "https://[::1]:8443,*")]);
         assert!(s.is_err());
-        let s = settings(&[(
-            "GATEWAY_ALLOWED_ORIGINS",
-            "https://[::1]:8443,http://[2001:db8::1:5],",
-        )])
-        .unwrap();
+        let s = settings(&[("GATEWAY_ALLOWED_ORIGINS", "https://[::1]:8443,http://[2001:db8::1:5],")]).unwrap();
         assert_eq!(
             s.history.allowed_origins,
             ["https://[::1]:8443", "http://[2001:db8::1:5]"]
@@ -1399,22 +1265,14 @@ mod tests {
 
     #[test]
     fn refuses_unknown_feature() {
-        let err = assert_refused(
-            &[("GATEWAY_FEATURES", "dedup,zip")],
-            "GATEWAY_FEATURES",
-            "dedup,zip",
-        );
+        let err = assert_refused(&[("GATEWAY_FEATURES", "dedup,zip")], "GATEWAY_FEATURES", "dedup,zip");
         assert!(err.allowed.contains("`zip`"), "{err}");
         assert!(
             err.allowed
                 .contains("dedup, batching, compression, adaptive_heartbeat, cache"),
             "{err}"
         );
-        assert_refused(
-            &[("GATEWAY_FEATURES", "dedup,all")],
-            "GATEWAY_FEATURES",
-            "dedup,all",
-        );
+        assert_refused(&[("GATEWAY_FEATURES", "dedup,all")], "GATEWAY_FEATURES", "dedup,all");
     }
 
     #[test]
@@ -1453,10 +1311,7 @@ mod tests {
         ])
         .unwrap();
         let shown = format!("{s:?} {s:#?}");
-        assert!(
-            !shown.contains(SECRET) && !shown.contains("hunter"),
-            "{shown}"
-        );
+        assert!(!shown.contains(SECRET) && !shown.contains("hunter"), "{shown}");
         assert_eq!(
             s.redacted_database_url().unwrap(),
             "postgres://gw:***@db/ct?password=***&sslmode=require"
@@ -1473,10 +1328,7 @@ mod tests {
             "GATEWAY_REGRESSION_CRIT_PCT",
             "30",
         );
-        assert!(
-            err.allowed.contains("GATEWAY_REGRESSION_WARN_PCT (30)"),
-            "{err}"
-        );
+        assert!(err.allowed.contains("GATEWAY_REGRESSION_WARN_PCT (30)"), "{err}");
         assert_refused(
             &[("GATEWAY_REGRESSION_CRIT_PCT", "10")],
             "GATEWAY_REGRESSION_CRIT_PCT",
@@ -1488,14 +1340,8 @@ mod tests {
     fn refuses_unknown_gateway_variable() {
         let err = assert_refused(&[("GATEWAY_BACH_SIZE", "10")], "GATEWAY_BACH_SIZE", "10");
         assert!(err.allowed.starts_with("unknown variable"), "{err}");
-        assert!(
-            err.allowed.contains("did you mean GATEWAY_BATCH_SIZE?"),
-            "{err}"
-        );
-        assert!(
-            err.allowed.contains("known: DATABASE_URL, GATEWAY_LISTEN"),
-            "{err}"
-        );
+        assert!(err.allowed.contains("did you mean GATEWAY_BATCH_SIZE?"), "{err}");
+        assert!(err.allowed.contains("known: DATABASE_URL, GATEWAY_LISTEN"), "{err}");
         // Other prefixes are not ours to judge.
         settings(&[("GATEWAYS", "1"), ("PATH", "/bin"), ("RUST_LOG", "debug")]).unwrap();
     }
@@ -1503,11 +1349,7 @@ mod tests {
     #[test]
     fn refuses_heartbeat_outside_bounds() {
         for raw in ["9999", "60001"] {
-            let err = assert_refused(
-                &[("GATEWAY_HEARTBEAT_MS", raw)],
-                "GATEWAY_HEARTBEAT_MS",
-                raw,
-            );
+            let err = assert_refused(&[("GATEWAY_HEARTBEAT_MS", raw)], "GATEWAY_HEARTBEAT_MS", raw);
             assert!(err.allowed.contains("from 10000 to 60000"), "{err}");
         }
         let s = settings(&[("GATEWAY_HEARTBEAT_MS", "60000")]).unwrap();
@@ -1538,11 +1380,7 @@ mod tests {
             "DATABASE_URL",
             "mysql://root:***@db/ct",
         );
-        assert_refused(
-            &[("DATABASE_URL", "localhost")],
-            "DATABASE_URL",
-            "localhost",
-        );
+        assert_refused(&[("DATABASE_URL", "localhost")], "DATABASE_URL", "localhost");
     }
 
     #[test]
@@ -1556,13 +1394,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_channel_name() {
-        for raw in [
-            "Realtime",
-            "1changes",
-            "real-time",
-            "a;drop table x",
-            &"a".repeat(64),
-        ] {
+        for raw in ["Realtime", "1changes", "real-time", "a;drop table x", &"a".repeat(64)] {
             assert_refused(&[("GATEWAY_CHANNEL", raw)], "GATEWAY_CHANNEL", raw);
         }
         settings(&[("GATEWAY_CHANNEL", &"a".repeat(63))]).unwrap();
@@ -1577,10 +1409,7 @@ mod tests {
         .unwrap();
         let p = &s.pipeline;
         assert_eq!(p.priority_tables.len(), 3);
-        assert_eq!(
-            p.priority_of("public", "safety_incidents"),
-            Priority::Critical
-        );
+        assert_eq!(p.priority_of("public", "safety_incidents"), Priority::Critical);
         assert_eq!(p.priority_of("public", "inspections"), Priority::High);
         assert_eq!(p.priority_of("audit", "inspections"), Priority::Normal);
         assert_eq!(p.priority_of("public", "audit_log"), Priority::Low);
@@ -1598,16 +1427,9 @@ mod tests {
             ("=high", "=high"),
             ("tasks=high,tasks=low", "tasks=low"),
         ] {
-            let err = assert_refused(
-                &[("GATEWAY_PRIORITY_TABLES", raw)],
-                "GATEWAY_PRIORITY_TABLES",
-                raw,
-            );
+            let err = assert_refused(&[("GATEWAY_PRIORITY_TABLES", raw)], "GATEWAY_PRIORITY_TABLES", raw);
             assert!(err.allowed.contains(&format!("`{item}`")), "{err}");
-            assert!(
-                err.allowed.contains("critical, high, normal or low"),
-                "{err}"
-            );
+            assert!(err.allowed.contains("critical, high, normal or low"), "{err}");
         }
     }
 
@@ -1656,10 +1478,7 @@ mod tests {
 
     impl TempFile {
         fn new(name: &str, text: &str) -> TempFile {
-            let path = std::env::temp_dir().join(format!(
-                "ws-gateway-config-{}-{name}.env",
-                std::process::id()
-            ));
+            let path = std::env::temp_dir().join(format!("ws-gateway-config-{}-{name}.env", std::process::id()));
             std::fs::write(&path, text).unwrap();
             TempFile(path)
         }
@@ -1693,10 +1512,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.pipeline.batch_size, 30);
         assert_eq!(s.channel, "from_file");
-        assert_eq!(
-            s.pool_size, 8,
-            "an empty env value does not hide the file's"
-        );
+        assert_eq!(s.pool_size, 8, "an empty env value does not hide the file's");
         assert_eq!(s.config_file.as_deref(), Some(file.0.as_path()));
     }
 

@@ -45,11 +45,7 @@ impl Default for WriterOptions {
 /// writer keeps going, so the demo recovers by itself. Updates run one after
 /// another, so the reachable rate is bounded by the round trip, a few
 /// thousand per second.
-pub async fn run_writer(
-    pool: PgPool,
-    opts: WriterOptions,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run_writer(pool: PgPool, opts: WriterOptions, shutdown: CancellationToken) -> Result<()> {
     let rate = opts.changes_per_second;
     if !rate.is_finite() || rate <= 0.0 {
         bail!("demo writer: changes_per_second must be a positive number, got {rate}");
@@ -193,10 +189,9 @@ impl Site {
         self.projects = sqlx::query_scalar("select id from public.projects order by id")
             .fetch_all(pool)
             .await?;
-        self.crew =
-            sqlx::query_scalar("select id from public.crew_members where active order by id")
-                .fetch_all(pool)
-                .await?;
+        self.crew = sqlx::query_scalar("select id from public.crew_members where active order by id")
+            .fetch_all(pool)
+            .await?;
         if self.projects.is_empty() || self.crew.is_empty() {
             bail!("the demo needs projects and crew members; run demo::load_schema first");
         }
@@ -280,11 +275,7 @@ fn random_id_sql(table: &str, columns: &str) -> String {
 
 async fn advance_task(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()> {
     let sql = random_id_sql("tasks", "id, project_id, status, percent_complete");
-    let Some(row) = sqlx::query(&sql)
-        .bind(rng.unit())
-        .fetch_optional(pool)
-        .await?
-    else {
+    let Some(row) = sqlx::query(&sql).bind(rng.unit()).fetch_optional(pool).await? else {
         return plan_task(pool, site.project(rng), site, rng).await;
     };
     let id: i64 = row.try_get("id")?;
@@ -362,21 +353,12 @@ async fn reassign_task(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result
 
 async fn move_task(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()> {
     let sql = random_id_sql("tasks", "id, project_id");
-    let Some(row) = sqlx::query(&sql)
-        .bind(rng.unit())
-        .fetch_optional(pool)
-        .await?
-    else {
+    let Some(row) = sqlx::query(&sql).bind(rng.unit()).fetch_optional(pool).await? else {
         return Ok(());
     };
     let id: i64 = row.try_get("id")?;
     let from: i64 = row.try_get("project_id")?;
-    let others: Vec<i64> = site
-        .projects
-        .iter()
-        .copied()
-        .filter(|p| *p != from)
-        .collect();
+    let others: Vec<i64> = site.projects.iter().copied().filter(|p| *p != from).collect();
     if others.is_empty() {
         return Ok(());
     }
@@ -412,11 +394,10 @@ async fn insert_daily_log(
 
 async fn inspection(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()> {
     if rng.chance(0.5) {
-        let pending: Option<i64> = sqlx::query_scalar(
-            "select id from public.inspections where result = 'pending' order by id limit 1",
-        )
-        .fetch_optional(pool)
-        .await?;
+        let pending: Option<i64> =
+            sqlx::query_scalar("select id from public.inspections where result = 'pending' order by id limit 1")
+                .fetch_optional(pool)
+                .await?;
         if let Some(id) = pending {
             let (result, notes) = if rng.chance(0.8) {
                 ("pass", *rng.choose(PASS_NOTES))
@@ -437,15 +418,9 @@ async fn inspection(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()
         }
     }
     let sql = random_id_sql("tasks", "id, project_id");
-    let task = sqlx::query(&sql)
-        .bind(rng.unit())
-        .fetch_optional(pool)
-        .await?;
+    let task = sqlx::query(&sql).bind(rng.unit()).fetch_optional(pool).await?;
     let (project_id, task_id) = match task {
-        Some(row) => (
-            row.try_get("project_id")?,
-            Some(row.try_get::<i64, _>("id")?),
-        ),
+        Some(row) => (row.try_get("project_id")?, Some(row.try_get::<i64, _>("id")?)),
         None => (site.project(rng), None),
     };
     sqlx::query(
@@ -464,11 +439,7 @@ async fn inspection(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()
 
 async fn equipment(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()> {
     let sql = random_id_sql("equipment", "id, project_id");
-    let Some(row) = sqlx::query(&sql)
-        .bind(rng.unit())
-        .fetch_optional(pool)
-        .await?
-    else {
+    let Some(row) = sqlx::query(&sql).bind(rng.unit()).fetch_optional(pool).await? else {
         return Ok(());
     };
     let id: i64 = row.try_get("id")?;
@@ -486,11 +457,7 @@ async fn equipment(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()>
         .await?;
     } else {
         // Mostly a move around the site; now and then to another project.
-        let project_id = if roll < 0.95 {
-            project_id
-        } else {
-            site.project(rng)
-        };
+        let project_id = if roll < 0.95 { project_id } else { site.project(rng) };
         sqlx::query(
             "update public.equipment \
                 set project_id = $2, location = $3, status = $4, updated_at = now() \
@@ -528,12 +495,10 @@ async fn rfi(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()> {
                 .execute(pool)
                 .await?;
             } else {
-                sqlx::query(
-                    "update public.rfis set status = 'closed', updated_at = now() where id = $1",
-                )
-                .bind(id)
-                .execute(pool)
-                .await?;
+                sqlx::query("update public.rfis set status = 'closed', updated_at = now() where id = $1")
+                    .bind(id)
+                    .execute(pool)
+                    .await?;
             }
             return Ok(());
         }
@@ -616,10 +581,7 @@ impl FailureLog {
             }
             Err(error) => {
                 self.failing += 1;
-                if self
-                    .last_warning
-                    .is_none_or(|at| at.elapsed() >= Self::REPEAT_AFTER)
-                {
+                if self.last_warning.is_none_or(|at| at.elapsed() >= Self::REPEAT_AFTER) {
                     tracing::warn!(
                         update = update.name(),
                         failing = self.failing,
@@ -857,21 +819,13 @@ mod tests {
         };
         let cluster = PrivateCluster::start(&dir.0, opts).await.unwrap();
         let url = cluster.create_database("constructtrack").await.unwrap();
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&url)
-            .await
-            .unwrap();
+        let pool = PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
         sqlx::raw_sql(REALTIME_STUB).execute(&pool).await.unwrap();
 
         load_schema(&pool).await.unwrap();
         let seeded = table_counts(&pool).await;
         load_schema(&pool).await.unwrap();
-        assert_eq!(
-            table_counts(&pool).await,
-            seeded,
-            "loading again seeds nothing"
-        );
+        assert_eq!(table_counts(&pool).await, seeded, "loading again seeds nothing");
         let tasks = seeded.iter().find(|(t, _)| t == "tasks").unwrap().1;
         assert_eq!(tasks, 40);
 
@@ -887,12 +841,11 @@ mod tests {
 
         let deadline = Instant::now() + Duration::from_secs(30);
         let changed = loop {
-            let changed: Vec<(String, i64)> = sqlx::query_as(
-                "select tbl || ' ' || op, count(*) from test_changes group by 1 order by 1",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+            let changed: Vec<(String, i64)> =
+                sqlx::query_as("select tbl || ' ' || op, count(*) from test_changes group by 1 order by 1")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
             let total: i64 = changed.iter().map(|(_, n)| n).sum();
             if total >= 500 && changed.len() >= 8 {
                 break changed;
@@ -922,12 +875,11 @@ mod tests {
             .await
             .unwrap();
         assert!((30..=50).contains(&tasks), "{tasks} tasks");
-        let (bad,): (i64,) = sqlx::query_as(
-            "select count(*) from tasks where (status = 'done') <> (percent_complete = 100)",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        let (bad,): (i64,) =
+            sqlx::query_as("select count(*) from tasks where (status = 'done') <> (percent_complete = 100)")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(bad, 0, "done tasks are exactly the ones at 100 %");
     }
 
@@ -996,10 +948,7 @@ mod tests {
             next_step(TaskStatus::Blocked, 40, &mut rng),
             TaskStep::Set(TaskStatus::InProgress, 40)
         );
-        assert_eq!(
-            next_step(TaskStatus::Done, 100, &mut rng),
-            TaskStep::Archive
-        );
+        assert_eq!(next_step(TaskStatus::Done, 100, &mut rng), TaskStep::Archive);
         for _ in 0..1000 {
             match next_step(TaskStatus::InProgress, 90, &mut rng) {
                 TaskStep::Set(TaskStatus::Done, 100) | TaskStep::Set(TaskStatus::Blocked, 90) => {}
@@ -1028,9 +977,7 @@ mod tests {
 
     #[tokio::test]
     async fn run_writer_refuses_a_bad_rate() {
-        let pool = PgPoolOptions::new()
-            .connect_lazy("postgres://nowhere/x")
-            .unwrap();
+        let pool = PgPoolOptions::new().connect_lazy("postgres://nowhere/x").unwrap();
         let result = run_writer(
             pool,
             WriterOptions {

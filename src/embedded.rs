@@ -103,8 +103,7 @@ impl PrivateCluster {
     /// reused; a server left running on it by an earlier process is stopped
     /// first, and a stale `postmaster.pid` from a dead one is removed.
     pub async fn start(dir: &Path, opts: ClusterOptions) -> Result<PrivateCluster> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating cluster directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating cluster directory {}", dir.display()))?;
         let mut cluster = PrivateCluster::locate(dir)?;
         if let Some(user) = &cluster.run_as {
             user.chown(&cluster.dir)?;
@@ -299,8 +298,7 @@ impl PrivateCluster {
     /// `postgresql.conf` includes them (once).
     fn write_settings(&self, opts: &ClusterOptions) -> Result<()> {
         let conf = self.data_dir.join("postgresql.conf");
-        let text = std::fs::read_to_string(&conf)
-            .with_context(|| format!("reading {}", conf.display()))?;
+        let text = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
         if !text.lines().any(|line| line.trim() == INCLUDE_LINE) {
             let mut text = text;
             if !text.ends_with('\n') {
@@ -469,15 +467,7 @@ impl Drop for PrivateCluster {
             None => std::process::Command::new(program),
         };
         let result = command
-            .args([
-                "stop",
-                "-w",
-                "-t",
-                PG_CTL_TIMEOUT_S,
-                "-m",
-                "immediate",
-                "-D",
-            ])
+            .args(["stop", "-w", "-t", PG_CTL_TIMEOUT_S, "-m", "immediate", "-D"])
             .arg(&self.data_dir)
             .current_dir(&self.dir)
             .stdin(std::process::Stdio::null())
@@ -518,15 +508,7 @@ impl PostgresUser {
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer refers to live, correctly sized storage.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
+        let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
         if rc != 0 || found.is_null() {
             bail!(
                 "running as root, PostgreSQL must run as the \"postgres\" user, \
@@ -567,10 +549,7 @@ impl PostgresUser {
                 );
             }
         }
-        bail!(
-            "the postgres user cannot enter the cluster directory {}",
-            dir.display()
-        )
+        bail!("the postgres user cannot enter the cluster directory {}", dir.display())
     }
 
     async fn can_enter(&self, dir: &Path) -> Result<bool> {
@@ -621,10 +600,7 @@ fn find_bin_dir() -> Result<PathBuf> {
     if let Some((_, bin)) = highest {
         return Ok(bin);
     }
-    if let Ok(output) = std::process::Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-    {
+    if let Ok(output) = std::process::Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         if output.status.success() && dir.join("pg_ctl").exists() {
             return Ok(dir);
@@ -687,8 +663,7 @@ pub(crate) mod tests {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos();
-            let path = std::env::temp_dir()
-                .join(format!("ws-gateway-{label}-{}-{nanos}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("ws-gateway-{label}-{}-{nanos}", std::process::id()));
             TempDir(path)
         }
     }
@@ -701,9 +676,7 @@ pub(crate) mod tests {
 
     async fn count_tasks(url: &str) -> Result<i64> {
         let mut conn = PgConnection::connect(url).await?;
-        let (n,): (i64,) = sqlx::query_as("select count(*) from t")
-            .fetch_one(&mut conn)
-            .await?;
+        let (n,): (i64,) = sqlx::query_as("select count(*) from t").fetch_one(&mut conn).await?;
         conn.close().await.ok();
         Ok(n)
     }
@@ -751,10 +724,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(max_connections, "300");
-        let (fsync,): (String,) = sqlx::query_as("show fsync")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let (fsync,): (String,) = sqlx::query_as("show fsync").fetch_one(&mut conn).await.unwrap();
         assert_eq!(fsync, "off");
 
         conn.close().await.unwrap();
@@ -771,10 +741,7 @@ pub(crate) mod tests {
             cluster.restart(mode).await.unwrap();
             // The old connection is dead; the data survived, on the same URL.
             assert!(sqlx::query("select 1").execute(&mut conn).await.is_err());
-            let n = eventually("reconnect after restart", Duration::from_secs(10), || {
-                count_tasks(&url)
-            })
-            .await;
+            let n = eventually("reconnect after restart", Duration::from_secs(10), || count_tasks(&url)).await;
             assert_eq!(n, expected, "after {mode:?} restart");
         }
 
@@ -789,9 +756,7 @@ pub(crate) mod tests {
         // over from the server still running there.
         let port = cluster.port();
         cluster.detach();
-        let again = PrivateCluster::start(&dir.0, ClusterOptions::default())
-            .await
-            .unwrap();
+        let again = PrivateCluster::start(&dir.0, ClusterOptions::default()).await.unwrap();
         assert_ne!(again.port(), 0);
         let url = again.url("embedded test");
         assert_eq!(count_tasks(&url).await.unwrap(), 3);
@@ -807,9 +772,7 @@ pub(crate) mod tests {
         stop_dir(&dir.0, StopMode::Fast).await.unwrap();
 
         // Dropping stops the server.
-        let third = PrivateCluster::start(&dir.0, ClusterOptions::default())
-            .await
-            .unwrap();
+        let third = PrivateCluster::start(&dir.0, ClusterOptions::default()).await.unwrap();
         let url = third.url("embedded test");
         assert_eq!(count_tasks(&url).await.unwrap(), 3);
         drop(third);
@@ -820,17 +783,13 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn removes_a_stale_pid_file() {
         let dir = TempDir::new("embedded-stale");
-        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default())
-            .await
-            .unwrap();
+        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default()).await.unwrap();
         cluster.stop(StopMode::Immediate).await.unwrap();
         drop(cluster);
         // A dead run's lock file: a pid that is certainly not a postmaster.
         let pid_file = dir.0.join("data/postmaster.pid");
         std::fs::write(&pid_file, format!("{}\n{}\n", i32::MAX, dir.0.display())).unwrap();
-        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default())
-            .await
-            .unwrap();
+        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default()).await.unwrap();
         let url = cluster.create_database("after_stale").await.unwrap();
         PgConnection::connect(&url).await.unwrap();
     }
@@ -849,9 +808,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn recovers_from_a_killed_postmaster() {
         let dir = TempDir::new("embedded-killed");
-        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default())
-            .await
-            .unwrap();
+        let cluster = PrivateCluster::start(&dir.0, ClusterOptions::default()).await.unwrap();
         let url = cluster.create_database("killed").await.unwrap();
         let data_dir = dir.0.canonicalize().unwrap().join("data");
         let pid = cluster.running_pid().expect("server runs");

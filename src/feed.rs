@@ -50,9 +50,7 @@ where
 {
     match tokio::time::timeout(DB_CALL_TIMEOUT, call).await {
         Ok(result) => result.with_context(|| what.to_owned()),
-        Err(_) => Err(anyhow!(
-            "{what}: no answer from the database in {DB_CALL_TIMEOUT:?}"
-        )),
+        Err(_) => Err(anyhow!("{what}: no answer from the database in {DB_CALL_TIMEOUT:?}")),
     }
 }
 
@@ -74,13 +72,7 @@ pub struct Feed {
 }
 
 impl Feed {
-    pub fn new(
-        database_url: String,
-        channel: String,
-        pool: PgPool,
-        hub: Arc<Hub>,
-        telemetry: Arc<Telemetry>,
-    ) -> Feed {
+    pub fn new(database_url: String, channel: String, pool: PgPool, hub: Arc<Hub>, telemetry: Arc<Telemetry>) -> Feed {
         Feed {
             database_url,
             channel,
@@ -105,9 +97,7 @@ impl Feed {
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Disconnected(error) => {
-                    status
-                        .reconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    status.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if started.elapsed() >= HEALTHY_AFTER {
                         backoff = BACKOFF_FIRST;
                     }
@@ -142,9 +132,7 @@ impl Feed {
         let (client, mut notifications, driver) =
             tokio::time::timeout(DB_CALL_TIMEOUT, listen(&self.database_url, &self.channel))
                 .await
-                .map_err(|_| {
-                    anyhow!("connecting the LISTEN connection: no answer in {DB_CALL_TIMEOUT:?}")
-                })??;
+                .map_err(|_| anyhow!("connecting the LISTEN connection: no answer in {DB_CALL_TIMEOUT:?}"))??;
         let _driver = AbortOnDrop(driver);
         status.set_state(FeedState::CatchingUp);
 
@@ -201,8 +189,7 @@ impl Feed {
             Some(p) => {
                 let pruned_through: i64 = bounded(
                     "reading how far the outbox was pruned",
-                    sqlx::query_scalar("select pruned_through from realtime.settings")
-                        .fetch_one(&self.pool),
+                    sqlx::query_scalar("select pruned_through from realtime.settings").fetch_one(&self.pool),
                 )
                 .await?;
                 if p.0 < pruned_through {
@@ -224,11 +211,10 @@ impl Feed {
             }
             None => {
                 // First session: live from the end of the outbox.
-                let end: i64 =
-                    sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
-                        .fetch_one(&self.pool)
-                        .await
-                        .context("reading the end of the outbox")?;
+                let end: i64 = sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
+                    .fetch_one(&self.pool)
+                    .await
+                    .context("reading the end of the outbox")?;
                 self.set_position(Position(end));
                 self.hub.advance(Position(end));
                 Position(end)
@@ -279,17 +265,12 @@ impl Feed {
         }
         if let Some(last) = changes.last() {
             let lag = self.telemetry.since_commit_us(last.committed_at_us);
-            self.telemetry
-                .feed
-                .lag_us
-                .store(lag as i64, Ordering::Relaxed);
+            self.telemetry.feed.lag_us.store(lag as i64, Ordering::Relaxed);
         }
         let telemetry = &self.telemetry;
         telemetry.stages.record_all(
             Stage::NotifyLag,
-            changes
-                .iter()
-                .map(|c| telemetry.since_commit_us(c.committed_at_us)),
+            changes.iter().map(|c| telemetry.since_commit_us(c.committed_at_us)),
         );
         self.dispatch(changes);
         Ok(())
@@ -299,18 +280,14 @@ impl Feed {
     async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
         let doc: String = bounded(
             &format!("reading change {position} from the outbox"),
-            sqlx::query_scalar(
-                "select realtime.payload(c) from realtime.changes c where c.position = $1",
-            )
-            .bind(position.0)
-            .fetch_one(&self.pool),
+            sqlx::query_scalar("select realtime.payload(c) from realtime.changes c where c.position = $1")
+                .bind(position.0)
+                .fetch_one(&self.pool),
         )
         .await?;
         match Notification::parse(&doc)? {
             Notification::Change(change) => Ok(change),
-            Notification::Reference(_) => {
-                Err(anyhow!("outbox document for {position} is a reference"))
-            }
+            Notification::Reference(_) => Err(anyhow!("outbox document for {position} is a reference")),
         }
     }
 
@@ -362,13 +339,8 @@ type Notifications = mpsc::Receiver<Result<String, tokio_postgres::Error>>;
 async fn listen(
     database_url: &str,
     channel: &str,
-) -> anyhow::Result<(
-    tokio_postgres::Client,
-    Notifications,
-    tokio::task::JoinHandle<()>,
-)> {
-    let mut config: tokio_postgres::Config =
-        database_url.parse().context("parsing DATABASE_URL")?;
+) -> anyhow::Result<(tokio_postgres::Client, Notifications, tokio::task::JoinHandle<()>)> {
+    let mut config: tokio_postgres::Config = database_url.parse().context("parsing DATABASE_URL")?;
     config
         .application_name("ws-gateway feed")
         .connect_timeout(Duration::from_secs(5))

@@ -66,11 +66,7 @@ pub async fn prune(pool: &PgPool, retention: Duration) -> anyhow::Result<Option<
 
 /// Prunes on a timer until shutdown. Failures are logged, not fatal: the
 /// database may be down for a while, and pruning can wait.
-pub async fn run_pruner(
-    pool: PgPool,
-    retention: Duration,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run_pruner(pool: PgPool, retention: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
     let every = (retention / 20).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -293,11 +293,9 @@ impl Probe {
             };
             if seq == 1 && result.is_ok() {
                 // Rows of instances gone for a day (one row per process).
-                let _ = sqlx::query(
-                    "delete from realtime.probe where sent_at < now() - interval '1 day'",
-                )
-                .execute(&pool)
-                .await;
+                let _ = sqlx::query("delete from realtime.probe where sent_at < now() - interval '1 day'")
+                    .execute(&pool)
+                    .await;
             }
             (seq, result)
         }))
@@ -326,11 +324,7 @@ impl Probe {
     fn expire(&mut self, interval: Duration) {
         let lost_after = LOST_AFTER.max(interval * 3);
         let mut lost = 0;
-        while self
-            .pending
-            .front()
-            .is_some_and(|(_, at)| at.elapsed() > lost_after)
-        {
+        while self.pending.front().is_some_and(|(_, at)| at.elapsed() > lost_after) {
             self.pending.pop_front();
             lost += 1;
         }
@@ -371,16 +365,11 @@ impl Probe {
             return;
         };
         self.pending.remove(i);
-        let Some(committed_us) = change["committed_at"]
-            .as_str()
-            .and_then(parse_rfc3339_micros)
-        else {
+        let Some(committed_us) = change["committed_at"].as_str().and_then(parse_rfc3339_micros) else {
             return;
         };
         let telemetry = &self.state.telemetry;
-        telemetry
-            .probe
-            .record((received_db_us - committed_us).max(0) as u64);
+        telemetry.probe.record((received_db_us - committed_us).max(0) as u64);
         Counters::add(&telemetry.counters.probes_received, 1);
     }
 }
@@ -402,12 +391,7 @@ pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
     let hour: i64 = t.next()?.parse().ok()?;
     let minute: i64 = t.next()?.parse().ok()?;
     let second: i64 = t.next()?.parse().ok()?;
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return None;
     }
     if !fraction.bytes().all(|b| b.is_ascii_digit()) {
@@ -437,18 +421,8 @@ mod tests {
 
     #[test]
     fn parses_what_the_gateway_formats() {
-        for us in [
-            0,
-            1_795_689_000_123_456,
-            951_782_400_000_001,
-            -1,
-            4_102_444_799_999_999,
-        ] {
-            assert_eq!(
-                parse_rfc3339_micros(&format_rfc3339_micros(us)),
-                Some(us),
-                "{us}"
-            );
+        for us in [0, 1_795_689_000_123_456, 951_782_400_000_001, -1, 4_102_444_799_999_999] {
+            assert_eq!(parse_rfc3339_micros(&format_rfc3339_micros(us)), Some(us), "{us}");
         }
         assert_eq!(
             parse_rfc3339_micros("2026-11-26T10:30:00Z"),

@@ -13,19 +13,10 @@ pub const MAX_ROOM_BYTES: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
-    Subscribe {
-        room: String,
-        since: Option<Position>,
-    },
-    Unsubscribe {
-        room: String,
-    },
-    Ack {
-        position: Position,
-    },
-    Auth {
-        token: String,
-    },
+    Subscribe { room: String, since: Option<Position> },
+    Unsubscribe { room: String },
+    Ack { position: Position },
+    Auth { token: String },
 }
 
 /// A refused client message: the `error` frame's code and message.
@@ -103,12 +94,8 @@ pub fn reset_message(room: &str, reason: &str) -> String {
 
 /// Decodes one text frame.
 pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::new(
-            codes::INVALID_JSON,
-            format!("message is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(codes::INVALID_JSON, format!("message is not valid JSON: {e}")))?;
     let Value::Object(fields) = value else {
         return Err(ProtocolError::new(
             codes::INVALID_MESSAGE,
@@ -118,16 +105,10 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
     let kind = match fields.get("type") {
         Some(Value::String(kind)) => kind.as_str(),
         Some(_) => {
-            return Err(ProtocolError::new(
-                codes::INVALID_MESSAGE,
-                "\"type\" must be a string",
-            ));
+            return Err(ProtocolError::new(codes::INVALID_MESSAGE, "\"type\" must be a string"));
         }
         None => {
-            return Err(ProtocolError::new(
-                codes::INVALID_MESSAGE,
-                "message has no \"type\"",
-            ));
+            return Err(ProtocolError::new(codes::INVALID_MESSAGE, "message has no \"type\""));
         }
     };
     match kind {
@@ -146,9 +127,7 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
             )),
         },
         "auth" => match fields.get("token") {
-            Some(Value::String(token)) if !token.is_empty() => Ok(ClientMessage::Auth {
-                token: token.clone(),
-            }),
+            Some(Value::String(token)) if !token.is_empty() => Ok(ClientMessage::Auth { token: token.clone() }),
             _ => Err(ProtocolError::new(
                 codes::INVALID_MESSAGE,
                 "auth needs a \"token\" string",
@@ -161,9 +140,7 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
             }
             Err(ProtocolError::new(
                 codes::UNKNOWN_TYPE,
-                format!(
-                    "unknown message type {shown:?}; expected subscribe, unsubscribe, ack or auth"
-                ),
+                format!("unknown message type {shown:?}; expected subscribe, unsubscribe, ack or auth"),
             ))
         }
     }
@@ -177,10 +154,7 @@ fn room(fields: &Map<String, Value>, kind: &str) -> Result<String, ProtocolError
         ));
     };
     let Value::String(room) = room else {
-        return Err(ProtocolError::new(
-            codes::INVALID_MESSAGE,
-            "\"room\" must be a string",
-        ));
+        return Err(ProtocolError::new(codes::INVALID_MESSAGE, "\"room\" must be a string"));
     };
     validate_room(room)?;
     Ok(room.clone())
@@ -189,18 +163,12 @@ fn room(fields: &Map<String, Value>, kind: &str) -> Result<String, ProtocolError
 /// Room names are what templates render: printable, no spaces, bounded.
 pub fn validate_room(room: &str) -> Result<(), ProtocolError> {
     if room.is_empty() {
-        return Err(ProtocolError::new(
-            codes::INVALID_ROOM,
-            "room name is empty",
-        ));
+        return Err(ProtocolError::new(codes::INVALID_ROOM, "room name is empty"));
     }
     if room.len() > MAX_ROOM_BYTES {
         return Err(ProtocolError::new(
             codes::INVALID_ROOM,
-            format!(
-                "room name is {} bytes; at most {MAX_ROOM_BYTES} allowed",
-                room.len()
-            ),
+            format!("room name is {} bytes; at most {MAX_ROOM_BYTES} allowed", room.len()),
         ));
     }
     if room.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -212,18 +180,13 @@ pub fn validate_room(room: &str) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-fn optional_position(
-    fields: &Map<String, Value>,
-    name: &str,
-) -> Result<Option<Position>, ProtocolError> {
+fn optional_position(fields: &Map<String, Value>, name: &str) -> Result<Option<Position>, ProtocolError> {
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => s
             .parse()
             .map(Some)
-            .map_err(|e: crate::change::BadPosition| {
-                ProtocolError::new(codes::INVALID_POSITION, e.to_string())
-            }),
+            .map_err(|e: crate::change::BadPosition| ProtocolError::new(codes::INVALID_POSITION, e.to_string())),
         Some(_) => Err(ProtocolError::new(
             codes::INVALID_POSITION,
             format!("\"{name}\" must be a position string as received in a change"),
@@ -253,21 +216,15 @@ mod tests {
         );
         assert_eq!(
             decode(r#"{"type":"unsubscribe","room":"task:7"}"#),
-            Ok(ClientMessage::Unsubscribe {
-                room: "task:7".into()
-            })
+            Ok(ClientMessage::Unsubscribe { room: "task:7".into() })
         );
         assert_eq!(
             decode(r#"{"type":"ack","position":"5"}"#),
-            Ok(ClientMessage::Ack {
-                position: Position(5)
-            })
+            Ok(ClientMessage::Ack { position: Position(5) })
         );
         assert_eq!(
             decode(r#"{"type":"auth","token":"x.y.z"}"#),
-            Ok(ClientMessage::Auth {
-                token: "x.y.z".into()
-            })
+            Ok(ClientMessage::Auth { token: "x.y.z".into() })
         );
     }
 
@@ -280,18 +237,9 @@ mod tests {
         assert_eq!(code(r#"{"type":7}"#), codes::INVALID_MESSAGE);
         assert_eq!(code(r#"{"type":"dance"}"#), codes::UNKNOWN_TYPE);
         assert_eq!(code(r#"{"type":"subscribe"}"#), codes::INVALID_MESSAGE);
-        assert_eq!(
-            code(r#"{"type":"subscribe","room":5}"#),
-            codes::INVALID_MESSAGE
-        );
-        assert_eq!(
-            code(r#"{"type":"subscribe","room":""}"#),
-            codes::INVALID_ROOM
-        );
-        assert_eq!(
-            code(r#"{"type":"subscribe","room":"a b"}"#),
-            codes::INVALID_ROOM
-        );
+        assert_eq!(code(r#"{"type":"subscribe","room":5}"#), codes::INVALID_MESSAGE);
+        assert_eq!(code(r#"{"type":"subscribe","room":""}"#), codes::INVALID_ROOM);
+        assert_eq!(code(r#"{"type":"subscribe","room":"a b"}"#), codes::INVALID_ROOM);
         let long = format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(201));
         assert_eq!(code(&long), codes::INVALID_ROOM);
         assert_eq!(
@@ -303,10 +251,7 @@ mod tests {
             codes::INVALID_POSITION
         );
         assert_eq!(code(r#"{"type":"ack"}"#), codes::INVALID_MESSAGE);
-        assert_eq!(
-            code(r#"{"type":"auth","token":""}"#),
-            codes::INVALID_MESSAGE
-        );
+        assert_eq!(code(r#"{"type":"auth","token":""}"#), codes::INVALID_MESSAGE);
         let msg = decode(r#"{"type":"subscribe"}"#).unwrap_err().to_message();
         let v: Value = serde_json::from_str(&msg).unwrap();
         assert_eq!(v["type"], "error");

@@ -88,10 +88,7 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(
-        id: u64,
-        queue_limit: usize,
-    ) -> (Arc<Subscriber>, mpsc::UnboundedReceiver<Outbound>) {
+    pub fn new(id: u64, queue_limit: usize) -> (Arc<Subscriber>, mpsc::UnboundedReceiver<Outbound>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let sub = Subscriber {
             id,
@@ -283,10 +280,7 @@ impl Hub {
     /// The commit time of a recently dispatched change (for acks).
     pub fn committed_at(&self, position: Position) -> Option<i64> {
         let state = self.lock();
-        let index = state
-            .recent
-            .binary_search_by_key(&position, |c| c.position)
-            .ok()?;
+        let index = state.recent.binary_search_by_key(&position, |c| c.position).ok()?;
         Some(state.recent[index].committed_at_us)
     }
 
@@ -438,11 +432,7 @@ impl Hub {
             let members = &rooms[*room];
             let priority: Vec<bool> = share
                 .iter()
-                .map(|c| {
-                    pipeline
-                        .priority_of(&c.schema, &c.table)
-                        .bypasses_batching()
-                })
+                .map(|c| pipeline.priority_of(&c.schema, &c.table).bypasses_batching())
                 .collect();
             for range in plan_units(&priority, pipeline.batch_size, features.batching) {
                 let group = &share[range.clone()];
@@ -455,11 +445,7 @@ impl Hub {
                     } else if last > member.floor {
                         // This member resumed past part of the group: its
                         // own unit, without what it already has.
-                        let rest: Vec<&Change> = group
-                            .iter()
-                            .copied()
-                            .filter(|c| c.position > member.floor)
-                            .collect();
+                        let rest: Vec<&Change> = group.iter().copied().filter(|c| c.position > member.floor).collect();
                         Outbound::Changes(Arc::new(Unit::new(room, &rest, unit.priority)))
                     } else {
                         continue;
@@ -526,9 +512,7 @@ mod tests {
             match item {
                 Outbound::Control(text) => out.push(text.to_string()),
                 Outbound::Changes(unit) => out.push(unit.text.to_string()),
-                Outbound::Replay { room, since, upto } => {
-                    out.push(format!("replay {room} {since}..{upto}"))
-                }
+                Outbound::Replay { room, since, upto } => out.push(format!("replay {room} {since}..{upto}")),
             }
         }
         out
@@ -547,20 +531,14 @@ mod tests {
         assert_eq!(hub.subscribe("project:2", &b, None), live_at_10);
         assert_eq!(hub.subscribe("project:2", &b, None), Joined::AlreadyMember);
         assert_eq!(hub.dispatch(change(11, &["project:1"])).deliveries, 1);
-        assert_eq!(
-            hub.dispatch(change(12, &["project:1", "project:2"]))
-                .deliveries,
-            2
-        );
+        assert_eq!(hub.dispatch(change(12, &["project:1", "project:2"])).deliveries, 2);
         let got_a = drain(&mut rx_a);
         let got_b = drain(&mut rx_b);
         assert_eq!(got_a.len(), 3, "{got_a:?}");
         assert!(got_a[0].contains("\"subscribed\"") && got_a[0].contains("\"position\":\"10\""));
         assert!(got_a[1].contains("\"position\":\"11\""));
         assert_eq!(got_b.len(), 2, "{got_b:?}");
-        assert!(
-            got_b[1].contains("\"room\":\"project:2\"") && got_b[1].contains("\"position\":\"12\"")
-        );
+        assert!(got_b[1].contains("\"room\":\"project:2\"") && got_b[1].contains("\"position\":\"12\""));
         assert_eq!(hub.position(), Position(12));
         assert!(hub.unsubscribe("project:1", 1));
         assert!(!hub.unsubscribe("project:1", 1));
@@ -603,14 +581,7 @@ mod tests {
     fn resumes_within_memory_are_replayed_from_it_in_order() {
         let hub = hub_at(Position(0));
         for p in 1..=5 {
-            hub.dispatch(change(
-                p,
-                if p % 2 == 0 {
-                    &["even", "all"]
-                } else {
-                    &["all"]
-                },
-            ));
+            hub.dispatch(change(p, if p % 2 == 0 { &["even", "all"] } else { &["all"] }));
         }
         let (a, mut rx) = Subscriber::new(1, 1 << 20);
         let joined = hub.subscribe("even", &a, Some(Position(1)));

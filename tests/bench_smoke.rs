@@ -67,9 +67,7 @@ fn scratch(name: &str) -> PathBuf {
 /// A fresh database on the `make test` server, or None (the bench then
 /// starts its own PostgreSQL).
 fn fresh_database() -> Option<(String, String)> {
-    let server = std::env::var("TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())?;
+    let server = std::env::var("TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())?;
     let name = format!(
         "bench_smoke_{}_{}",
         std::process::id(),
@@ -116,10 +114,7 @@ fn bench(name: &str, args: &[&str]) -> Run {
         .map(|text| serde_json::from_str(&text).expect("the report is JSON"));
     let _ = std::fs::remove_file(&json);
     if let (Some((_, name)), Ok(server)) = (&database, std::env::var("TEST_DATABASE_URL")) {
-        admin(
-            &server,
-            &format!("drop database if exists {name} with (force)"),
-        );
+        admin(&server, &format!("drop database if exists {name} with (force)"));
     }
     Run { output, report }
 }
@@ -156,10 +151,7 @@ fn assert_clean(run: &Run, expected: u64) {
         "/machine/cpus",
         "/passed",
     ] {
-        assert!(
-            report.pointer(key).is_some(),
-            "{key} missing from {report:#}"
-        );
+        assert!(report.pointer(key).is_some(), "{key} missing from {report:#}");
     }
     let d = &report["deliveries"];
     assert_eq!(d["expected"], expected, "{report:#}");
@@ -172,11 +164,7 @@ fn assert_clean(run: &Run, expected: u64) {
     assert!(report["latency_ms"]["p99"].as_f64().is_some());
     assert_eq!(report["passed"], true);
     assert_eq!(report["failures"], serde_json::json!([]));
-    assert!(
-        run.stdout().contains("result        PASS"),
-        "{}",
-        run.explain()
-    );
+    assert!(run.stdout().contains("result        PASS"), "{}", run.explain());
 }
 
 #[test]
@@ -286,10 +274,7 @@ fn a_critical_regression_fails_the_run() {
     assert_eq!(report["deliveries"]["lost"], 0);
     assert_eq!(report["passed"], false);
     assert!(
-        report["failures"][0]
-            .as_str()
-            .unwrap()
-            .contains("critical regression"),
+        report["failures"][0].as_str().unwrap().contains("critical regression"),
         "{report:#}"
     );
 }

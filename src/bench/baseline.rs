@@ -64,11 +64,7 @@ pub struct Comparison {
 
 impl Comparison {
     pub fn worst(&self) -> Severity {
-        self.rows
-            .iter()
-            .map(|r| r.severity)
-            .max()
-            .unwrap_or(Severity::Ok)
+        self.rows.iter().map(|r| r.severity).max().unwrap_or(Severity::Ok)
     }
 
     pub fn to_text(&self, file: &str) -> String {
@@ -112,10 +108,7 @@ pub fn compare(old: &Value, new: &Value) -> Result<Comparison, String> {
     let new_metrics = metrics(new);
     let mut comparison = Comparison::default();
     for n in &new_metrics {
-        let o = old_metrics
-            .iter()
-            .find(|o| o.name == n.name)
-            .and_then(|o| o.value);
+        let o = old_metrics.iter().find(|o| o.name == n.name).and_then(|o| o.value);
         match (o, n.value) {
             (Some(old_value), Some(new_value)) if old_value > 0.0 => {
                 let worse_pct = match n.better {
@@ -169,11 +162,7 @@ fn metrics(doc: &Value) -> Vec<Metric> {
                 name: format!(
                     "commits/s {} sync_commit={}",
                     r["capture"].as_str().unwrap_or("?"),
-                    if r["synchronous_commit"] == true {
-                        "on"
-                    } else {
-                        "off"
-                    }
+                    if r["synchronous_commit"] == true { "on" } else { "off" }
                 ),
                 value: r["commits_per_s"].as_f64(),
                 better: Better::Higher,
@@ -269,11 +258,7 @@ mod tests {
         let c = compare(&old, &new).unwrap();
         assert_eq!(c.rows.len(), 2);
         assert_eq!(c.skipped.len(), 2);
-        assert!(
-            c.notes[0].contains("connections 1000 -> 10"),
-            "{:?}",
-            c.notes
-        );
+        assert!(c.notes[0].contains("connections 1000 -> 10"), "{:?}", c.notes);
         assert!(c.to_text("old.json").contains("not in both reports"));
     }
 

@@ -188,9 +188,7 @@ pub async fn run_client(
             }
         }
         outcome.last_receive_us = now;
-        probe
-            .delivered
-            .store(outcome.ledger.unique(), Ordering::Relaxed);
+        probe.delivered.store(outcome.ledger.unique(), Ordering::Relaxed);
         if !latencies.is_empty() {
             ctx.latency.record(index, &latencies);
         }
@@ -213,26 +211,14 @@ fn failed(
     outcome
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(ctx: &ClientContext, room: u64) -> Result<Ws, String> {
-    subscribed(
-        &ctx.url,
-        ctx.encoding,
-        ctx.read_buffer_bytes,
-        &table::room_name(room),
-    )
-    .await
+    subscribed(&ctx.url, ctx.encoding, ctx.read_buffer_bytes, &table::room_name(room)).await
 }
 
 /// A connection subscribed to `room_name`, once the gateway says it is live.
-async fn subscribed(
-    url: &str,
-    encoding: Encoding,
-    read_buffer_bytes: usize,
-    room_name: &str,
-) -> Result<Ws, String> {
+async fn subscribed(url: &str, encoding: Encoding, read_buffer_bytes: usize, room_name: &str) -> Result<Ws, String> {
     let url = match encoding {
         Encoding::None => url.to_owned(),
         other => format!("{url}?encoding={}", other.as_str()),
@@ -261,8 +247,8 @@ async fn subscribed(
             }
             continue;
         };
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("not JSON before `subscribed`: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("not JSON before `subscribed`: {e}"))?;
         match value["type"].as_str() {
             Some("subscribed") if value["room"] == room_name => return Ok(ws),
             Some("error") => return Err(format!("subscribe refused: {value}")),

@@ -13,9 +13,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock {
-            origin: Instant::now(),
-        }
+        Clock { origin: Instant::now() }
     }
 
     pub fn now_us(&self) -> u64 {

@@ -65,8 +65,7 @@ impl Floor {
         recorder: Arc<LatencyRecorder>,
         delivered: Arc<AtomicU64>,
     ) -> Result<Floor> {
-        let mut config: tokio_postgres::Config =
-            spec.db_url.parse().context("parsing the database URL")?;
+        let mut config: tokio_postgres::Config = spec.db_url.parse().context("parsing the database URL")?;
         config
             .application_name("ws-gateway bench floor")
             .connect_timeout(Duration::from_secs(10));

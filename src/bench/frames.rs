@@ -31,8 +31,7 @@ pub enum Scan {
 /// `batch` message), appending them to `out` (cleared first).
 pub fn scan(text: &str, out: &mut Vec<(u64, i64)>) -> Scan {
     out.clear();
-    let is_change =
-        text.starts_with("{\"type\":\"change\"") || text.starts_with("{\"type\":\"batch\"");
+    let is_change = text.starts_with("{\"type\":\"change\"") || text.starts_with("{\"type\":\"batch\"");
     if is_change && scan_fast(text, out) {
         return Scan::Fast;
     }
@@ -51,9 +50,7 @@ pub fn scan(text: &str, out: &mut Vec<(u64, i64)>) -> Scan {
     };
     for change in changes {
         let position = change["position"].as_str().and_then(|p| p.parse().ok());
-        let id = change["key"]["id"]
-            .as_u64()
-            .or_else(|| change["row"]["id"].as_u64());
+        let id = change["key"]["id"].as_u64().or_else(|| change["row"]["id"].as_u64());
         match (id, position) {
             (Some(id), Some(position)) => out.push((id, position)),
             _ => return Scan::Invalid(format!("change without id or position: {}", clip(text))),
@@ -208,10 +205,7 @@ mod tests {
     #[test]
     fn hands_back_control_messages_and_refuses_garbage() {
         let mut out = Vec::new();
-        let Scan::Control(value) = scan(
-            r#"{"type":"subscribed","room":"bench:0","position":"12"}"#,
-            &mut out,
-        ) else {
+        let Scan::Control(value) = scan(r#"{"type":"subscribed","room":"bench:0","position":"12"}"#, &mut out) else {
             panic!("expected a control message")
         };
         assert_eq!(value["position"], "12");

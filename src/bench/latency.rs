@@ -23,9 +23,7 @@ pub struct LatencyRecorder {
 impl LatencyRecorder {
     pub fn new(shards: usize) -> LatencyRecorder {
         LatencyRecorder {
-            shards: (0..shards.max(1))
-                .map(|_| Mutex::new(new_histogram()))
-                .collect(),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(new_histogram())).collect(),
         }
     }
 

@@ -49,30 +49,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         on_signal.cancel();
     });
     let result = if args.writers_only {
-        writer_cost::run(&args, interrupt)
-            .await
-            .and_then(|mut report| {
-                let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
-                report.failures.extend(regressions);
-                report.passed = report.failures.is_empty();
-                print!("{}{comparison}", report.to_text());
-                Ok((
-                    report_json(&report)?,
-                    report.passed,
-                    report.failures.clone(),
-                ))
-            })
+        writer_cost::run(&args, interrupt).await.and_then(|mut report| {
+            let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
+            report.failures.extend(regressions);
+            report.passed = report.failures.is_empty();
+            print!("{}{comparison}", report.to_text());
+            Ok((report_json(&report)?, report.passed, report.failures.clone()))
+        })
     } else {
         run::run(&args, interrupt).await.and_then(|mut report| {
             let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
             report.failures.extend(regressions);
             report.passed = report.failures.is_empty();
             print!("{}{comparison}", report.to_text());
-            Ok((
-                report_json(&report)?,
-                report.passed,
-                report.failures.clone(),
-            ))
+            Ok((report_json(&report)?, report.passed, report.failures.clone()))
         })
     };
     signals.abort();
@@ -105,10 +95,7 @@ fn compare_with(
                 .filter(|r| r.severity == Severity::Critical)
                 .map(|r| r.name.as_str())
                 .collect();
-            vec![format!(
-                "critical regression against {file}: {}",
-                names.join(", ")
-            )]
+            vec![format!("critical regression against {file}: {}", names.join(", "))]
         }
         Severity::Warning | Severity::Ok => Vec::new(),
     };
@@ -120,8 +107,6 @@ fn report_json(report: &impl Serialize) -> Result<serde_json::Value> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the baseline {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("the baseline {} is not a JSON report", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the baseline {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("the baseline {} is not a JSON report", path.display()))
 }

@@ -309,9 +309,7 @@ impl Plan {
             return Err("--rooms must be at least 1".into());
         }
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!(
-                "--rate {rate} must be a positive number of commits per second"
-            ));
+            return Err(format!("--rate {rate} must be a positive number of commits per second"));
         }
         if writers == 0 {
             return Err("--writers must be at least 1".into());
@@ -395,9 +393,7 @@ impl Plan {
 /// `90`, `90s`, `500ms`, `1.5m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let bad = || format!("{text:?} is not a duration: use seconds (30) or 500ms, 30s, 5m, 2h");
     let value: f64 = number.trim().parse().map_err(|_| bad())?;

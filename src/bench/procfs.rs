@@ -22,11 +22,7 @@ fn stat_fields(pid: u32) -> Option<Vec<u64>> {
 fn parse_stat(text: &str) -> Option<Vec<u64>> {
     let rest = &text[text.rfind(')')? + 1..];
     // Field 3 is the state letter: keep the slots, parse the numbers.
-    Some(
-        rest.split_whitespace()
-            .map(|f| f.parse::<u64>().unwrap_or(0))
-            .collect(),
-    )
+    Some(rest.split_whitespace().map(|f| f.parse::<u64>().unwrap_or(0)).collect())
 }
 
 /// utime + stime of one process.
@@ -80,11 +76,7 @@ pub fn process_memory(pid: u32) -> Option<Memory> {
 fn parse_status(text: &str) -> Option<Memory> {
     let kib = |name: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(name))?;
-        line[name.len()..]
-            .split_whitespace()
-            .next()?
-            .parse::<u64>()
-            .ok()
+        line[name.len()..].split_whitespace().next()?.parse::<u64>().ok()
     };
     Some(Memory {
         rss: kib("VmRSS:")? * 1024,

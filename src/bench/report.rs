@@ -200,10 +200,7 @@ impl Report {
         let mut s = String::new();
         let c = &self.config;
         let shape = match c.burst_size {
-            Some(size) => format!(
-                "bursts of {size} commits every {:.2} s",
-                size as f64 / c.rate
-            ),
+            Some(size) => format!("bursts of {size} commits every {:.2} s", size as f64 / c.rate),
             None => format!("{} commits/s", num(c.rate)),
         };
         let _ = writeln!(
@@ -236,11 +233,7 @@ impl Report {
             "deliveries    expected {}  delivered {}  lost {}  duplicated {}  out-of-order {}  unexpected {}",
             t.expected, t.delivered, t.lost, t.duplicated, t.out_of_order, t.unexpected
         );
-        let _ = writeln!(
-            s,
-            "throughput    {} deliveries/s",
-            num(self.deliveries.per_s)
-        );
+        let _ = writeln!(s, "throughput    {} deliveries/s", num(self.deliveries.per_s));
         let _ = writeln!(
             s,
             "latency ms    {}   commit-to-receive at the clients",

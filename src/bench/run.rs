@@ -19,8 +19,8 @@ use super::plan::{BenchArgs, Plan};
 use super::procfs::{self, MachineCpu};
 use super::progress::Progress;
 use super::report::{
-    self, BenchUsage, Connections, Deliveries, FloorResult, GatewayUsage, Interval, MachineUsage,
-    PostgresUsage, Report, RunConfig, Writes,
+    self, BenchUsage, Connections, Deliveries, FloorResult, GatewayUsage, Interval, MachineUsage, PostgresUsage,
+    Report, RunConfig, Writes,
 };
 use super::table;
 use super::target::{Target, TargetOptions};
@@ -88,12 +88,7 @@ fn delta(later: Option<Duration>, earlier: Option<Duration>) -> Option<f64> {
     Some(later?.saturating_sub(earlier?).as_secs_f64())
 }
 
-async fn measure(
-    plan: &Plan,
-    args: &BenchArgs,
-    target: &mut Target,
-    interrupt: &CancellationToken,
-) -> Result<Report> {
+async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: &CancellationToken) -> Result<Report> {
     let started_at = crate::change::format_rfc3339_micros(crate::change::now_us());
     let pool = table::connect(&target.db_url).await?;
     let channel = table::ensure_realtime(&pool, &args.channel).await?;
@@ -227,9 +222,8 @@ async fn measure(
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
         let (delivered, in_flight, dropped) = delivery_state(&probes, &committed);
-        let floor_pending = plan.floor
-            && progress.floor_delivered.load(Ordering::Relaxed)
-                < progress.committed.load(Ordering::Relaxed);
+        let floor_pending =
+            plan.floor && progress.floor_delivered.load(Ordering::Relaxed) < progress.committed.load(Ordering::Relaxed);
         if last_collect.elapsed() >= COLLECT_EVERY {
             collector.collect(&latency);
             last_collect = Instant::now();
@@ -257,13 +251,8 @@ async fn measure(
                 dropped_connections: dropped,
                 latency_ms: collector.take_window(),
                 gateway_cpu_pct: pct(delta(now.gateway_cpu, last_interval.1.gateway_cpu)),
-                gateway_rss_bytes: target
-                    .gateway_pid
-                    .and_then(procfs::process_memory)
-                    .map(|m| m.rss),
-                bench_cpu_pct: (now.bench_cpu.saturating_sub(last_interval.1.bench_cpu))
-                    .as_secs_f64()
-                    * 100.0
+                gateway_rss_bytes: target.gateway_pid.and_then(procfs::process_memory).map(|m| m.rss),
+                bench_cpu_pct: (now.bench_cpu.saturating_sub(last_interval.1.bench_cpu)).as_secs_f64() * 100.0
                     / seconds,
             };
             bar.println(&line.to_text());
@@ -350,11 +339,7 @@ struct Assembly<'a> {
     connected: usize,
     connect_s: f64,
     usage: (&'a Usage, &'a Usage),
-    memory: (
-        Option<procfs::Memory>,
-        Option<procfs::Memory>,
-        Option<procfs::Memory>,
-    ),
+    memory: (Option<procfs::Memory>, Option<procfs::Memory>, Option<procfs::Memory>),
     intervals: Vec<Interval>,
     extra_failures: Vec<String>,
 }
@@ -413,15 +398,12 @@ fn assemble(a: Assembly<'_>) -> Report {
     let gateway = a.target.gateway_pid.map(|pid| GatewayUsage {
         pid,
         cpu_s: gateway_cpu,
-        cpu_ms_per_1k_deliveries: gateway_cpu
-            .and_then(|c| report::cpu_ms_per_1k(c, tally.delivered)),
+        cpu_ms_per_1k_deliveries: gateway_cpu.and_then(|c| report::cpu_ms_per_1k(c, tally.delivered)),
         peak_rss_bytes: at_end.map(|m| m.peak_rss),
         rss_before_clients_bytes: before.map(|m| m.rss),
         rss_after_clients_bytes: after.map(|m| m.rss),
         rss_per_connection_bytes: match (before, after) {
-            (Some(b), Some(af)) if a.connected > 0 => {
-                Some((af.rss as f64 - b.rss as f64) / a.connected as f64)
-            }
+            (Some(b), Some(af)) if a.connected > 0 => Some((af.rss as f64 - b.rss as f64) / a.connected as f64),
             _ => None,
         },
     });
@@ -457,11 +439,7 @@ fn assemble(a: Assembly<'_>) -> Report {
             planned: plan.total_rows(),
             committed,
             failed: writes.failed,
-            commits_per_s: if write_s > 0.0 {
-                committed as f64 / write_s
-            } else {
-                0.0
-            },
+            commits_per_s: if write_s > 0.0 { committed as f64 / write_s } else { 0.0 },
             max_behind_schedule_ms: writes.max_behind.as_secs_f64() * 1000.0,
             first_error: writes.first_error.clone(),
         },

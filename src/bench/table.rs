@@ -10,8 +10,7 @@ pub const ROOM_TEMPLATE: &str = "bench:{room}";
 
 /// The INSERT every writer prepares. `sent_at_us` is the bench's clock (not
 /// the database's): it lets anyone reading the table see what the bench saw.
-pub const INSERT: &str =
-    "insert into bench_events (id, room, nonce, sent_at_us, payload) values ($1, $2, $3, $4, $5)";
+pub const INSERT: &str = "insert into bench_events (id, room, nonce, sent_at_us, payload) values ($1, $2, $3, $4, $5)";
 
 pub async fn connect(db_url: &str) -> Result<PgPool> {
     PgPoolOptions::new()

@@ -64,8 +64,7 @@ impl Target {
                 .unwrap_or_default()
                 .subsec_nanos()
         ));
-        std::fs::create_dir_all(&scratch)
-            .with_context(|| format!("creating {}", scratch.display()))?;
+        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let mut target = Target {
             db_url: String::new(),
             gateway_addr: None,
@@ -94,10 +93,7 @@ impl Target {
                 target.db_url = cluster.create_database("bench").await?;
                 target.postgres_pid = procfs::postmaster_pid(&cluster.dir().join("data"));
                 target.cluster = Some(cluster);
-                parts.push(
-                    "private PostgreSQL (fsync off, full_page_writes off, synchronous_commit on)"
-                        .to_owned(),
-                );
+                parts.push("private PostgreSQL (fsync off, full_page_writes off, synchronous_commit on)".to_owned());
             }
         }
         if opts.needs_gateway {
@@ -156,9 +152,7 @@ impl Target {
                 }
                 Ok(Err(e)) => outcome = Err(anyhow!(e).context("waiting for the gateway")),
                 Err(_) => {
-                    tracing::warn!(
-                        "the gateway did not stop within {GATEWAY_STOP_TIMEOUT:?}; killing it"
-                    );
+                    tracing::warn!("the gateway did not stop within {GATEWAY_STOP_TIMEOUT:?}; killing it");
                     let _ = gateway.child.kill().await;
                 }
             }
@@ -192,18 +186,15 @@ async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(Gateway
         .port();
     let addr = format!("127.0.0.1:{port}");
     let log = target.scratch.join("gateway.log");
-    let log_file = std::fs::File::create(&log)
-        .with_context(|| format!("creating the gateway log {}", log.display()))?;
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating the gateway log {}", log.display()))?;
     let child = tokio::process::Command::new(&exe)
         .arg("serve")
         .env("DATABASE_URL", &target.db_url)
         .env("GATEWAY_AUTH", "none")
         .env("GATEWAY_LISTEN", &addr)
         .env("GATEWAY_CHANNEL", &opts.channel)
-        .env(
-            "GATEWAY_MAX_CONNECTIONS",
-            (opts.connections + 100).to_string(),
-        )
+        .env("GATEWAY_MAX_CONNECTIONS", (opts.connections + 100).to_string())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -223,11 +214,7 @@ async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(Gateway
 }
 
 /// Polls `/healthz` until it answers 200 with the feed live.
-async fn wait_live(
-    addr: &str,
-    mut child: Option<&mut GatewayChild>,
-    timeout: Duration,
-) -> Result<()> {
+async fn wait_live(addr: &str, mut child: Option<&mut GatewayChild>, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(child) = child.as_deref_mut()
@@ -255,12 +242,10 @@ async fn wait_live(
 
 /// `http://host:port/...`, `ws://host:port` or `host:port` -> `host:port`.
 pub fn http_authority(url: &str) -> Result<String> {
-    let rest = url
-        .split_once("://")
-        .map_or(url, |(scheme, rest)| match scheme {
-            "http" | "ws" => rest,
-            _ => "",
-        });
+    let rest = url.split_once("://").map_or(url, |(scheme, rest)| match scheme {
+        "http" | "ws" => rest,
+        _ => "",
+    });
     let authority = rest.split('/').next().unwrap_or("");
     if authority.is_empty() || !authority.contains(':') {
         bail!("--gateway {url:?}: expected http://host:port (https is not supported)");
@@ -288,10 +273,7 @@ async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("not an HTTP response from {addr}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_owned()
@@ -324,10 +306,7 @@ mod tests {
 
     #[test]
     fn gateway_urls_become_authorities() {
-        assert_eq!(
-            http_authority("http://127.0.0.1:8080").unwrap(),
-            "127.0.0.1:8080"
-        );
+        assert_eq!(http_authority("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
         assert_eq!(http_authority("ws://h:1/ws").unwrap(), "h:1");
         assert_eq!(http_authority("localhost:9").unwrap(), "localhost:9");
         assert!(http_authority("https://h:1").is_err());

@@ -101,10 +101,7 @@ pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<CostR
     }
     let config = CostConfig {
         writers,
-        duration_s: args
-            .duration
-            .unwrap_or(Duration::from_secs(10))
-            .as_secs_f64(),
+        duration_s: args.duration.unwrap_or(Duration::from_secs(10)).as_secs_f64(),
         warmup_s: args.warmup.unwrap_or(Duration::from_secs(2)).as_secs_f64(),
         payload_bytes: args.payload_bytes.unwrap_or(100),
     };
@@ -142,11 +139,7 @@ async fn measure(
     let private = args.db.is_none();
     let variants = [Capture::None, Capture::PlainNotify, Capture::Tracked];
     let per_variant = Duration::from_secs_f64(config.duration_s + config.warmup_s);
-    let bar = Progress::new(
-        !args.no_progress,
-        (per_variant.as_secs() * 6).max(1),
-        "writers-only",
-    );
+    let bar = Progress::new(!args.no_progress, (per_variant.as_secs() * 6).max(1), "writers-only");
     let mut results = Vec::new();
     let mut failures = Vec::new();
     for (v, capture) in variants.into_iter().enumerate() {
@@ -162,9 +155,7 @@ async fn measure(
                 .context("truncating bench_events")?;
             if private && capture == Capture::Tracked {
                 // Our own throwaway database: start each run with an empty outbox.
-                sqlx::raw_sql("truncate realtime.changes")
-                    .execute(&pool)
-                    .await?;
+                sqlx::raw_sql("truncate realtime.changes").execute(&pool).await?;
             }
             let listen = match capture {
                 Capture::None => None,
@@ -178,14 +169,9 @@ async fn measure(
             let step = (v * 2 + s) as u64 * per_variant.as_secs();
             bar.update(
                 step,
-                format!(
-                    "{} sync_commit={}",
-                    capture.label(),
-                    on_off(synchronous_commit)
-                ),
+                format!("{} sync_commit={}", capture.label(), on_off(synchronous_commit)),
             );
-            let (commits, errors, first_error) =
-                hammer(&target.db_url, config, synchronous_commit, interrupt).await?;
+            let (commits, errors, first_error) = hammer(&target.db_url, config, synchronous_commit, interrupt).await?;
             // Let the listener drain what is still queued for it.
             let notifications = match listener {
                 Some(l) => Some(l.finish(commits).await),
@@ -224,10 +210,7 @@ async fn measure(
             .find(|r| r.capture == capture && r.synchronous_commit == sync)
             .map(|r| r.commits_per_s)
     };
-    let ratio = |sync: bool| match (
-        rate(Capture::Tracked, sync),
-        rate(Capture::PlainNotify, sync),
-    ) {
+    let ratio = |sync: bool| match (rate(Capture::Tracked, sync), rate(Capture::PlainNotify, sync)) {
         (Some(t), Some(p)) if p > 0.0 => Some(t * 100.0 / p),
         _ => None,
     };
@@ -293,10 +276,7 @@ async fn hammer(
         let writer = writer?;
         writer
             .client
-            .batch_execute(&format!(
-                "set synchronous_commit = {}",
-                on_off(synchronous_commit)
-            ))
+            .batch_execute(&format!("set synchronous_commit = {}", on_off(synchronous_commit)))
             .await
             .context("setting synchronous_commit")?;
         writers.push(writer);
@@ -422,12 +402,8 @@ impl CostReport {
                     return "-".to_owned();
                 };
                 let pct = match (capture, sync) {
-                    (Capture::Tracked, true) => {
-                        self.tracked_vs_plain_notify_pct.synchronous_commit_on
-                    }
-                    (Capture::Tracked, false) => {
-                        self.tracked_vs_plain_notify_pct.synchronous_commit_off
-                    }
+                    (Capture::Tracked, true) => self.tracked_vs_plain_notify_pct.synchronous_commit_on,
+                    (Capture::Tracked, false) => self.tracked_vs_plain_notify_pct.synchronous_commit_off,
                     _ => None,
                 };
                 match pct {
@@ -435,13 +411,7 @@ impl CostReport {
                     None => format!("{} /s", report::num(r.commits_per_s)),
                 }
             };
-            let _ = writeln!(
-                s,
-                "{:<30} {:>24} {:>24}",
-                capture.label(),
-                cell(true),
-                cell(false)
-            );
+            let _ = writeln!(s, "{:<30} {:>24} {:>24}", capture.label(), cell(true), cell(false));
         }
         let _ = writeln!(
             s,

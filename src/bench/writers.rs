@@ -69,21 +69,14 @@ impl WriteOutcome {
 
     fn merge(&mut self, other: WriteOutcome) {
         if self.committed_per_room.len() < other.committed_per_room.len() {
-            self.committed_per_room
-                .resize(other.committed_per_room.len(), 0);
+            self.committed_per_room.resize(other.committed_per_room.len(), 0);
         }
-        for (total, n) in self
-            .committed_per_room
-            .iter_mut()
-            .zip(&other.committed_per_room)
-        {
+        for (total, n) in self.committed_per_room.iter_mut().zip(&other.committed_per_room) {
             *total += n;
         }
         self.failed += other.failed;
         self.first_error = self.first_error.take().or(other.first_error);
-        if other.first_send_us > 0
-            && (self.first_send_us == 0 || other.first_send_us < self.first_send_us)
-        {
+        if other.first_send_us > 0 && (self.first_send_us == 0 || other.first_send_us < self.first_send_us) {
             self.first_send_us = other.first_send_us;
         }
         self.last_commit_us = self.last_commit_us.max(other.last_commit_us);
@@ -121,10 +114,7 @@ impl DbSide {
         let thread = std::thread::Builder::new()
             .name("bench-writers".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,
                     Err(e) => {
                         let _ = ready_tx.send(Err(anyhow!(e).context("writer runtime")));
@@ -135,14 +125,7 @@ impl DbSide {
                     let floor = match &floor {
                         Some(spec) => {
                             let delivered = Arc::clone(&progress.floor_delivered);
-                            match Floor::listen(
-                                spec,
-                                Arc::clone(&send_log),
-                                floor_latency,
-                                delivered,
-                            )
-                            .await
-                            {
+                            match Floor::listen(spec, Arc::clone(&send_log), floor_latency, delivered).await {
                                 Ok(floor) => Some(floor),
                                 Err(e) => {
                                     let _ = ready_tx.send(Err(e));
@@ -152,8 +135,7 @@ impl DbSide {
                         }
                         None => None,
                     };
-                    let connected =
-                        join_all((0..spec.writers).map(|_| connect_writer(&spec.db_url))).await;
+                    let connected = join_all((0..spec.writers).map(|_| connect_writer(&spec.db_url))).await;
                     let mut writers = Vec::with_capacity(connected.len());
                     for writer in connected {
                         match writer {
@@ -217,9 +199,7 @@ impl DbSide {
             }
             Err(_) => {
                 side.join().await;
-                Err(anyhow!(
-                    "the writer thread ended before its writers connected"
-                ))
+                Err(anyhow!("the writer thread ended before its writers connected"))
             }
         }
     }
@@ -263,16 +243,13 @@ pub struct WritesDone(Option<oneshot::Receiver<Result<WriteOutcome>>>);
 impl std::future::Future for WritesDone {
     type Output = Result<WriteOutcome>;
 
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let Some(rx) = self.0.as_mut() else {
             return std::task::Poll::Ready(Err(anyhow!("the writes were already awaited")));
         };
-        std::pin::Pin::new(rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| Err(anyhow!("the writer thread ended without reporting")))
-        })
+        std::pin::Pin::new(rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(anyhow!("the writer thread ended without reporting"))))
     }
 }
 
@@ -339,13 +316,7 @@ async fn run_writer(
             .client
             .execute(
                 &writer.insert,
-                &[
-                    &(id as i64),
-                    &(room as i32),
-                    &nonce,
-                    &(sent as i64),
-                    &&*payload,
-                ],
+                &[&(id as i64), &(room as i32), &nonce, &(sent as i64), &&*payload],
             )
             .await;
         match result {

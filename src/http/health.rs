@@ -45,6 +45,7 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
     let feed = &telemetry.feed;
     let feed_state = feed.state();
     let connections = state.active_connections.load(Ordering::Relaxed);
+    let pool = state.connection_pool();
     let latency = telemetry.commit_to_send.recent(60);
     let uptime_s = state.started_at.elapsed().as_secs_f64().max(1e-3);
     let sent = Counters::get(&counters.messages_sent);
@@ -86,17 +87,19 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
         },
         "cache": state.authorizer.stats(),
         "connectionPool": {
-            "totalConnections": Counters::get(&counters.connections_opened),
-            "activeConnections": connections,
-            "idleConnections": 0,
-            "averageLatency": ms(feed.db_round_trip_us.load(Ordering::Relaxed)),
+            "totalConnections": connections,
+            "activeConnections": pool.active,
+            "idleConnections": pool.idle,
+            // Mean WebSocket ping round trip; the database's is in `feed`.
+            "averageLatency": pool.average_round_trip_ms,
             "throughput": sent as f64 / uptime_s,
             "errorRate": if received == 0 { 0.0 } else { errors as f64 / received as f64 },
         },
         // Batches form as changes arrive and while a socket is busy: none
         // waits on a timer.
         "messageOptimization": {
-            "pendingBatches": 0,
+            // Connections with frames waiting: they go out merged as batches.
+            "pendingBatches": pool.backlogged,
             "deduplicationCacheSize": state.hub.dedup_entries(),
             "activeBatchTimers": 0,
         },

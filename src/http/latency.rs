@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::telemetry::{MAX_WINDOW, WindowedHistogram};
 
-const SOURCES: &str = "send (commit to socket write), ack (commit to client ack) or probe (commit to the built-in probe's receipt)";
+const SOURCES: &str =
+    "send (commit to socket write), ack (commit to client ack) or probe (commit to the built-in probe's receipt)";
 
 /// Parses `30s`, `5m`, `1h` (a whole number and a unit) into a window of at
 /// most an hour; the error says what is accepted.
@@ -51,21 +52,11 @@ fn source<'a>(state: &'a AppState, name: &str) -> Option<&'a WindowedHistogram> 
 }
 
 fn bad_request(message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": message})),
-    )
-        .into_response()
+    (StatusCode::BAD_REQUEST, axum::Json(json!({"error": message}))).into_response()
 }
 
-pub async fn latency(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "window" | "source"))
-    {
+pub async fn latency(State(state): State<Arc<AppState>>, Query(params): Query<HashMap<String, String>>) -> Response {
+    if let Some(unknown) = params.keys().find(|k| !matches!(k.as_str(), "window" | "source")) {
         return bad_request(format!(
             "unknown parameter {unknown:?}: /latency takes window (like 60s, 5m, 1h) and source ({SOURCES})"
         ));

@@ -20,8 +20,7 @@ use crate::telemetry::{Counters, FeedState, Stage, WindowedHistogram};
 
 /// Bucket bounds in seconds.
 const BUCKETS_S: [f64; 18] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Writes one metric family at a time, HELP and TYPE first.
@@ -62,11 +61,7 @@ impl Exposition {
                 count,
             );
         }
-        self.sample(
-            &format!("{name}_bucket"),
-            &format!("{labels}{sep}le=\"+Inf\""),
-            c.count,
-        );
+        self.sample(&format!("{name}_bucket"), &format!("{labels}{sep}le=\"+Inf\""), c.count);
         self.sample(&format!("{name}_sum"), labels, c.sum_us as f64 / 1e6);
         self.sample(&format!("{name}_count"), labels, c.count);
     }
@@ -74,10 +69,7 @@ impl Exposition {
 
 /// A label value as the text format wants it.
 fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -274,11 +266,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Severity::Warning => "warning",
             Severity::Critical => "critical",
         };
-        x.sample(
-            "regression_alerts_by_severity",
-            &format!("severity=\"{label}\""),
-            n,
-        );
+        x.sample("regression_alerts_by_severity", &format!("severity=\"{label}\""), n);
     }
     for (name, label, help, tally) in [
         (
@@ -356,10 +344,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     x.sample("batch_size_count", "", count);
 
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         x.out,
     )
 }

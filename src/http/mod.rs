@@ -99,12 +99,7 @@ async fn upgrade(
     let identity = match state.auth.authenticate(token) {
         Ok(identity) => identity,
         Err(error) => {
-            return refuse(
-                &state,
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                error.to_string(),
-            );
+            return refuse(&state, StatusCode::UNAUTHORIZED, "unauthorized", error.to_string());
         }
     };
     let is_probe = params.probe.as_deref() == Some(state.telemetry.probe_key());
@@ -120,11 +115,7 @@ async fn upgrade(
 
     // Frames past the configured size get an `error` reply and the
     // connection carries on; frames past this hard bound close it (1009).
-    let inbound_hard_limit = settings
-        .limits
-        .max_message_bytes
-        .saturating_mul(16)
-        .max(2 << 20);
+    let inbound_hard_limit = settings.limits.max_message_bytes.saturating_mul(16).max(2 << 20);
     let id = state.next_connection_id.fetch_add(1, Ordering::Relaxed);
     if is_probe {
         state.telemetry.set_probe_connection(id);

@@ -20,10 +20,7 @@ use crate::telemetry::{Counters, Stage};
 /// Alerts sent to the page at most.
 const ALERTS_SHOWN: usize = 20;
 
-pub async fn stats(
-    State(state): State<Arc<AppState>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
+pub async fn stats(State(state): State<Arc<AppState>>, Query(params): Query<HashMap<String, String>>) -> Response {
     let since = match params.get("since").map(|s| s.parse::<i64>()) {
         None => 0,
         Some(Ok(t)) => t,

@@ -6,11 +6,7 @@
 /// Splits a room's changes (in commit order) into the groups that become
 /// units: runs of ordinary changes up to `batch_size`, priority ones alone.
 /// Returns index ranges into `priority`.
-pub fn plan_units(
-    priority: &[bool],
-    batch_size: usize,
-    batching: bool,
-) -> Vec<std::ops::Range<usize>> {
+pub fn plan_units(priority: &[bool], batch_size: usize, batching: bool) -> Vec<std::ops::Range<usize>> {
     let limit = if batching { batch_size.max(1) } else { 1 };
     let mut units = Vec::new();
     let mut start = 0;
@@ -40,10 +36,7 @@ mod tests {
     fn groups_up_to_the_batch_size_and_keeps_priority_changes_alone() {
         assert_eq!(plan_units(&[false; 5], 2, true), [0..2, 2..4, 4..5]);
         assert_eq!(plan_units(&[false], 10, true), vec![0..1]);
-        assert_eq!(
-            plan_units(&[false, true, false, false], 10, true),
-            [0..1, 1..2, 2..4]
-        );
+        assert_eq!(plan_units(&[false, true, false, false], 10, true), [0..1, 1..2, 2..4]);
         assert_eq!(plan_units(&[true, true], 10, true), [0..1, 1..2]);
         assert_eq!(plan_units(&[false; 3], 10, false), [0..1, 1..2, 2..3]);
         assert!(plan_units(&[], 10, true).is_empty());

@@ -57,14 +57,7 @@ impl Dedup {
     }
 
     /// True when `change` must be sent to `room`; records it as the last send.
-    pub fn admit(
-        &mut self,
-        room: &str,
-        change: &Change,
-        content: u64,
-        window: Duration,
-        now: Instant,
-    ) -> bool {
+    pub fn admit(&mut self, room: &str, change: &Change, content: u64, window: Duration, now: Instant) -> bool {
         self.expire(now);
         let mut h = self.hasher.build_hasher();
         room.hash(&mut h);

@@ -24,9 +24,7 @@ impl Encoding {
             "" | "none" => Ok(Encoding::None),
             "br" => Ok(Encoding::Brotli),
             "gzip" => Ok(Encoding::Gzip),
-            other => Err(format!(
-                "unknown encoding {other:?}: expected br, gzip or none"
-            )),
+            other => Err(format!("unknown encoding {other:?}: expected br, gzip or none")),
         }
     }
 
@@ -51,8 +49,7 @@ pub fn brotli(input: &[u8], quality: u32) -> Vec<u8> {
         ..Default::default()
     };
     let mut out = Vec::with_capacity(input.len() / 3 + 64);
-    brotli::BrotliCompress(&mut &input[..], &mut out, &params)
-        .expect("compressing into memory cannot fail");
+    brotli::BrotliCompress(&mut &input[..], &mut out, &params).expect("compressing into memory cannot fail");
     out
 }
 
@@ -61,12 +58,8 @@ pub fn gzip(input: &[u8], level: u32) -> Vec<u8> {
         Vec::with_capacity(input.len() / 3 + 64),
         flate2::Compression::new(level.min(9)),
     );
-    encoder
-        .write_all(input)
-        .expect("compressing into memory cannot fail");
-    encoder
-        .finish()
-        .expect("compressing into memory cannot fail")
+    encoder.write_all(input).expect("compressing into memory cannot fail");
+    encoder.finish().expect("compressing into memory cannot fail")
 }
 
 /// One message for one room, ready for every member of the room.
@@ -96,8 +89,7 @@ impl Unit {
             let all = 0..text.len();
             (text, all)
         } else {
-            let mut text =
-                String::with_capacity(changes.iter().map(|c| c.size()).sum::<usize>() + 32);
+            let mut text = String::with_capacity(changes.iter().map(|c| c.size()).sum::<usize>() + 32);
             text.push_str("{\"type\":\"batch\",\"changes\":[");
             let start = text.len();
             for (i, change) in changes.iter().enumerate() {
@@ -134,14 +126,8 @@ impl Unit {
     pub fn compressed(&self, encoding: Encoding, level: u32) -> Option<&Bytes> {
         match encoding {
             Encoding::None => None,
-            Encoding::Brotli => Some(
-                self.brotli
-                    .get_or_init(|| brotli(self.text.as_bytes(), level).into()),
-            ),
-            Encoding::Gzip => Some(
-                self.gzip
-                    .get_or_init(|| gzip(self.text.as_bytes(), level).into()),
-            ),
+            Encoding::Brotli => Some(self.brotli.get_or_init(|| brotli(self.text.as_bytes(), level).into())),
+            Encoding::Gzip => Some(self.gzip.get_or_init(|| gzip(self.text.as_bytes(), level).into())),
         }
     }
 
@@ -175,8 +161,7 @@ mod tests {
 
     fn change(position: i64, body: &str) -> Change {
         let key = RawValue::from_string(format!("{{\"id\":{position}}}")).unwrap();
-        let row =
-            RawValue::from_string(format!("{{\"id\":{position},\"notes\":\"{body}\"}}")).unwrap();
+        let row = RawValue::from_string(format!("{{\"id\":{position},\"notes\":\"{body}\"}}")).unwrap();
         Change::new(
             Position(position),
             1_000_000,
@@ -201,8 +186,7 @@ mod tests {
         assert_eq!(v["type"], "batch");
         assert_eq!(v["changes"].as_array().unwrap().len(), 2);
         assert_eq!(v["changes"][1]["position"], "2");
-        let merged: Value =
-            serde_json::from_str(&merge(&[Arc::new(single), Arc::new(batch)])).unwrap();
+        let merged: Value = serde_json::from_str(&merge(&[Arc::new(single), Arc::new(batch)])).unwrap();
         let positions: Vec<_> = merged["changes"]
             .as_array()
             .unwrap()
@@ -224,21 +208,11 @@ mod tests {
         assert_eq!(plain, unit.text.as_bytes());
         let gz = unit.compressed(Encoding::Gzip, 6).unwrap().clone();
         let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_end(&mut plain)
-            .unwrap();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut plain).unwrap();
         assert_eq!(plain, unit.text.as_bytes());
-        assert!(
-            br.len() < unit.text.len() / 5,
-            "{} -> {}",
-            unit.text.len(),
-            br.len()
-        );
+        assert!(br.len() < unit.text.len() / 5, "{} -> {}", unit.text.len(), br.len());
         // The same bytes every time: compressed once.
-        assert_eq!(
-            unit.compressed(Encoding::Brotli, 6).unwrap().as_ptr(),
-            br.as_ptr()
-        );
+        assert_eq!(unit.compressed(Encoding::Brotli, 6).unwrap().as_ptr(), br.as_ptr());
         assert!(unit.compressed(Encoding::None, 6).is_none());
     }
 

@@ -111,12 +111,7 @@ impl Tally {
     }
 
     pub fn get(&self, code: &str) -> u64 {
-        self.counts
-            .lock()
-            .expect("tally lock")
-            .get(code)
-            .copied()
-            .unwrap_or(0)
+        self.counts.lock().expect("tally lock").get(code).copied().unwrap_or(0)
     }
 }
 
@@ -128,10 +123,7 @@ mod tests {
     async fn the_bucket_allows_the_rate_refuses_the_excess_and_closes_a_flood() {
         let mut limit = RateLimit::new(10, Instant::now());
         let verdicts: Vec<_> = (0..15).map(|_| limit.check(Instant::now())).collect();
-        assert_eq!(
-            verdicts.iter().filter(|v| **v == Verdict::Allow).count(),
-            10
-        );
+        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Allow).count(), 10);
         assert_eq!(verdicts[10], Verdict::Refuse);
         tokio::time::advance(Duration::from_millis(500)).await;
         let verdicts: Vec<_> = (0..5).map(|_| limit.check(Instant::now())).collect();

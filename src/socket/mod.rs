@@ -68,7 +68,13 @@ pub async fn serve(
     let settings = state.settings();
     let (subscriber, queue) = Subscriber::new(connection_id, settings.limits.send_queue_bytes);
     let liveness = Arc::new(Liveness::new());
-    state.register_connection(connection_id, Arc::clone(&liveness));
+    state.register_connection(
+        connection_id,
+        crate::app::ConnectionHandle {
+            liveness: Arc::clone(&liveness),
+            subscriber: Arc::clone(&subscriber),
+        },
+    );
     subscriber.push_control(protocol::welcome_message(
         &format!("{}-{connection_id}", state.instance_id),
         settings.heartbeat.interval.as_millis() as u64,
@@ -102,10 +108,7 @@ pub async fn serve(
     session.leave_all();
     state.unregister_connection(connection_id);
     let reason = subscriber.close_reason();
-    if reason
-        .as_ref()
-        .is_some_and(|r| r.code == CloseReason::SLOW_CONSUMER)
-    {
+    if reason.as_ref().is_some_and(|r| r.code == CloseReason::SLOW_CONSUMER) {
         Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
     }
     let kind = close_kind(reason.as_ref());

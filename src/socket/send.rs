@@ -165,10 +165,7 @@ fn deadlines(state: &AppState, liveness: &Liveness) -> Instant {
 }
 
 /// The next queued item: one held back by the last merge, else the queue's.
-async fn next_item(
-    carry: &mut Option<Outbound>,
-    queue: &mut mpsc::UnboundedReceiver<Outbound>,
-) -> Option<Outbound> {
+async fn next_item(carry: &mut Option<Outbound>, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
     match carry.take() {
         Some(item) => Some(item),
         None => queue.recv().await,
@@ -210,10 +207,7 @@ impl Writer {
                     tokio::time::timeout(REPLAY_TIMEOUT, replay(sink, state, &room, since, upto))
                         .await
                         .unwrap_or_else(|_| {
-                            Err(CloseReason::new(
-                                1013,
-                                "history read timed out; reconnect and resume",
-                            ))
+                            Err(CloseReason::new(1013, "history read timed out; reconnect and resume"))
                         })?;
                     match self.next_ready(queue) {
                         Some(next) => {
@@ -224,9 +218,8 @@ impl Writer {
                     }
                 }
                 Outbound::Changes(unit) => {
-                    let mergeable = |u: &Unit| {
-                        self.encoding == Encoding::None && settings.features.batching && !u.priority
-                    };
+                    let mergeable =
+                        |u: &Unit| self.encoding == Encoding::None && settings.features.batching && !u.priority;
                     let mut units = vec![unit];
                     if mergeable(&units[0]) {
                         let mut count = units[0].change_count();
@@ -234,8 +227,7 @@ impl Writer {
                             match queue.try_recv() {
                                 Ok(Outbound::Changes(next))
                                     if mergeable(&next)
-                                        && count + next.change_count()
-                                            <= settings.pipeline.batch_size =>
+                                        && count + next.change_count() <= settings.pipeline.batch_size =>
                                 {
                                     subscriber.sent(next.text.len());
                                     count += next.change_count();
@@ -251,10 +243,7 @@ impl Writer {
                     }
                     for unit in &units {
                         self.latencies.extend_from_slice(&unit.committed_at_us);
-                        state
-                            .telemetry
-                            .stages
-                            .record_since(Stage::Queueing, unit.queued_at);
+                        state.telemetry.stages.record_since(Stage::Queueing, unit.queued_at);
                     }
                     if units.len() > 1 {
                         let waited = units[units.len() - 1].queued_at - units[0].queued_at;
@@ -269,8 +258,8 @@ impl Writer {
                         Message::Text(merge(&units).into())
                     } else {
                         let unit = &units[0];
-                        let compress = settings.features.compression
-                            && unit.text.len() > settings.pipeline.compression_threshold;
+                        let compress =
+                            settings.features.compression && unit.text.len() > settings.pipeline.compression_threshold;
                         match unit.compressed(self.encoding, settings.pipeline.compression_level) {
                             Some(bytes) if compress => Message::Binary(bytes.clone()),
                             _ => Message::Text(unit.text.clone()),
@@ -318,9 +307,7 @@ impl Writer {
     /// Commit-to-send for what was just flushed, on the database's clock.
     fn record_latencies(&mut self, state: &AppState, connection_id: u64) {
         if !self.latencies.is_empty() {
-            state
-                .telemetry
-                .record_sends(connection_id, self.latencies.drain(..));
+            state.telemetry.record_sends(connection_id, self.latencies.drain(..));
         }
     }
 }

@@ -67,8 +67,7 @@ impl Session {
     fn expires_at(&self) -> Option<Instant> {
         let exp = self.identity.expires_at?;
         let leeway = self.state.settings().history.jwt_leeway;
-        let until =
-            Duration::from_micros((exp as i64 * 1_000_000 - now_us()).max(0) as u64) + leeway;
+        let until = Duration::from_micros((exp as i64 * 1_000_000 - now_us()).max(0) as u64) + leeway;
         Some(Instant::now() + until)
     }
 
@@ -112,20 +111,14 @@ impl Session {
             };
             match message {
                 Message::Text(text) => {
-                    Counters::add(
-                        &self.state.telemetry.counters.bytes_received,
-                        text.len() as u64,
-                    );
+                    Counters::add(&self.state.telemetry.counters.bytes_received, text.len() as u64);
                     self.liveness.last_message_us.store(now, Ordering::Relaxed);
                     if self.admit() {
                         self.on_text(&text).await;
                     }
                 }
                 Message::Binary(bytes) => {
-                    Counters::add(
-                        &self.state.telemetry.counters.bytes_received,
-                        bytes.len() as u64,
-                    );
+                    Counters::add(&self.state.telemetry.counters.bytes_received, bytes.len() as u64);
                     self.liveness.last_message_us.store(now, Ordering::Relaxed);
                     if self.admit() {
                         self.refuse(ProtocolError::new(
@@ -137,12 +130,8 @@ impl Session {
                 Message::Pong(payload) => {
                     if let Ok(stamp) = <[u8; 8]>::try_from(&payload[..]) {
                         let round_trip = now - i64::from_be_bytes(stamp);
-                        self.liveness
-                            .round_trip_us
-                            .store(round_trip.max(0), Ordering::Relaxed);
-                        self.liveness
-                            .ping_outstanding
-                            .store(false, Ordering::Relaxed);
+                        self.liveness.round_trip_us.store(round_trip.max(0), Ordering::Relaxed);
+                        self.liveness.ping_outstanding.store(false, Ordering::Relaxed);
                     }
                 }
                 Message::Ping(_) => {}
@@ -243,23 +232,18 @@ impl Session {
     fn leave(&mut self, room: &str) {
         self.rooms.remove(room);
         self.state.hub.unsubscribe(room, self.subscriber.id);
-        self.liveness
-            .subscriptions
-            .store(self.rooms.len(), Ordering::Relaxed);
-        self.subscriber
-            .push_control(protocol::unsubscribed_message(room));
+        self.liveness.subscriptions.store(self.rooms.len(), Ordering::Relaxed);
+        self.subscriber.push_control(protocol::unsubscribed_message(room));
     }
 
     /// A fresh token in-band: extends the connection past the old `exp` and
     /// replaces its rooms; subscriptions the new token no longer allows are
     /// dropped (each with an `unsubscribed`).
     async fn reauthenticate(&mut self, token: &str) -> Result<(), ProtocolError> {
-        let identity = self.state.auth.authenticate(Some(token)).map_err(|e| {
-            ProtocolError::new(
-                codes::INVALID_TOKEN,
-                format!("{e}; the current token stays in force"),
-            )
-        })?;
+        let identity =
+            self.state.auth.authenticate(Some(token)).map_err(|e| {
+                ProtocolError::new(codes::INVALID_TOKEN, format!("{e}; the current token stays in force"))
+            })?;
         if identity.subject != self.identity.subject {
             return Err(ProtocolError::new(
                 codes::INVALID_TOKEN,
@@ -288,24 +272,16 @@ impl Session {
         };
         let settings = self.state.settings();
         let ttl = settings.features.cache.then_some(settings.cache.ttl);
-        self.state
-            .authorizer
-            .allows(subject, room, ttl)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, room, "authorization check failed");
-                ProtocolError::new(
-                    codes::AUTHORIZATION_UNAVAILABLE,
-                    "cannot check access to that room right now; retry",
-                )
-            })
+        self.state.authorizer.allows(subject, room, ttl).await.map_err(|e| {
+            tracing::warn!(error = %e, room, "authorization check failed");
+            ProtocolError::new(
+                codes::AUTHORIZATION_UNAVAILABLE,
+                "cannot check access to that room right now; retry",
+            )
+        })
     }
 
-    async fn subscribe(
-        &mut self,
-        room: String,
-        since: Option<Position>,
-    ) -> Result<(), ProtocolError> {
+    async fn subscribe(&mut self, room: String, since: Option<Position>) -> Result<(), ProtocolError> {
         if self.rooms.contains(room.as_str()) {
             return Err(ProtocolError::new(
                 codes::ALREADY_SUBSCRIBED,
@@ -333,9 +309,7 @@ impl Session {
         match self.state.hub.subscribe(&room, &self.subscriber, since) {
             Joined::Live { .. } => {
                 self.rooms.insert(Room::from(room));
-                self.liveness
-                    .subscriptions
-                    .store(self.rooms.len(), Ordering::Relaxed);
+                self.liveness.subscriptions.store(self.rooms.len(), Ordering::Relaxed);
                 Ok(())
             }
             Joined::AlreadyMember => Err(ProtocolError::new(
@@ -349,19 +323,15 @@ impl Session {
     /// handed it out (this one will catch up); one ahead of the database
     /// never came from us.
     async fn check_position_exists(&self, since: Position) -> Result<(), ProtocolError> {
-        let query = sqlx::query_scalar("select last_value from realtime.position_seq")
-            .fetch_one(&self.state.pool);
-        let latest: Result<i64, String> =
-            match tokio::time::timeout(Duration::from_secs(5), query).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err("timed out".into()),
-            };
+        let query = sqlx::query_scalar("select last_value from realtime.position_seq").fetch_one(&self.state.pool);
+        let latest: Result<i64, String> = match tokio::time::timeout(Duration::from_secs(5), query).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".into()),
+        };
         match latest {
             Ok(latest) if since.0 > latest => Err(ProtocolError::new(
                 codes::INVALID_POSITION,
-                format!(
-                    "position {since} was never handed out by this database (latest is {latest})"
-                ),
+                format!("position {since} was never handed out by this database (latest is {latest})"),
             )),
             Ok(_) => Ok(()),
             Err(error) => {

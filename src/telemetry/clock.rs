@@ -89,8 +89,7 @@ impl ClockOffsetEstimator {
     pub fn estimate(&self) -> Option<ClockEstimate> {
         let best = self.samples.iter().min_by_key(|s| s.round_trip_us())?;
         let n = self.samples.len();
-        let mean_round_trip_us =
-            self.samples.iter().map(|s| s.round_trip_us()).sum::<i64>() / n as i64;
+        let mean_round_trip_us = self.samples.iter().map(|s| s.round_trip_us()).sum::<i64>() / n as i64;
         Some(ClockEstimate {
             offset_us: best.offset_us(),
             uncertainty_us: (best.round_trip_us() + 1) / 2,

@@ -35,8 +35,7 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(COARSE_SLOT_S * COARSE_SLOT
 
 /// An empty microsecond histogram with the bounds every slot shares.
 pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_TRACKED_US, SIGNIFICANT_DIGITS)
-        .expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, MAX_TRACKED_US, SIGNIFICANT_DIGITS).expect("valid histogram bounds")
 }
 
 /// The values of one slot.
@@ -225,11 +224,7 @@ impl WindowedHistogram {
         WindowedHistogram {
             rings: Mutex::new(Rings {
                 fine: slots(FINE_SLOTS),
-                coarse: if coarse {
-                    slots(COARSE_SLOTS)
-                } else {
-                    Vec::new()
-                },
+                coarse: if coarse { slots(COARSE_SLOTS) } else { Vec::new() },
                 interval: Samples::Empty,
                 total: new_histogram(),
                 total_sum_us: 0,

@@ -23,8 +23,7 @@ pub mod stages;
 pub mod timeline;
 
 pub use histogram::{
-    Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram,
-    new_histogram,
+    Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram, new_histogram,
 };
 pub use report::print_latency;
 pub use stages::{Profile, Stage, Stages};
@@ -203,8 +202,7 @@ impl Telemetry {
 
     /// Marks `connection_id` as the probe's (the upgrade saw its key).
     pub fn set_probe_connection(&self, connection_id: u64) {
-        self.probe_connection
-            .store(connection_id, Ordering::Relaxed);
+        self.probe_connection.store(connection_id, Ordering::Relaxed);
     }
 
     pub fn is_probe(&self, connection_id: u64) -> bool {

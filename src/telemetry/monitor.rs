@@ -74,8 +74,7 @@ async fn clock_loop(pool: &PgPool, telemetry: &Telemetry) {
         }
         if let Some(estimate) = estimator.estimate() {
             let feed = &telemetry.feed;
-            feed.clock_offset_us
-                .store(estimate.offset_us, Ordering::Relaxed);
+            feed.clock_offset_us.store(estimate.offset_us, Ordering::Relaxed);
             feed.clock_uncertainty_us
                 .store(estimate.uncertainty_us, Ordering::Relaxed);
             feed.db_round_trip_us
@@ -86,16 +85,11 @@ async fn clock_loop(pool: &PgPool, telemetry: &Telemetry) {
 
 /// Times `clock_timestamp()` round trips on one pooled connection (the
 /// pool's wait for a connection is not part of any round trip).
-async fn sample_clock(
-    pool: &PgPool,
-    estimator: &mut ClockOffsetEstimator,
-) -> Result<(), sqlx::Error> {
+async fn sample_clock(pool: &PgPool, estimator: &mut ClockOffsetEstimator) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     for _ in 0..CLOCK_QUERIES {
         let sent_us = now_us();
-        let db_us: i64 = sqlx::query_scalar(CLOCK_QUERY)
-            .fetch_one(&mut *conn)
-            .await?;
+        let db_us: i64 = sqlx::query_scalar(CLOCK_QUERY).fetch_one(&mut *conn).await?;
         let received_us = now_us();
         estimator.add(ClockSample {
             sent_us,
@@ -142,8 +136,7 @@ fn take_sample(state: &AppState) {
     let mut timeline = lock(&t.timeline);
     let rate = |f: fn(&super::timeline::CounterSnapshot) -> u64| match timeline.latest_counters() {
         Some(prev) if snapshot.at_us > prev.at_us => {
-            f(&snapshot).saturating_sub(f(&prev)) as f64 * 1e6
-                / (snapshot.at_us - prev.at_us) as f64
+            f(&snapshot).saturating_sub(f(&prev)) as f64 * 1e6 / (snapshot.at_us - prev.at_us) as f64
         }
         _ => 0.0,
     };
@@ -173,12 +166,8 @@ fn take_sample(state: &AppState) {
 /// Change frames' bytes before and after compression, over every encoding.
 pub fn compression_bytes(state: &AppState) -> (u64, u64) {
     let stats = &state.hub.stats;
-    let sum = |counters: &[std::sync::atomic::AtomicU64]| {
-        counters
-            .iter()
-            .map(crate::pipeline::PipelineStats::get)
-            .sum()
-    };
+    let sum =
+        |counters: &[std::sync::atomic::AtomicU64]| counters.iter().map(crate::pipeline::PipelineStats::get).sum();
     (sum(&stats.bytes_raw), sum(&stats.bytes_sent))
 }
 
@@ -194,11 +183,7 @@ pub fn profile_window(settings: &crate::config::ProfilerSettings) -> Duration {
 
 /// Profiles the stages; logs stages that became, or stopped being,
 /// bottlenecks. Returns the current bottlenecks.
-fn profile(
-    telemetry: &Telemetry,
-    settings: &crate::config::ProfilerSettings,
-    before: &[Stage],
-) -> Vec<Stage> {
+fn profile(telemetry: &Telemetry, settings: &crate::config::ProfilerSettings, before: &[Stage]) -> Vec<Stage> {
     let window = profile_window(settings);
     let stats = telemetry.stages.recent(window);
     let profile = Profile::of(now_us(), window, settings.bottleneck_threshold, &stats);
@@ -213,11 +198,7 @@ fn profile(
                 "bottleneck: stage P99 over GATEWAY_BOTTLENECK_THRESHOLD_MS"
             );
         } else if !stage.bottleneck && before.contains(&stage.stage) {
-            tracing::info!(
-                stage = stage.stage.name(),
-                p99_ms = stage.p99_ms,
-                "bottleneck cleared"
-            );
+            tracing::info!(stage = stage.stage.name(), p99_ms = stage.p99_ms, "bottleneck cleared");
         }
     }
     let now = profile.bottlenecks.clone();
@@ -247,28 +228,22 @@ fn check_regressions(telemetry: &Telemetry, settings: &crate::config::Settings) 
     };
     let current_latency = telemetry.commit_to_send.recent(check.as_secs());
     let baseline_latency = telemetry.commit_to_send.between(check + baseline, check);
-    let window = |latency: super::Percentiles,
-                  (counts, seconds): (super::timeline::CounterSnapshot, f64)| {
-        WindowStats {
+    let window =
+        |latency: super::Percentiles, (counts, seconds): (super::timeline::CounterSnapshot, f64)| WindowStats {
             p99_ms: latency.p99_ms,
             latency_samples: latency.count,
             deliveries: counts.deliveries,
             errors: counts.errors,
             attempts: counts.attempts,
             seconds,
-        }
-    };
+        };
     let current = window(current_latency, current_counts);
     let base = window(baseline_latency, baseline_counts);
     let stages: Vec<_> = Stage::ALL
         .iter()
         .map(|&s| {
             let h = telemetry.stages.histogram(s);
-            (
-                s,
-                h.between(check + baseline, check),
-                h.recent(check.as_secs()),
-            )
+            (s, h.between(check + baseline, check), h.recent(check.as_secs()))
         })
         .collect();
     let detector = RegressionDetector {

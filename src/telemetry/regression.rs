@@ -162,12 +162,7 @@ impl RegressionDetector {
             && current.latency_samples >= MIN_LATENCY_SAMPLES
             && cur - base >= LATENCY_NOISE_MS
         {
-            raise(
-                Metric::P99Latency,
-                base,
-                cur,
-                percent(cur - base, base.max(0.001)),
-            );
+            raise(Metric::P99Latency, base, cur, percent(cur - base, base.max(0.001)));
         }
 
         if current.attempts >= MIN_ATTEMPTS {
@@ -175,12 +170,7 @@ impl RegressionDetector {
             let cur = current.error_rate();
             let reference = base.max(ERROR_RATE_FLOOR);
             if cur > reference {
-                raise(
-                    Metric::ErrorRate,
-                    base,
-                    cur,
-                    percent(cur - reference, reference),
-                );
+                raise(Metric::ErrorRate, base, cur, percent(cur - reference, reference));
             }
         }
 
@@ -200,9 +190,8 @@ fn percent(delta: f64, of: f64) -> f64 {
 /// The stage to blame: the one whose P99 rose most between the windows
 /// (by at least the noise floor), else the slowest one now.
 pub fn dominant_stage(stages: &[(Stage, Percentiles, Percentiles)]) -> Option<Stage> {
-    let rise = |(_, base, cur): &&(Stage, Percentiles, Percentiles)| {
-        cur.p99_ms.unwrap_or(0.0) - base.p99_ms.unwrap_or(0.0)
-    };
+    let rise =
+        |(_, base, cur): &&(Stage, Percentiles, Percentiles)| cur.p99_ms.unwrap_or(0.0) - base.p99_ms.unwrap_or(0.0);
     let grew = stages
         .iter()
         .filter(|s| s.2.p99_ms.is_some() && rise(s) >= LATENCY_NOISE_MS)
@@ -361,10 +350,7 @@ mod tests {
         assert_eq!(alert.current, 13.1);
         assert!((alert.change_pct - 31.0).abs() < 1e-9);
         assert_eq!(alert.at_us, 7);
-        assert!(
-            alert.to_string().contains("p99_latency 13.100 ms"),
-            "{alert}"
-        );
+        assert!(alert.to_string().contains("p99_latency 13.100 ms"), "{alert}");
     }
 
     #[test]
@@ -391,11 +377,7 @@ mod tests {
             (79, vec![Severity::Critical]), // 1.32 %
         ] {
             let alerts = DETECTOR.check(&baseline, &window(10.0, 100.0, errors, 60.0), None, 0);
-            assert_eq!(
-                severities(&alerts, Metric::ErrorRate),
-                want,
-                "{errors} errors"
-            );
+            assert_eq!(severities(&alerts, Metric::ErrorRate), want, "{errors} errors");
         }
         // From none: compared with 0.1 %, so a single error is not a regression.
         let clean = window(10.0, 100.0, 0, 300.0);
@@ -408,12 +390,7 @@ mod tests {
     #[test]
     fn thin_or_tiny_differences_are_not_regressions() {
         // 0.3 ms to 0.5 ms is +67 %, but under the noise floor.
-        let alerts = DETECTOR.check(
-            &window(0.3, 100.0, 0, 300.0),
-            &window(0.5, 100.0, 0, 60.0),
-            None,
-            0,
-        );
+        let alerts = DETECTOR.check(&window(0.3, 100.0, 0, 300.0), &window(0.5, 100.0, 0, 60.0), None, 0);
         assert!(alerts.is_empty(), "{alerts:?}");
         // Too few samples for a P99; too little traffic for throughput.
         let thin = window(50.0, 0.5, 0, 60.0);
@@ -424,17 +401,8 @@ mod tests {
     #[test]
     fn recommendations_name_the_switch_for_the_dominant_stage() {
         let baseline = window(10.0, 100.0, 0, 300.0);
-        let alerts = DETECTOR.check(
-            &baseline,
-            &window(40.0, 100.0, 0, 60.0),
-            Some(Stage::BatchWait),
-            0,
-        );
-        assert!(
-            alerts[0]
-                .recommendation
-                .contains("GATEWAY_FEATURES=-batching")
-        );
+        let alerts = DETECTOR.check(&baseline, &window(40.0, 100.0, 0, 60.0), Some(Stage::BatchWait), 0);
+        assert!(alerts[0].recommendation.contains("GATEWAY_FEATURES=-batching"));
         assert!(recommend(Metric::P99Latency, Some(Stage::Encoding)).contains("-compression"));
         assert!(recommend(Metric::P99Latency, None).contains("GATEWAY_FEATURES=none"));
     }
@@ -453,10 +421,7 @@ mod tests {
         ];
         assert_eq!(dominant_stage(&stages), Some(Stage::BatchWait));
         // Nothing grew: the slowest one now.
-        let flat = [
-            (Stage::NotifyLag, p(2.0), p(2.0)),
-            (Stage::SocketWrite, p(6.0), p(6.0)),
-        ];
+        let flat = [(Stage::NotifyLag, p(2.0), p(2.0)), (Stage::SocketWrite, p(6.0), p(6.0))];
         assert_eq!(dominant_stage(&flat), Some(Stage::SocketWrite));
         assert_eq!(
             dominant_stage(&[(Stage::Encoding, Percentiles::EMPTY, Percentiles::EMPTY)]),

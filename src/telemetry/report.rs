@@ -85,9 +85,9 @@ struct BaseUrl {
 
 impl BaseUrl {
     fn parse(url: &str) -> anyhow::Result<BaseUrl> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            anyhow!("--url {url:?}: expected http://host:port (the gateway serves plain HTTP)")
-        })?;
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("--url {url:?}: expected http://host:port (the gateway serves plain HTTP)"))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -180,10 +180,7 @@ mod tests {
         assert_eq!(b.address, "gw.internal:80");
         assert_eq!(b.prefix, "/realtime");
         assert_eq!(BaseUrl::parse("http://[::1]").unwrap().address, "[::1]:80");
-        assert_eq!(
-            BaseUrl::parse("http://[::1]:9000").unwrap().address,
-            "[::1]:9000"
-        );
+        assert_eq!(BaseUrl::parse("http://[::1]:9000").unwrap().address, "[::1]:9000");
         assert!(BaseUrl::parse("https://x").is_err());
         assert!(BaseUrl::parse("http://").is_err());
     }

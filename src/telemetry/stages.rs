@@ -116,12 +116,7 @@ pub struct Profile {
 }
 
 impl Profile {
-    pub fn of(
-        at_us: i64,
-        window: Duration,
-        threshold: Duration,
-        stats: &[(Stage, Percentiles)],
-    ) -> Profile {
+    pub fn of(at_us: i64, window: Duration, threshold: Duration, stats: &[(Stage, Percentiles)]) -> Profile {
         let threshold_ms = threshold.as_secs_f64() * 1000.0;
         let stages: Vec<StageProfile> = stats
             .iter()
@@ -171,17 +166,9 @@ mod tests {
             (Stage::Encoding, Percentiles::EMPTY),
             (Stage::SocketWrite, p99(100.0)),
         ];
-        let profile = Profile::of(
-            0,
-            Duration::from_secs(60),
-            Duration::from_millis(100),
-            &stats,
-        );
+        let profile = Profile::of(0, Duration::from_secs(60), Duration::from_millis(100), &stats);
         assert_eq!(profile.bottlenecks, [Stage::BatchWait, Stage::Queueing]);
-        assert!(
-            !profile.stages[4].bottleneck,
-            "exactly the threshold is not over it"
-        );
+        assert!(!profile.stages[4].bottleneck, "exactly the threshold is not over it");
         assert!(!profile.stages[3].bottleneck);
         assert_eq!(profile.threshold_ms, 100.0);
     }
@@ -200,13 +187,7 @@ mod tests {
         assert_eq!(count(Stage::NotifyLag), 0);
         assert_eq!(
             Stage::ALL.map(Stage::name),
-            [
-                "notify_lag",
-                "queueing",
-                "batch_wait",
-                "encoding",
-                "socket_write"
-            ]
+            ["notify_lag", "queueing", "batch_wait", "encoding", "socket_write"]
         );
     }
 }

@@ -13,16 +13,16 @@ async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
         "insert into projects (name, client, city, budget, starts_on, ends_on) \
          values ('Test One', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
     )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    .fetch_one(pool)
+    .await
+    .unwrap();
     let project_2: i64 = sqlx::query_scalar(
         "insert into projects (name, client, city, budget, starts_on, ends_on) \
          values ('Test Two', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
     )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    .fetch_one(pool)
+    .await
+    .unwrap();
 
     let mut in_1 = app.connect().await;
     let mut in_2 = app.connect().await;
@@ -123,10 +123,7 @@ async fn positions_follow_commit_order_not_insert_order() {
     first.commit().await.unwrap();
 
     let got = live.changes(2).await;
-    let ids: Vec<_> = got
-        .iter()
-        .map(|c| c["row"]["id"].as_i64().unwrap())
-        .collect();
+    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [2, 1], "delivered in commit order");
     let p = positions(&got);
     assert!(p[0] < p[1], "positions grow with commit order: {p:?}");
@@ -201,10 +198,7 @@ async fn a_reconnecting_client_resumes_from_its_position() {
         .await
         .unwrap();
     let got = client.changes(4).await;
-    let ids: Vec<_> = got
-        .iter()
-        .map(|c| c["row"]["id"].as_i64().unwrap())
-        .collect();
+    let ids: Vec<_> = got.iter().map(|c| c["row"]["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [4, 5, 6, 7]);
     let p = positions(&got);
     assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");

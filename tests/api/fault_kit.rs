@@ -179,11 +179,8 @@ async fn run_subscriber(
     while !stop.load(Ordering::Relaxed) {
         let url = &urls[attempt % urls.len()];
         attempt += 1;
-        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str())).await
         else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -329,13 +326,8 @@ pub async fn free_port() -> u16 {
 }
 
 impl GatewayProcess {
-    pub async fn start(
-        database_url: &str,
-        port: u16,
-        extra_env: &[(&str, &str)],
-    ) -> GatewayProcess {
-        let log =
-            std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
+    pub async fn start(database_url: &str, port: u16, extra_env: &[(&str, &str)]) -> GatewayProcess {
+        let log = std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"));
         command
@@ -354,21 +346,14 @@ impl GatewayProcess {
         }
         let child = command.spawn().expect("starting the gateway binary");
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let gateway = GatewayProcess {
-            address,
-            child,
-            log,
-        };
+        let gateway = GatewayProcess { address, child, log };
         gateway.wait_live().await;
         gateway
     }
 
     pub async fn wait_live(&self) {
         eventually("gateway process to be live", || async {
-            let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address))
-                    .await
-            else {
+            let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address)).await else {
                 return None;
             };
             let (status, health) = http_get_json(self.address, "/healthz").await;
@@ -446,11 +431,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    cut: Arc<AtomicBool>,
-) {
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 16 * 1024];
     loop {

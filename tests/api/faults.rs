@@ -6,9 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::fault_kit::{
-    GatewayProcess, Proxy, Subscriber, Workload, assert_received_everything, free_port, room_of,
-};
+use crate::fault_kit::{GatewayProcess, Proxy, Subscriber, Workload, assert_received_everything, free_port, room_of};
 use crate::helpers::{eventually, fresh_database, fresh_database_on, scratch_dir, spawn_app_with};
 use ws_gateway::embedded::{ClusterOptions, PrivateCluster, StopMode};
 
@@ -23,10 +21,7 @@ fn all_rooms() -> Vec<String> {
 fn subscribers(urls: &[String], hop_every: usize) -> Vec<(Subscriber, Vec<String>)> {
     let mut out = Vec::new();
     for rooms in [all_rooms(), all_rooms(), vec![room_of(1, ROOMS)]] {
-        out.push((
-            Subscriber::start(urls.to_vec(), rooms.clone(), hop_every),
-            rooms,
-        ));
+        out.push((Subscriber::start(urls.to_vec(), rooms.clone(), hop_every), rooms));
     }
     out
 }
@@ -81,10 +76,7 @@ async fn killing_the_listen_connection_loses_and_duplicates_nothing() {
         "clients stay connected through feed faults"
     );
     let (_, health) = app.health().await;
-    assert!(
-        health["feed"]["reconnects"].as_u64().unwrap() >= 5,
-        "{health}"
-    );
+    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 5, "{health}");
 }
 
 async fn postgres_restart(mode: StopMode) {
@@ -114,10 +106,7 @@ async fn postgres_restart(mode: StopMode) {
         "clients stay connected through a database restart"
     );
     let (_, health) = app.health().await;
-    assert!(
-        health["feed"]["reconnects"].as_u64().unwrap() >= 1,
-        "{health}"
-    );
+    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 1, "{health}");
 }
 
 #[tokio::test]
@@ -141,10 +130,9 @@ async fn database_unreachable_for_30_s_loses_and_duplicates_nothing() {
         format!("127.0.0.1:{}", options.get_port()).parse().unwrap()
     };
     let proxy = Proxy::start(server).await;
-    let via_proxy = db.url.replace(
-        &format!(":{}/", server.port()),
-        &format!(":{}/", proxy.port),
-    );
+    let via_proxy = db
+        .url
+        .replace(&format!(":{}/", server.port()), &format!(":{}/", proxy.port));
     let writer_url = db.url.clone();
     let mut proxied = db;
     proxied.url = via_proxy;
@@ -162,10 +150,7 @@ async fn database_unreachable_for_30_s_loses_and_duplicates_nothing() {
     })
     .await;
     let noticed = cut_at.elapsed();
-    assert!(
-        noticed < Duration::from_secs(6),
-        "feed down noticed after {noticed:?}"
-    );
+    assert!(noticed < Duration::from_secs(6), "feed down noticed after {noticed:?}");
     let (_, metrics) = crate::helpers::http_get(app.address, "/metrics").await;
     assert!(metrics.contains("ws_gateway_feed_up 0"), "{metrics}");
     while cut_at.elapsed() < Duration::from_secs(30) {
@@ -223,11 +208,7 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
     work.wait_committed(1000).await;
     a.signal(libc::SIGTERM);
     let status = a.wait_exit().await;
-    assert!(
-        status.success(),
-        "graceful stop exits 0: {status:?}\n{}",
-        a.log_text()
-    );
+    assert!(status.success(), "graceful stop exits 0: {status:?}\n{}", a.log_text());
     work.finish().await;
     check_all(&db.pool, &subs).await;
     let hops: usize = subs
@@ -291,21 +272,18 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
             .await
             .unwrap();
     }
-    let positions: Vec<i64> = sqlx::query_scalar(
-        "select position from realtime.changes where 'project:1' = any (rooms) order by position",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let positions: Vec<i64> =
+        sqlx::query_scalar("select position from realtime.changes where 'project:1' = any (rooms) order by position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let before_all = positions[0] - 1;
     // The first five are two days old; retention is a day.
-    sqlx::query(
-        "update realtime.changes set committed_at = now() - interval '2 days' where position <= $1",
-    )
-    .bind(positions[4])
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::query("update realtime.changes set committed_at = now() - interval '2 days' where position <= $1")
+        .bind(positions[4])
+        .execute(&pool)
+        .await
+        .unwrap();
     // Only one instance prunes at a time: while another holds the lock, no-op.
     let mut other = pool.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
@@ -330,8 +308,7 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
 
     let app = spawn_app_with(db, |_| {}).await;
     let mut old = app.connect().await;
-    old.subscribe_since("project:1", Some(&before_all.to_string()))
-        .await;
+    old.subscribe_since("project:1", Some(&before_all.to_string())).await;
     let reset = old.next_json().await;
     assert_eq!(reset["type"], "reset", "{reset}");
     assert_eq!(reset["reason"], "history_expired");
@@ -346,9 +323,7 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
 
     let mut future = app.connect().await;
     future
-        .send_json(
-            serde_json::json!({"type": "subscribe", "room": "project:1", "since": "999999999"}),
-        )
+        .send_json(serde_json::json!({"type": "subscribe", "room": "project:1", "since": "999999999"}))
         .await;
     let error = future.next_json().await;
     assert_eq!(error["type"], "error");

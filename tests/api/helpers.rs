@@ -112,9 +112,7 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
     ws_gateway::capture::migrate(&pool, "realtime_changes")
         .await
         .expect("migrate");
-    ws_gateway::demo::load_schema(&pool)
-        .await
-        .expect("demo schema");
+    ws_gateway::demo::load_schema(&pool).await.expect("demo schema");
     sqlx::raw_sql(
         "create table items (id bigint primary key, project_id int, body text not null default '');
          select realtime.track('public.items', array['project:{project_id}', 'item:{id}']);
@@ -163,9 +161,7 @@ pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -
     let mut settings = Settings::for_tests();
     settings.database_url = Some(db.url.clone());
     configure(&mut settings);
-    let app = Application::build(settings)
-        .await
-        .expect("building the gateway");
+    let app = Application::build(settings).await.expect("building the gateway");
     let address = app.local_addr();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run_until_stopped());
@@ -240,10 +236,7 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String
     let response = String::from_utf8_lossy(&response).into_owned();
     let status: u16 = response[9..12].parse().expect("status code");
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_owned()
@@ -284,9 +277,7 @@ pub struct Closed {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("WebSocket connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connect");
         let mut client = Client {
             ws,
             welcome: Value::Null,
@@ -390,9 +381,7 @@ impl Client {
             match message {
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
-                        .map(|CloseFrame { code, reason }| {
-                            (Some(u16::from(code)), reason.to_string())
-                        })
+                        .map(|CloseFrame { code, reason }| (Some(u16::from(code)), reason.to_string()))
                         .unwrap_or((None, String::new()));
                     return Closed { code, reason };
                 }

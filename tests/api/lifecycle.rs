@@ -33,10 +33,7 @@ async fn healthz_reports_the_spec_fields() {
     assert_eq!(health["connections"], 1);
     assert_eq!(health["rooms"], 1);
     assert_eq!(health["feed"]["state"], "live");
-    assert!(
-        health["latency"]["count"].as_u64().unwrap() >= 1,
-        "{health}"
-    );
+    assert!(health["latency"]["count"].as_u64().unwrap() >= 1, "{health}");
     assert!(health["latency"]["p99_ms"].as_f64().unwrap() >= 0.0);
     let (status, metrics) = http_get(app.address, "/metrics").await;
     assert_eq!(status, 200);

@@ -13,17 +13,12 @@ use tokio::sync::watch;
 use ws_gateway::app::Application;
 use ws_gateway::config::{Auth, Settings};
 
-use crate::helpers::{
-    TestApp, eventually, fresh_database, http_get, http_get_json, spawn_app_with,
-};
+use crate::helpers::{TestApp, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
 
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 async fn spawn_probed() -> TestApp {
-    spawn_app_with(fresh_database().await, |s| {
-        s.history.probe_interval = Some(PROBE_EVERY)
-    })
-    .await
+    spawn_app_with(fresh_database().await, |s| s.history.probe_interval = Some(PROBE_EVERY)).await
 }
 
 async fn latency(app: &TestApp, query: &str) -> (u16, Value) {
@@ -192,22 +187,14 @@ async fn metrics_parse_as_prometheus_text_with_cumulative_histograms() {
         ("ws_gateway_stage_seconds", 0.0),
         ("ws_gateway_batch_size", 0.0),
     ] {
-        let family = families
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        let family = families.get(name).unwrap_or_else(|| panic!("no {name}:\n{text}"));
         assert_eq!(family.kind, "histogram", "{name}");
         let series = prometheus::check_histogram(family).unwrap_or_else(|e| panic!("{name}: {e}"));
         let count: f64 = series.values().sum();
         assert!(count >= at_least, "{name}: {count} < {at_least}");
     }
     let stages = prometheus::check_histogram(&families["ws_gateway_stage_seconds"]).unwrap();
-    for stage in [
-        "notify_lag",
-        "queueing",
-        "batch_wait",
-        "encoding",
-        "socket_write",
-    ] {
+    for stage in ["notify_lag", "queueing", "batch_wait", "encoding", "socket_write"] {
         assert!(
             stages
                 .keys()
@@ -231,9 +218,7 @@ async fn metrics_parse_as_prometheus_text_with_cumulative_histograms() {
         ("ws_gateway_feed_reconnects_total", "counter"),
         ("ws_gateway_clock_offset_seconds", "gauge"),
     ] {
-        let family = families
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        let family = families.get(name).unwrap_or_else(|| panic!("no {name}:\n{text}"));
         assert_eq!(family.kind, kind, "{name}");
     }
     // The shipped Prometheus example and Grafana dashboard only name metrics
@@ -269,18 +254,9 @@ async fn healthz_reports_performance_and_regression_detection() {
     let (status, health) = app.health().await;
     assert_eq!(status, 200);
     let performance = &health["performance"];
-    assert!(
-        performance["totalMetrics"].as_u64().unwrap() >= 3,
-        "{performance}"
-    );
-    assert!(
-        performance["recentMetrics"].as_u64().is_some(),
-        "{performance}"
-    );
-    assert!(
-        performance["averageLatency"].as_f64().is_some(),
-        "{performance}"
-    );
+    assert!(performance["totalMetrics"].as_u64().unwrap() >= 3, "{performance}");
+    assert!(performance["recentMetrics"].as_u64().is_some(), "{performance}");
+    assert!(performance["averageLatency"].as_f64().is_some(), "{performance}");
     let regression = &health["regressionDetection"];
     for key in ["totalAlerts", "criticalAlerts", "warningAlerts"] {
         assert_eq!(regression[key], 0, "{regression}");
@@ -296,9 +272,7 @@ async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     let mut settings = Settings::for_tests();
     settings.database_url = Some(db.url.clone());
     settings.history.probe_interval = Some(PROBE_EVERY);
-    let built = Application::build(settings)
-        .await
-        .expect("building the gateway");
+    let built = Application::build(settings).await.expect("building the gateway");
     let state = built.state();
     let app = TestApp {
         address: built.local_addr(),
@@ -380,10 +354,7 @@ impl Drop for KillSwitch {
 
 /// `(host:port, url with host:port replaced)` of a PostgreSQL URL.
 fn redirect(url: &str, port: u16) -> (String, String) {
-    let start = url
-        .find('@')
-        .map(|i| i + 1)
-        .unwrap_or(url.find("://").unwrap() + 3);
+    let start = url.find('@').map(|i| i + 1).unwrap_or(url.find("://").unwrap() + 3);
     let end = start + url[start..].find('/').unwrap();
     let authority = url[start..end].to_owned();
     let redirected = format!("{}127.0.0.1:{port}{}", &url[..start], &url[end..]);
@@ -468,21 +439,13 @@ async fn run_chromium(binary: &Path, url: &str, extra: &[&str]) -> String {
         .expect("chromium runs");
     let _ = std::fs::remove_dir_all(&profile);
     let log = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "chromium failed: {}\n{log}",
-        output.status
-    );
+    assert!(output.status.success(), "chromium failed: {}\n{log}", output.status);
     // The page's console: a script error would leave charts half drawn.
     let errors: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("Error")))
         .collect();
-    assert!(
-        errors.is_empty(),
-        "the page logged errors:\n{}",
-        errors.join("\n")
-    );
+    assert!(errors.is_empty(), "the page logged errors:\n{}", errors.join("\n"));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -562,23 +525,14 @@ async fn the_dashboard_renders_live_charts_in_headless_chromium() {
         let n = points_of(&dom, chart, key);
         assert!(n >= 3, "{chart}/{key} drew {n} points:\n{dom}");
     }
-    for stage in [
-        "notify_lag",
-        "queueing",
-        "batch_wait",
-        "encoding",
-        "socket_write",
-    ] {
+    for stage in ["notify_lag", "queueing", "batch_wait", "encoding", "socket_write"] {
         assert!(
             dom.contains(&format!("data-stage=\"{stage}\"")),
             "no {stage} row: {dom}"
         );
     }
     assert!(dom.contains("class=\"pill healthy\""), "{dom}");
-    assert!(
-        !dom.contains("id=\"probe-p99\">–<"),
-        "probe card filled: {dom}"
-    );
+    assert!(!dom.contains("id=\"probe-p99\">–<"), "probe card filled: {dom}");
 
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&target).unwrap();
@@ -594,11 +548,7 @@ async fn the_dashboard_renders_live_charts_in_headless_chromium() {
     )
     .await;
     let size = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        size > 20_000,
-        "screenshot {} is {size} bytes",
-        screenshot.display()
-    );
+    assert!(size > 20_000, "screenshot {} is {size} bytes", screenshot.display());
     writer.abort();
     app.stop().await.expect("a clean stop");
 }
@@ -636,8 +586,7 @@ mod prometheus {
                 let mut parts = rest.splitn(3, ' ');
                 match (parts.next(), parts.next(), parts.next()) {
                     (Some("TYPE"), Some(name), Some(kind)) => {
-                        if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind)
-                        {
+                        if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
                             return Err(at(format!("unknown type {kind}")));
                         }
                         let family = families.entry(name.to_owned()).or_default();
@@ -657,8 +606,8 @@ mod prometheus {
                 continue;
             }
             let sample = parse_sample(line).map_err(at)?;
-            let family = family_of(&families, &sample.name)
-                .ok_or_else(|| at(format!("{} has no # TYPE", sample.name)))?;
+            let family =
+                family_of(&families, &sample.name).ok_or_else(|| at(format!("{} has no # TYPE", sample.name)))?;
             families.get_mut(&family).unwrap().samples.push(sample);
         }
         Ok(families)
@@ -736,8 +685,7 @@ mod prometheus {
             v => v.parse().map_err(|_| format!("bad value {v:?}"))?,
         };
         if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .map_err(|_| format!("bad timestamp {ts:?}"))?;
+            ts.parse::<i64>().map_err(|_| format!("bad timestamp {ts:?}"))?;
         }
         if fields.next().is_some() {
             return Err("trailing fields".into());
@@ -770,11 +718,7 @@ mod prometheus {
                 .join(",");
             let entry = series.entry(key).or_default();
             if s.name.ends_with("_bucket") {
-                let le = s
-                    .labels
-                    .iter()
-                    .find(|(k, _)| k == "le")
-                    .ok_or("bucket without le")?;
+                let le = s.labels.iter().find(|(k, _)| k == "le").ok_or("bucket without le")?;
                 let bound = match le.1.as_str() {
                     "+Inf" => f64::INFINITY,
                     v => v.parse().map_err(|_| format!("bad le {v:?}"))?,
@@ -806,10 +750,7 @@ mod prometheus {
                     return Err(format!("{{{key}}} buckets not cumulative: {:?}", s.buckets));
                 }
             }
-            let last = s
-                .buckets
-                .last()
-                .ok_or(format!("{{{key}}} has no buckets"))?;
+            let last = s.buckets.last().ok_or(format!("{{{key}}} has no buckets"))?;
             if last.0 != f64::INFINITY {
                 return Err(format!("{{{key}}} has no +Inf bucket"));
             }

@@ -53,10 +53,7 @@ async fn a_b_a_arrives_three_times_and_a_a_once() {
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
@@ -116,9 +113,7 @@ fn parse_rfc3339_us(s: &str) -> i64 {
 #[tokio::test]
 async fn critical_tables_are_never_batched() {
     let app = spawn_app_with(fresh_database().await, |s| {
-        s.pipeline
-            .priority_tables
-            .insert("items".into(), Priority::Critical);
+        s.pipeline.priority_tables.insert("items".into(), Priority::Critical);
     })
     .await;
     let mut client = app.connect().await;
@@ -129,10 +124,7 @@ async fn critical_tables_are_never_batched() {
         .unwrap();
     for id in 1..=30 {
         let message = client.next_json().await;
-        assert_eq!(
-            message["type"], "change",
-            "critical changes go alone: {message}"
-        );
+        assert_eq!(message["type"], "change", "critical changes go alone: {message}");
         assert_eq!(message["row"]["id"], id);
     }
 }
@@ -147,9 +139,7 @@ fn decode(encoding: &str, bytes: &[u8]) -> String {
         "br" => brotli::Decompressor::new(bytes, 4096)
             .read_to_string(&mut plain)
             .unwrap(),
-        "gzip" => flate2::read::GzDecoder::new(bytes)
-            .read_to_string(&mut plain)
-            .unwrap(),
+        "gzip" => flate2::read::GzDecoder::new(bytes).read_to_string(&mut plain).unwrap(),
         _ => unreachable!(),
     };
     plain
@@ -166,8 +156,7 @@ async fn compressed_frames_decode_to_exactly_the_plain_message() {
     for c in [&mut plain, &mut br, &mut gz] {
         c.subscribe("project:4").await;
     }
-    let notes =
-        "Level 3 east: formwork stripped, slab cured 7 days, rebar inspection passed. ".repeat(60);
+    let notes = "Level 3 east: formwork stripped, slab cured 7 days, rebar inspection passed. ".repeat(60);
     sqlx::query("insert into items (id, project_id, body) values (1, 4, $1)")
         .bind(&notes)
         .execute(&app.db.pool)

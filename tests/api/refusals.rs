@@ -17,10 +17,7 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
         ("this is not json".into(), "invalid_json"),
         (json!({"type": "dance"}).to_string(), "unknown_type"),
         (json!({"type": "subscribe"}).to_string(), "invalid_message"),
-        (
-            json!({"type": "subscribe", "room": ""}).to_string(),
-            "invalid_room",
-        ),
+        (json!({"type": "subscribe", "room": ""}).to_string(), "invalid_room"),
         (
             json!({"type": "subscribe", "room": "project:3", "since": "-1"}).to_string(),
             "invalid_position",
@@ -30,10 +27,7 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
             "not_subscribed",
         ),
         (
-            format!(
-                r#"{{"type":"subscribe","room":"{}"}}"#,
-                "x".repeat(1_000_000)
-            ),
+            format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(1_000_000)),
             "message_too_big",
         ),
     ];
@@ -46,9 +40,7 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
     }
     client
         .ws
-        .send(tokio_tungstenite::tungstenite::Message::binary(vec![
-            1, 2, 3,
-        ]))
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![1, 2, 3]))
         .await
         .unwrap();
     let reply = client.next_json().await;
@@ -79,9 +71,7 @@ async fn a_frame_beyond_the_hard_limit_closes_with_1009() {
     // Past 16x GATEWAY_MAX_MESSAGE_BYTES (and 2 MiB) the frame is not read.
     let _ = client
         .ws
-        .send(tokio_tungstenite::tungstenite::Message::text(
-            "y".repeat(3 << 20),
-        ))
+        .send(tokio_tungstenite::tungstenite::Message::text("y".repeat(3 << 20)))
         .await;
     let closed = client.closed().await;
     assert_eq!(closed.code, Some(1009), "{closed:?}");
@@ -144,10 +134,6 @@ async fn unknown_tables_and_columns_are_refused_by_track() {
     ws_gateway::capture::track(pool, "public.items", &["item:{id}".into()])
         .await
         .unwrap();
-    ws_gateway::capture::untrack(pool, "public.items")
-        .await
-        .unwrap();
-    ws_gateway::capture::untrack(pool, "public.items")
-        .await
-        .unwrap();
+    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
+    ws_gateway::capture::untrack(pool, "public.items").await.unwrap();
 }

@@ -18,10 +18,7 @@ use crate::helpers::{Client, TestApp, eventually, fresh_database, http_get_json,
 const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 
 fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn token(sub: &str, rooms: &[&str], exp: u64) -> String {
@@ -39,9 +36,7 @@ fn token_signed(sub: &str, rooms: &[&str], exp: u64, secret: &str) -> String {
 }
 
 fn jwt(settings: &mut Settings) {
-    settings.auth = Auth::Jwt {
-        secret: SECRET.into(),
-    };
+    settings.auth = Auth::Jwt { secret: SECRET.into() };
     settings.history.jwt_leeway = Duration::ZERO;
 }
 
@@ -108,11 +103,7 @@ impl Bystanders {
                 }
             }));
         }
-        Bystanders {
-            readers,
-            writer,
-            stop,
-        }
+        Bystanders { readers, writer, stop }
     }
 
     /// Stops the writer, sends a last change (id -1), and checks every
@@ -127,11 +118,7 @@ impl Bystanders {
         let mut expected: Vec<i64> = (1..=last).collect();
         expected.push(-1);
         for reader in self.readers {
-            assert_eq!(
-                reader.await.unwrap(),
-                expected,
-                "a bystander missed changes"
-            );
+            assert_eq!(reader.await.unwrap(), expected, "a bystander missed changes");
         }
     }
 }
@@ -167,19 +154,11 @@ async fn bad_tokens_are_refused_at_the_upgrade_with_401_and_a_reason() {
         (
             format!(
                 "{url}?token={}",
-                token_signed(
-                    "u",
-                    &[],
-                    now_s() + 60,
-                    "another-secret-at-least-32-bytes-long!"
-                )
+                token_signed("u", &[], now_s() + 60, "another-secret-at-least-32-bytes-long!")
             ),
             "signature",
         ),
-        (
-            format!("{url}?token={}", token("u", &[], now_s() - 60)),
-            "expired",
-        ),
+        (format!("{url}?token={}", token("u", &[], now_s() - 60)), "expired"),
     ];
     for (url, reason) in cases {
         let (status, body) = refused_upgrade(&url, &[]).await;
@@ -213,8 +192,7 @@ async fn rooms_outside_the_token_are_forbidden() {
     c.subscribe("project:42").await;
     c.subscribe("task:9").await;
     for room in ["task:10", "rfi:1", "projects"] {
-        c.send_json(json!({"type": "subscribe", "room": room}))
-            .await;
+        c.send_json(json!({"type": "subscribe", "room": room})).await;
         let error = c.next_json().await;
         assert_eq!(error["code"], "forbidden", "{room}: {error}");
     }
@@ -245,9 +223,7 @@ async fn an_expired_token_closes_with_4001_unless_refreshed_in_band() {
         .send_json(json!({"type": "auth", "token": token("mallory", &["*"], now_s() + 3600)}))
         .await;
     assert_eq!(refreshed.next_json().await["code"], "invalid_token");
-    refreshed
-        .send_json(json!({"type": "auth", "token": "garbage"}))
-        .await;
+    refreshed.send_json(json!({"type": "auth", "token": "garbage"})).await;
     assert_eq!(refreshed.next_json().await["code"], "invalid_token");
 
     let closed = expiring.closed().await;
@@ -280,8 +256,7 @@ async fn the_database_can_authorize_rooms_and_answers_are_cached() {
     for _ in 0..3 {
         let mut c = connect_as(&app, &token("inspector", &[], now_s() + 600)).await;
         c.subscribe("inspection:7").await;
-        c.send_json(json!({"type": "subscribe", "room": "rfi:7"}))
-            .await;
+        c.send_json(json!({"type": "subscribe", "room": "rfi:7"})).await;
         assert_eq!(c.next_json().await["code"], "forbidden");
     }
     let mut other = connect_as(&app, &token("visitor", &[], now_s() + 600)).await;
@@ -300,15 +275,9 @@ async fn the_database_can_authorize_rooms_and_answers_are_cached() {
 
 #[tokio::test]
 async fn origins_outside_the_allow_list_are_refused_with_403() {
-    let app =
-        jwt_app(|s| s.history.allowed_origins = vec!["https://app.constructtrack.com".into()])
-            .await;
+    let app = jwt_app(|s| s.history.allowed_origins = vec!["https://app.constructtrack.com".into()]).await;
     let by = Bystanders::start(&app).await;
-    let url = format!(
-        "{}?token={}",
-        app.ws_url(),
-        token("u", &["project:1"], now_s() + 60)
-    );
+    let url = format!("{}?token={}", app.ws_url(), token("u", &["project:1"], now_s() + 60));
     let (status, body) = refused_upgrade(&url, &[("origin", "https://evil.example")]).await;
     assert_eq!(status, 403);
     assert!(body.contains("evil.example"), "{body}");
@@ -324,11 +293,7 @@ async fn origins_outside_the_allow_list_are_refused_with_403() {
 async fn connections_beyond_the_limit_are_refused_with_503() {
     let app = jwt_app(|s| s.limits.max_connections = 22).await;
     let by = Bystanders::start(&app).await;
-    let url = format!(
-        "{}?token={}",
-        app.ws_url(),
-        token("u", &["project:1"], now_s() + 60)
-    );
+    let url = format!("{}?token={}", app.ws_url(), token("u", &["project:1"], now_s() + 60));
     // 20 bystanders, the probe's connection may be the 21st: fill up to 22.
     let mut kept = Vec::new();
     loop {
@@ -336,9 +301,7 @@ async fn connections_beyond_the_limit_are_refused_with_503() {
         if health["connections"].as_u64().unwrap() >= 22 {
             break;
         }
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
         kept.push(ws);
         eventually("the connection to count", || async {
             let (_, health) = app.health().await;
@@ -360,8 +323,7 @@ async fn subscriptions_beyond_the_limit_are_refused() {
     for i in 0..3 {
         c.subscribe(&format!("task:{i}")).await;
     }
-    c.send_json(json!({"type": "subscribe", "room": "task:3"}))
-        .await;
+    c.send_json(json!({"type": "subscribe", "room": "task:3"})).await;
     assert_eq!(c.next_json().await["code"], "too_many_subscriptions");
     by.check(&app).await;
 }
@@ -372,9 +334,7 @@ async fn a_flooding_client_is_rate_limited_then_closed_with_1008() {
     let by = Bystanders::start(&app).await;
     let mut c = connect_as(&app, &token("u", &["project:*"], now_s() + 60)).await;
     for _ in 0..200 {
-        let _ =
-            c.ws.send(Message::text(r#"{"type":"ack","position":"1"}"#))
-                .await;
+        let _ = c.ws.send(Message::text(r#"{"type":"ack","position":"1"}"#)).await;
     }
     let first_error = c.next_json().await;
     assert_eq!(first_error["code"], "rate_limited", "{first_error}");
@@ -444,17 +404,11 @@ async fn silent_and_idle_connections_are_closed_and_counted() {
 #[tokio::test]
 async fn a_thousand_connections_in_a_loop_leak_nothing() {
     let app = jwt_app(|s| s.history.probe_interval = None).await;
-    let url = format!(
-        "{}?token={}",
-        app.ws_url(),
-        token("u", &["project:*"], now_s() + 600)
-    );
+    let url = format!("{}?token={}", app.ws_url(), token("u", &["project:*"], now_s() + 600));
     for round in 0..10 {
         let mut open = Vec::new();
         for _ in 0..100 {
-            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-                .await
-                .unwrap();
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
             ws.send(Message::text(
                 json!({"type": "subscribe", "room": format!("project:{round}")}).to_string(),
             ))
