@@ -59,7 +59,10 @@ impl AppState {
     }
 
     pub fn register_connection(&self, id: u64, handle: ConnectionHandle) {
-        self.connections_live.lock().expect("connections lock").insert(id, handle);
+        self.connections_live
+            .lock()
+            .expect("connections lock")
+            .insert(id, handle);
     }
 
     pub fn unregister_connection(&self, id: u64) {
