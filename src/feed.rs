@@ -307,6 +307,9 @@ impl Feed {
         Counters::add(&counters.changes_received, fresh.len() as u64);
         let done = self.hub.dispatch_group(fresh);
         Counters::add(&counters.deliveries_queued, done.deliveries as u64);
+        if done.units > 0 {
+            self.telemetry.stages.record(Stage::Encoding, done.encoding_us);
+        }
         self.set_position(last);
     }
 

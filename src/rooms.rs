@@ -228,6 +228,8 @@ pub struct Dispatched {
     pub units: usize,
     /// Room deliveries dropped as repeats.
     pub deduplicated: usize,
+    /// Time spent serializing the units, microseconds.
+    pub encoding_us: u64,
 }
 
 /// What a subscribe did.
@@ -436,7 +438,9 @@ impl Hub {
                 .collect();
             for range in plan_units(&priority, pipeline.batch_size, features.batching) {
                 let group = &share[range.clone()];
+                let started = std::time::Instant::now();
                 let unit = Arc::new(Unit::new(room, group, priority[range.start]));
+                done.encoding_us += started.elapsed().as_micros() as u64;
                 done.units += 1;
                 let (first, last) = (group[0].position, group[group.len() - 1].position);
                 for member in members {

@@ -98,6 +98,9 @@ pub fn self_cpu() -> Duration {
 pub struct MachineCpu {
     busy: u64,
     total: u64,
+    /// Interrupt and softirq time: on loopback, much of TCP's receive
+    /// processing, charged to no process.
+    irq: u64,
 }
 
 impl MachineCpu {
@@ -117,6 +120,12 @@ impl MachineCpu {
         let busy = self.busy.checked_sub(earlier.busy)?;
         Some(busy as f64 / ticks_per_second())
     }
+
+    /// Of those, seconds in interrupts and softirqs.
+    pub fn irq_seconds_since(&self, earlier: &MachineCpu) -> Option<f64> {
+        let irq = self.irq.checked_sub(earlier.irq)?;
+        Some(irq as f64 / ticks_per_second())
+    }
 }
 
 fn parse_proc_stat(text: &str) -> Option<MachineCpu> {
@@ -127,11 +136,13 @@ fn parse_proc_stat(text: &str) -> Option<MachineCpu> {
         .map(|x| x.parse().unwrap_or(0))
         .collect();
     // user nice system idle iowait irq softirq steal (guest is inside user).
+    // Steal is the hypervisor running someone else: neither ours nor idle.
     let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
-    let total: u64 = f.iter().take(8).sum();
+    let total: u64 = f.iter().take(7).sum();
     Some(MachineCpu {
         busy: total - idle,
         total,
+        irq: f.get(5).copied().unwrap_or(0) + f.get(6).copied().unwrap_or(0),
     })
 }
 
@@ -190,9 +201,10 @@ mod tests {
         );
 
         let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
-        let b = parse_proc_stat("cpu  200 0 100 850 50 0 0 0 0 0\n").unwrap();
+        let b = parse_proc_stat("cpu  180 0 100 850 50 5 15 9 0 0\n").unwrap();
         assert_eq!(b.busy_pct_since(&a), Some(75.0));
         assert_eq!(b.busy_seconds_since(&a), Some(150.0 / ticks_per_second()));
+        assert_eq!(b.irq_seconds_since(&a), Some(20.0 / ticks_per_second()));
     }
 
     #[test]

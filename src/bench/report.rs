@@ -65,6 +65,9 @@ pub struct Writes {
     /// The worst lag of a send behind its schedule: writers (or the
     /// database) that could not keep the rate.
     pub max_behind_schedule_ms: f64,
+    /// Each INSERT from send to its commit acknowledged at the writer
+    /// (includes the capture trigger's work at COMMIT).
+    pub commit_ms: LatencySummary,
     pub first_error: Option<String>,
 }
 
@@ -125,8 +128,11 @@ pub struct MachineUsage {
     pub cpus: usize,
     /// Percent of all cores busy over the measured window.
     pub busy_pct: Option<f64>,
-    /// Busy CPU seconds not spent by the gateway, PostgreSQL or the bench:
-    /// other work on the machine that the numbers competed with.
+    /// Interrupt and softirq CPU seconds (mostly the loopback TCP traffic
+    /// between the three; the kernel charges it to no process).
+    pub irq_cpu_s: Option<f64>,
+    /// Busy CPU seconds spent neither by the gateway, PostgreSQL or the bench
+    /// nor in interrupts: other work on the machine the numbers competed with.
     pub other_cpu_s: Option<f64>,
 }
 
@@ -227,6 +233,11 @@ impl Report {
             num(w.commits_per_s),
             num(w.max_behind_schedule_ms)
         );
+        let _ = writeln!(
+            s,
+            "commit ms     {}   INSERT sent to commit acknowledged",
+            percentiles(&w.commit_ms)
+        );
         let t = &self.deliveries.tally;
         let _ = writeln!(
             s,
@@ -295,9 +306,10 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "machine       {} cpus, {} % busy ({} cpu s of it outside gateway, PostgreSQL and bench)",
+            "machine       {} cpus, {} % busy; softirq {} cpu s; other processes {} cpu s",
             self.machine.cpus,
             opt(self.machine.busy_pct),
+            opt(self.machine.irq_cpu_s),
             opt(self.machine.other_cpu_s)
         );
         if self.passed {
@@ -412,6 +424,7 @@ pub mod tests {
                 failed: 0,
                 commits_per_s: 1000.0,
                 max_behind_schedule_ms: 0.5,
+                commit_ms: LatencySummary::default(),
                 first_error: None,
             },
             deliveries: Deliveries {
@@ -458,6 +471,7 @@ pub mod tests {
             machine: MachineUsage {
                 cpus: 2,
                 busy_pct: Some(80.0),
+                irq_cpu_s: Some(1.0),
                 other_cpu_s: Some(0.5),
             },
             floor: Some(FloorResult {

@@ -178,6 +178,7 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
             rooms,
             payload_bytes: plan.payload_bytes,
             run_seed: crate::change::now_us() as u64,
+            measure_after_id: plan.warmup_rows(),
         },
         floor_spec,
         Arc::clone(&send_log),
@@ -289,6 +290,8 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
     let mut floor_collector = Collector::new();
     floor_collector.collect(&floor_latency);
     let writes = writes.unwrap_or_default();
+    let mut commit_collector = Collector::new();
+    commit_collector.collect(&progress.commit_latency);
 
     let report = assemble(Assembly {
         plan,
@@ -299,6 +302,7 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
         floor,
         latency: LatencySummary::of(&collector.total),
         floor_latency: LatencySummary::of(&floor_collector.total),
+        commit_latency: LatencySummary::of(&commit_collector.total),
         connected,
         connect_s,
         usage: (&usage_start, &usage_end),
@@ -336,6 +340,7 @@ struct Assembly<'a> {
     floor: Option<FloorOutcome>,
     latency: LatencySummary,
     floor_latency: LatencySummary,
+    commit_latency: LatencySummary,
     connected: usize,
     connect_s: f64,
     usage: (&'a Usage, &'a Usage),
@@ -441,6 +446,7 @@ fn assemble(a: Assembly<'_>) -> Report {
             failed: writes.failed,
             commits_per_s: if write_s > 0.0 { committed as f64 / write_s } else { 0.0 },
             max_behind_schedule_ms: writes.max_behind.as_secs_f64() * 1000.0,
+            commit_ms: a.commit_latency,
             first_error: writes.first_error.clone(),
         },
         deliveries: Deliveries { tally, per_s },
@@ -467,9 +473,14 @@ fn assemble(a: Assembly<'_>) -> Report {
                 (Some(e), Some(s)) => e.busy_pct_since(&s),
                 _ => None,
             },
+            irq_cpu_s: match (end.machine, start.machine) {
+                (Some(e), Some(s)) => e.irq_seconds_since(&s),
+                _ => None,
+            },
             other_cpu_s: match (end.machine, start.machine) {
                 (Some(e), Some(s)) => e.busy_seconds_since(&s).map(|busy| {
                     (busy
+                        - e.irq_seconds_since(&s).unwrap_or(0.0)
                         - bench_cpu
                         - gateway_cpu.unwrap_or(0.0)
                         - delta(end.postgres_cpu, start.postgres_cpu).unwrap_or(0.0))

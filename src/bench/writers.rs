@@ -30,6 +30,8 @@ pub struct WriterSpec {
     pub rooms: u64,
     pub payload_bytes: usize,
     pub run_seed: u64,
+    /// Rows up to this id are warmup: their commits are not timed.
+    pub measure_after_id: u64,
 }
 
 /// What the monitor reads while writers run.
@@ -38,6 +40,9 @@ pub struct WriteProgress {
     pub committed_per_room: Box<[AtomicU64]>,
     /// Rows the floor listener has received (distinct).
     pub floor_delivered: Arc<AtomicU64>,
+    /// Each INSERT's round trip, send to commit acknowledged: the part of
+    /// every commit-to-receive number spent before the commit.
+    pub commit_latency: LatencyRecorder,
 }
 
 impl WriteProgress {
@@ -46,6 +51,7 @@ impl WriteProgress {
             committed: AtomicU64::new(0),
             committed_per_room: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             floor_delivered: Arc::new(AtomicU64::new(0)),
+            commit_latency: LatencyRecorder::new(1),
         }
     }
 }
@@ -321,8 +327,12 @@ async fn run_writer(
             .await;
         match result {
             Ok(_) => {
+                let now = send_log.clock.now_us();
+                if id > spec.measure_after_id {
+                    progress.commit_latency.record(0, &[now.saturating_sub(sent)]);
+                }
                 outcome.committed_per_room[room as usize] += 1;
-                outcome.last_commit_us = send_log.clock.now_us();
+                outcome.last_commit_us = now;
                 progress.committed_per_room[room as usize].fetch_add(1, Ordering::Relaxed);
                 progress.committed.fetch_add(1, Ordering::Relaxed);
             }

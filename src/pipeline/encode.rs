@@ -126,9 +126,25 @@ impl Unit {
     pub fn compressed(&self, encoding: Encoding, level: u32) -> Option<&Bytes> {
         match encoding {
             Encoding::None => None,
-            Encoding::Brotli => Some(self.brotli.get_or_init(|| brotli(self.text.as_bytes(), level).into())),
-            Encoding::Gzip => Some(self.gzip.get_or_init(|| gzip(self.text.as_bytes(), level).into())),
+            _ => Some(self.compressed_timed(encoding, level).0),
         }
+    }
+
+    /// The compressed form for `encoding` (not `None`), and how long making
+    /// it took when this call made it.
+    pub fn compressed_timed(&self, encoding: Encoding, level: u32) -> (&Bytes, Option<std::time::Duration>) {
+        let (cell, compress): (_, fn(&[u8], u32) -> Vec<u8>) = match encoding {
+            Encoding::Gzip => (&self.gzip, gzip),
+            _ => (&self.brotli, brotli),
+        };
+        let mut took = None;
+        let bytes = cell.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let bytes = compress(self.text.as_bytes(), level).into();
+            took = Some(started.elapsed());
+            bytes
+        });
+        (bytes, took)
     }
 
     /// Roughly the memory a queued unit holds.

@@ -258,11 +258,18 @@ impl Writer {
                         Message::Text(merge(&units).into())
                     } else {
                         let unit = &units[0];
-                        let compress =
-                            settings.features.compression && unit.text.len() > settings.pipeline.compression_threshold;
-                        match unit.compressed(self.encoding, settings.pipeline.compression_level) {
-                            Some(bytes) if compress => Message::Binary(bytes.clone()),
-                            _ => Message::Text(unit.text.clone()),
+                        let compress = self.encoding != Encoding::None
+                            && settings.features.compression
+                            && unit.text.len() > settings.pipeline.compression_threshold;
+                        if compress {
+                            let level = settings.pipeline.compression_level;
+                            let (bytes, took) = unit.compressed_timed(self.encoding, level);
+                            if let Some(took) = took {
+                                state.telemetry.stages.record(Stage::Encoding, took.as_micros() as u64);
+                            }
+                            Message::Binary(bytes.clone())
+                        } else {
+                            Message::Text(unit.text.clone())
                         }
                     };
                     let sent = match &message {
