@@ -133,7 +133,8 @@ impl Unit {
     /// The compressed form for `encoding` (not `None`), and how long making
     /// it took when this call made it.
     pub fn compressed_timed(&self, encoding: Encoding, level: u32) -> (&Bytes, Option<std::time::Duration>) {
-        let (cell, compress): (_, fn(&[u8], u32) -> Vec<u8>) = match encoding {
+        type Compress = fn(&[u8], u32) -> Vec<u8>;
+        let (cell, compress): (&OnceLock<Bytes>, Compress) = match encoding {
             Encoding::Gzip => (&self.gzip, gzip),
             _ => (&self.brotli, brotli),
         };
