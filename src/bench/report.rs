@@ -102,6 +102,9 @@ pub struct GatewayUsage {
     /// CPU over the measured window (writers' start to the end of the drain).
     pub cpu_s: Option<f64>,
     pub cpu_ms_per_1k_deliveries: Option<f64>,
+    /// write/sendto/writev calls per delivery (/proc/PID/io `syscw`): 1 means
+    /// every frame went out in a system call of its own.
+    pub write_syscalls_per_delivery: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     pub rss_before_clients_bytes: Option<u64>,
     pub rss_after_clients_bytes: Option<u64>,
@@ -121,6 +124,8 @@ pub struct BenchUsage {
     /// This process (writers, clients, floor) over the measured window.
     pub cpu_s: f64,
     pub cpu_ms_per_1k_deliveries: Option<f64>,
+    /// read/recv calls per delivery (includes the writers' and the floor's).
+    pub read_syscalls_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,9 +291,10 @@ impl Report {
         if let Some(g) = &self.gateway {
             let _ = writeln!(
                 s,
-                "gateway       cpu {} s ({} ms per 1k deliveries), peak rss {}, {} per idle connection",
+                "gateway       cpu {} s ({} ms per 1k deliveries, {} write syscalls per delivery), peak rss {}, {} per idle connection",
                 opt(g.cpu_s),
                 opt(g.cpu_ms_per_1k_deliveries),
+                opt(g.write_syscalls_per_delivery),
                 opt_bytes(g.peak_rss_bytes),
                 g.rss_per_connection_bytes
                     .map(|b| bytes(b as u64))
@@ -300,9 +306,10 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "bench         cpu {} s ({} ms per 1k deliveries)",
+            "bench         cpu {} s ({} ms per 1k deliveries, {} read syscalls per delivery)",
             num(self.bench.cpu_s),
-            opt(self.bench.cpu_ms_per_1k_deliveries)
+            opt(self.bench.cpu_ms_per_1k_deliveries),
+            opt(self.bench.read_syscalls_per_delivery)
         );
         let _ = writeln!(
             s,
@@ -458,6 +465,7 @@ pub mod tests {
                 pid: 42,
                 cpu_s: Some(10.0),
                 cpu_ms_per_1k_deliveries: Some(0.2),
+                write_syscalls_per_delivery: Some(1.0),
                 peak_rss_bytes: Some(50 << 20),
                 rss_before_clients_bytes: Some(10 << 20),
                 rss_after_clients_bytes: Some(15 << 20),
@@ -467,6 +475,7 @@ pub mod tests {
             bench: BenchUsage {
                 cpu_s: 20.0,
                 cpu_ms_per_1k_deliveries: Some(0.4),
+                read_syscalls_per_delivery: Some(1.0),
             },
             machine: MachineUsage {
                 cpus: 2,

@@ -114,6 +114,7 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
             "reconnects": feed.reconnects.load(Ordering::Relaxed),
             "clock_offset_ms": ms(feed.clock_offset_us.load(Ordering::Relaxed)),
             "clock_uncertainty_ms": ms(feed.clock_uncertainty_us.load(Ordering::Relaxed)),
+            "db_round_trip_ms": ms(feed.db_round_trip_us.load(Ordering::Relaxed)),
         },
     });
     let code = if feed_state == FeedState::Down {

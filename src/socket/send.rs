@@ -204,7 +204,9 @@ impl Writer {
             let message = match item {
                 Outbound::Control(text) => Message::Text(text),
                 Outbound::Replay { room, since, upto } => {
-                    tokio::time::timeout(REPLAY_TIMEOUT, replay(sink, state, &room, since, upto))
+                    // Boxed: rare, and its database future is large; unboxed it would
+                    // sit in every connection's task.
+                    tokio::time::timeout(REPLAY_TIMEOUT, Box::pin(replay(sink, state, &room, since, upto)))
                         .await
                         .unwrap_or_else(|_| {
                             Err(CloseReason::new(1013, "history read timed out; reconnect and resume"))

@@ -200,7 +200,9 @@ impl Session {
             ));
         }
         let result = match protocol::decode(text) {
-            Ok(message) => self.handle(message).await,
+            // Boxed: handling may query the database, and that future is
+            // large; unboxed it would sit in every idle connection's task.
+            Ok(message) => Box::pin(self.handle(message)).await,
             Err(error) => Err(error),
         };
         if let Err(error) = result {
