@@ -217,6 +217,7 @@ impl Feed {
                     .context("reading the end of the outbox")?;
                 self.set_position(Position(end));
                 self.hub.advance(Position(end));
+                self.hub.mark_ready();
                 Position(end)
             }
         };

@@ -217,6 +217,10 @@ impl HubState {
 pub struct Hub {
     state: Mutex<HubState>,
     pub stats: crate::pipeline::PipelineStats,
+    /// Whether the feed has found where the outbox ends. Before that, the
+    /// live position is not known, and a subscription could not be told
+    /// which changes it is owed: subscribes wait for it.
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// What one [`Hub::dispatch_group`] did.
@@ -266,6 +270,7 @@ impl Hub {
                 features,
             }),
             stats: Default::default(),
+            ready: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -298,6 +303,19 @@ impl Hub {
     /// The last position dispatched.
     pub fn position(&self) -> Position {
         self.lock().position
+    }
+
+    /// The feed knows the live position: subscriptions may join.
+    pub fn mark_ready(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Waits until [`Hub::mark_ready`]; false when `limit` passed first.
+    pub async fn wait_ready(&self, limit: std::time::Duration) -> bool {
+        let mut ready = self.ready.subscribe();
+        tokio::time::timeout(limit, ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Moves the live position forward without changes to send: the feed

@@ -77,6 +77,10 @@ pub enum ClientEnd {
 pub struct ClientOutcome {
     pub ledger: RoomLedger,
     pub end: ClientEnd,
+    /// Frames that carried changes (a `batch` counts once).
+    pub change_frames: u64,
+    /// Of those, binary (compressed) frames.
+    pub compressed_frames: u64,
     /// Frames that needed the full JSON parse.
     pub slow_frames: u64,
     /// `error` or `reset` messages from the gateway.
@@ -97,6 +101,8 @@ pub async fn run_client(
     let mut outcome = ClientOutcome {
         ledger: RoomLedger::new(room, ctx.rooms),
         end: ClientEnd::Stopped,
+        change_frames: 0,
+        compressed_frames: 0,
         slow_frames: 0,
         protocol_errors: 0,
         last_receive_us: 0,
@@ -138,6 +144,7 @@ pub async fn run_client(
             Some(Ok(Message::Text(text))) => text.as_str(),
             Some(Ok(Message::Binary(bytes))) => match frames::decode_binary(ctx.encoding, bytes) {
                 Ok(text) => {
+                    outcome.compressed_frames += 1;
                     decoded = text;
                     &decoded
                 }
@@ -178,6 +185,7 @@ pub async fn run_client(
                 break;
             }
         }
+        outcome.change_frames += 1;
         latencies.clear();
         for &(id, position) in &pairs {
             if outcome.ledger.observe(id, position) == Seen::First

@@ -96,7 +96,9 @@ pub struct BenchOptions {
     /// Clients connecting at the same time (burst: all of them).
     #[arg(long)]
     pub connect_concurrency: Option<usize>,
-    /// The gateway's NOTIFY channel, for the --floor listener.
+    /// The NOTIFY channel for a gateway the bench starts, and for the
+    /// `realtime` schema when the bench installs it (--floor alone);
+    /// otherwise the database's own setting is used.
     #[arg(long, env = "GATEWAY_CHANNEL", default_value = "realtime_changes")]
     pub channel: String,
     /// Read buffer of each WebSocket client, bytes. tungstenite allocates it

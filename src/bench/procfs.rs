@@ -61,26 +61,6 @@ fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-/// System calls that read and write (any descriptor), from /proc/PID/io: on
-/// a gateway, writes per delivery say how well frames are coalesced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SyscallCounts {
-    pub reads: u64,
-    pub writes: u64,
-}
-
-pub fn process_syscalls(pid: u32) -> Option<SyscallCounts> {
-    parse_io(&std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?)
-}
-
-fn parse_io(text: &str) -> Option<SyscallCounts> {
-    let field = |name: &str| -> Option<u64> { text.lines().find_map(|l| l.strip_prefix(name))?.trim().parse().ok() };
-    Some(SyscallCounts {
-        reads: field("syscr:")?,
-        writes: field("syscw:")?,
-    })
-}
-
 /// Resident memory now and at its peak, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
@@ -220,9 +200,6 @@ mod tests {
             })
         );
 
-        let io = "rchar: 10\nwchar: 20\nsyscr: 3\nsyscw: 4\nread_bytes: 0\n";
-        assert_eq!(parse_io(io), Some(SyscallCounts { reads: 3, writes: 4 }));
-
         let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
         let b = parse_proc_stat("cpu  180 0 100 850 50 5 15 9 0 0\n").unwrap();
         assert_eq!(b.busy_pct_since(&a), Some(75.0));
@@ -237,7 +214,6 @@ mod tests {
         let memory = process_memory(me).unwrap();
         assert!(memory.rss > 0 && memory.peak_rss >= memory.rss);
         assert!(MachineCpu::now().is_some());
-        assert!(process_syscalls(me).is_some());
         assert!(raise_fd_limit() > 0);
     }
 }

@@ -90,6 +90,10 @@ pub struct Connections {
     /// Seconds from the first connect to the last `subscribed`.
     pub connect_s: f64,
     pub first_error: Option<String>,
+    /// Frames that carried changes, and of those the compressed ones: the
+    /// gateway's batching and compression as the clients saw them.
+    pub change_frames: u64,
+    pub compressed_frames: u64,
     /// Frames the clients needed a full JSON parse for (the scan failed).
     pub slow_path_frames: u64,
     /// `error` and `reset` messages received.
@@ -102,9 +106,6 @@ pub struct GatewayUsage {
     /// CPU over the measured window (writers' start to the end of the drain).
     pub cpu_s: Option<f64>,
     pub cpu_ms_per_1k_deliveries: Option<f64>,
-    /// write/sendto/writev calls per delivery (/proc/PID/io `syscw`): 1 means
-    /// every frame went out in a system call of its own.
-    pub write_syscalls_per_delivery: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     pub rss_before_clients_bytes: Option<u64>,
     pub rss_after_clients_bytes: Option<u64>,
@@ -124,8 +125,6 @@ pub struct BenchUsage {
     /// This process (writers, clients, floor) over the measured window.
     pub cpu_s: f64,
     pub cpu_ms_per_1k_deliveries: Option<f64>,
-    /// read/recv calls per delivery (includes the writers' and the floor's).
-    pub read_syscalls_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,6 +280,15 @@ impl Report {
                 .map(|e| format!(" (first: {e})"))
                 .unwrap_or_default()
         );
+        if k.change_frames > 0 {
+            let _ = writeln!(
+                s,
+                "frames        {} carried changes ({} changes per frame), {} of them compressed",
+                k.change_frames,
+                num(self.deliveries.tally.delivered as f64 / k.change_frames as f64),
+                k.compressed_frames
+            );
+        }
         if k.slow_path_frames > 0 || k.protocol_errors > 0 {
             let _ = writeln!(
                 s,
@@ -291,10 +299,9 @@ impl Report {
         if let Some(g) = &self.gateway {
             let _ = writeln!(
                 s,
-                "gateway       cpu {} s ({} ms per 1k deliveries, {} write syscalls per delivery), peak rss {}, {} per idle connection",
+                "gateway       cpu {} s ({} ms per 1k deliveries), peak rss {}, {} per idle connection",
                 opt(g.cpu_s),
                 opt(g.cpu_ms_per_1k_deliveries),
-                opt(g.write_syscalls_per_delivery),
                 opt_bytes(g.peak_rss_bytes),
                 g.rss_per_connection_bytes
                     .map(|b| bytes(b as u64))
@@ -306,10 +313,9 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "bench         cpu {} s ({} ms per 1k deliveries, {} read syscalls per delivery)",
+            "bench         cpu {} s ({} ms per 1k deliveries)",
             num(self.bench.cpu_s),
-            opt(self.bench.cpu_ms_per_1k_deliveries),
-            opt(self.bench.read_syscalls_per_delivery)
+            opt(self.bench.cpu_ms_per_1k_deliveries)
         );
         let _ = writeln!(
             s,
@@ -458,6 +464,8 @@ pub mod tests {
                 dropped: 0,
                 connect_s: 1.5,
                 first_error: None,
+                change_frames: 1_600_000,
+                compressed_frames: 0,
                 slow_path_frames: 0,
                 protocol_errors: 0,
             },
@@ -465,7 +473,6 @@ pub mod tests {
                 pid: 42,
                 cpu_s: Some(10.0),
                 cpu_ms_per_1k_deliveries: Some(0.2),
-                write_syscalls_per_delivery: Some(1.0),
                 peak_rss_bytes: Some(50 << 20),
                 rss_before_clients_bytes: Some(10 << 20),
                 rss_after_clients_bytes: Some(15 << 20),
@@ -475,7 +482,6 @@ pub mod tests {
             bench: BenchUsage {
                 cpu_s: 20.0,
                 cpu_ms_per_1k_deliveries: Some(0.4),
-                read_syscalls_per_delivery: Some(1.0),
             },
             machine: MachineUsage {
                 cpus: 2,

@@ -70,8 +70,6 @@ struct Usage {
     postgres_cpu: Option<Duration>,
     bench_cpu: Duration,
     machine: Option<MachineCpu>,
-    gateway_syscalls: Option<procfs::SyscallCounts>,
-    bench_syscalls: Option<procfs::SyscallCounts>,
 }
 
 impl Usage {
@@ -82,25 +80,12 @@ impl Usage {
             postgres_cpu: target.postgres_pid.and_then(procfs::process_tree_cpu),
             bench_cpu: procfs::self_cpu(),
             machine: MachineCpu::now(),
-            gateway_syscalls: target.gateway_pid.and_then(procfs::process_syscalls),
-            bench_syscalls: procfs::process_syscalls(std::process::id()),
         }
     }
 }
 
 fn delta(later: Option<Duration>, earlier: Option<Duration>) -> Option<f64> {
     Some(later?.saturating_sub(earlier?).as_secs_f64())
-}
-
-/// System calls per delivery between two readings.
-fn per_delivery(
-    later: Option<procfs::SyscallCounts>,
-    earlier: Option<procfs::SyscallCounts>,
-    deliveries: u64,
-    pick: fn(procfs::SyscallCounts) -> u64,
-) -> Option<f64> {
-    let calls = pick(later?).checked_sub(pick(earlier?))?;
-    (deliveries > 0).then(|| calls as f64 / deliveries as f64)
 }
 
 async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: &CancellationToken) -> Result<Report> {
@@ -371,12 +356,16 @@ fn assemble(a: Assembly<'_>) -> Report {
     let mut dropped = 0;
     let mut first_error = None;
     let mut slow_path_frames = 0;
+    let mut change_frames = 0;
+    let mut compressed_frames = 0;
     let mut protocol_errors = 0;
     let mut last_receive_us = 0;
     let mut extra = a.extra_failures;
     for outcome in a.outcomes {
         let expected = a.writes.committed_per_room[outcome.ledger.room() as usize];
         slow_path_frames += outcome.slow_frames;
+        change_frames += outcome.change_frames;
+        compressed_frames += outcome.compressed_frames;
         protocol_errors += outcome.protocol_errors;
         last_receive_us = last_receive_us.max(outcome.last_receive_us);
         let error = match &outcome.end {
@@ -422,9 +411,6 @@ fn assemble(a: Assembly<'_>) -> Report {
         peak_rss_bytes: at_end.map(|m| m.peak_rss),
         rss_before_clients_bytes: before.map(|m| m.rss),
         rss_after_clients_bytes: after.map(|m| m.rss),
-        write_syscalls_per_delivery: per_delivery(end.gateway_syscalls, start.gateway_syscalls, tally.delivered, |c| {
-            c.writes
-        }),
         rss_per_connection_bytes: match (before, after) {
             (Some(b), Some(af)) if a.connected > 0 => Some((af.rss as f64 - b.rss as f64) / a.connected as f64),
             _ => None,
@@ -476,6 +462,8 @@ fn assemble(a: Assembly<'_>) -> Report {
             dropped,
             connect_s: a.connect_s,
             first_error,
+            change_frames,
+            compressed_frames,
             slow_path_frames,
             protocol_errors,
         },
@@ -484,9 +472,6 @@ fn assemble(a: Assembly<'_>) -> Report {
         bench: BenchUsage {
             cpu_s: bench_cpu,
             cpu_ms_per_1k_deliveries: report::cpu_ms_per_1k(bench_cpu, tally.delivered),
-            read_syscalls_per_delivery: per_delivery(end.bench_syscalls, start.bench_syscalls, tally.delivered, |c| {
-                c.reads
-            }),
         },
         machine: MachineUsage {
             cpus: procfs::cpus(),

@@ -25,6 +25,9 @@ use crate::telemetry::Counters;
 /// closed: it is broken or hostile, and answering it costs everyone.
 const ERROR_BUDGET: u32 = 50;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
+/// How long a subscribe waits for a gateway that just started to find the
+/// live position before it is refused.
+const FEED_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// The receiving half's state.
 pub(super) struct Session {
@@ -295,6 +298,12 @@ impl Session {
             return Err(ProtocolError::new(
                 codes::TOO_MANY_SUBSCRIPTIONS,
                 format!("at most {limit} subscriptions per connection"),
+            ));
+        }
+        if !self.state.hub.wait_ready(FEED_READY_WAIT).await {
+            return Err(ProtocolError::new(
+                codes::HISTORY_UNAVAILABLE,
+                "the gateway is not connected to the database yet; retry in a moment",
             ));
         }
         if !self.may_read(&room).await? {
