@@ -11,8 +11,6 @@ pub mod encode;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use encode::Encoding;
-
 /// What the pipeline saved and did, for /healthz and /metrics.
 #[derive(Default)]
 pub struct PipelineStats {
@@ -30,15 +28,14 @@ pub struct PipelineStats {
 }
 
 impl PipelineStats {
-    pub fn record_frame(&self, encoding: Encoding, changes: usize, raw: usize, sent: usize) {
-        self.frames.fetch_add(1, Ordering::Relaxed);
-        self.changes.fetch_add(changes as u64, Ordering::Relaxed);
-        if changes > 1 {
-            self.batched_frames.fetch_add(1, Ordering::Relaxed);
-        }
-        let i = encoding as usize;
-        self.bytes_raw[i].fetch_add(raw as u64, Ordering::Relaxed);
-        self.bytes_sent[i].fetch_add(sent as u64, Ordering::Relaxed);
+    /// Adds what one connection gathered (see `socket::send`): encoding
+    /// index, frames, changes, batched frames, raw and sent bytes.
+    pub fn add(&self, encoding: usize, frames: u64, changes: u64, batched: u64, raw: u64, sent: u64) {
+        self.frames.fetch_add(frames, Ordering::Relaxed);
+        self.changes.fetch_add(changes, Ordering::Relaxed);
+        self.batched_frames.fetch_add(batched, Ordering::Relaxed);
+        self.bytes_raw[encoding].fetch_add(raw, Ordering::Relaxed);
+        self.bytes_sent[encoding].fetch_add(sent, Ordering::Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

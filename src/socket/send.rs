@@ -54,9 +54,12 @@ pub(super) async fn send_loop(
         encoding,
         latencies: Vec::new(),
         carry: None,
+        local: LocalTelemetry::default(),
     };
     let close = loop {
-        let wake = next_ping.min(deadlines(state, liveness));
+        let wake = next_ping
+            .min(deadlines(state, liveness))
+            .min(writer.local.due().unwrap_or(next_ping));
         tokio::select! {
             biased;
             reason = subscriber.close_requested() => break reason,
@@ -84,10 +87,12 @@ pub(super) async fn send_loop(
                         }
                     }
                 }
-                writer.record_latencies(state, subscriber.id);
-                state.telemetry.stages.record_since(Stage::SocketWrite, write_started);
+                writer.record_flush(state, subscriber.id, write_started);
             }
             () = tokio::time::sleep_until(wake) => {
+                if writer.local.due().is_some_and(|due| Instant::now() >= due) {
+                    writer.local.publish(state, subscriber.id);
+                }
                 let settings = state.settings();
                 let now = now_us();
                 let silent = Duration::from_micros((now - liveness.last_heard_us.load(Ordering::Relaxed)).max(0) as u64);
@@ -120,6 +125,7 @@ pub(super) async fn send_loop(
             }
         }
     };
+    writer.local.publish(state, subscriber.id);
     // Recorded on the subscriber (closes from here, like the heartbeat's,
     // were decided locally), which also stops anything more being queued.
     subscriber.close(close.clone());
@@ -179,6 +185,79 @@ struct Writer {
     latencies: Vec<i64>,
     /// An item taken from the queue that did not fit the last merge.
     carry: Option<Outbound>,
+    /// Measurements gathered here and published together: publishing takes
+    /// shared locks and touches counters every connection shares, which at
+    /// one socket write per delivery cost more than the write itself.
+    local: LocalTelemetry,
+}
+
+/// A connection's measurements not yet published.
+#[derive(Default)]
+struct LocalTelemetry {
+    commit_to_send_us: Vec<u64>,
+    queueing_us: Vec<u64>,
+    batch_wait_us: Vec<u64>,
+    encoding_us: Vec<u64>,
+    socket_write_us: Vec<u64>,
+    batch_sizes: Vec<u64>,
+    /// Per encoding (none, br, gzip): frames, changes, batched frames, raw
+    /// bytes, sent bytes.
+    frames: [[u64; 5]; 3],
+    messages: u64,
+    bytes: u64,
+    since: Option<Instant>,
+}
+
+/// Most samples a connection holds before publishing, and the longest it
+/// holds them: what the histograms and /metrics show lags by at most this.
+const PUBLISH_SAMPLES: usize = 256;
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+impl LocalTelemetry {
+    fn due(&self) -> Option<Instant> {
+        self.since.map(|since| since + PUBLISH_EVERY)
+    }
+
+    fn touch(&mut self) {
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn publish(&mut self, state: &AppState, connection_id: u64) {
+        if self.since.take().is_none() {
+            return;
+        }
+        let telemetry = &state.telemetry;
+        if !telemetry.is_probe(connection_id) && !self.commit_to_send_us.is_empty() {
+            telemetry.commit_to_send.record_all(self.commit_to_send_us.drain(..));
+        }
+        self.commit_to_send_us.clear();
+        for (stage, values) in [
+            (Stage::Queueing, &mut self.queueing_us),
+            (Stage::BatchWait, &mut self.batch_wait_us),
+            (Stage::Encoding, &mut self.encoding_us),
+            (Stage::SocketWrite, &mut self.socket_write_us),
+        ] {
+            if !values.is_empty() {
+                telemetry.stages.record_all(stage, values.drain(..));
+            }
+        }
+        for size in self.batch_sizes.drain(..) {
+            telemetry.batch_sizes.record(size);
+        }
+        let stats = &state.hub.stats;
+        for (i, [frames, changes, batched, raw, sent]) in self.frames.iter_mut().enumerate() {
+            if *frames > 0 {
+                stats.add(i, *frames, *changes, *batched, *raw, *sent);
+            }
+            *frames = 0;
+            *changes = 0;
+            *batched = 0;
+            *raw = 0;
+            *sent = 0;
+        }
+        Counters::add(&telemetry.counters.messages_sent, std::mem::take(&mut self.messages));
+        Counters::add(&telemetry.counters.bytes_sent, std::mem::take(&mut self.bytes));
+    }
 }
 
 impl Writer {
@@ -196,7 +275,6 @@ impl Writer {
         state: &AppState,
     ) -> Result<(), CloseReason> {
         let settings = state.settings();
-        let stats = &state.hub.stats;
         let mut item = first;
         let mut frames = 0;
         loop {
@@ -243,16 +321,14 @@ impl Writer {
                             }
                         }
                     }
+                    self.local.touch();
                     for unit in &units {
                         self.latencies.extend_from_slice(&unit.committed_at_us);
-                        state.telemetry.stages.record_since(Stage::Queueing, unit.queued_at);
+                        self.local.queueing_us.push(unit.queued_at.elapsed().as_micros() as u64);
                     }
                     if units.len() > 1 {
                         let waited = units[units.len() - 1].queued_at - units[0].queued_at;
-                        state
-                            .telemetry
-                            .stages
-                            .record(Stage::BatchWait, waited.as_micros() as u64);
+                        self.local.batch_wait_us.push(waited.as_micros() as u64);
                     }
                     let changes: usize = units.iter().map(|u| u.change_count()).sum();
                     let raw: usize = units.iter().map(|u| u.text.len()).sum();
@@ -267,7 +343,7 @@ impl Writer {
                             let level = settings.pipeline.compression_level;
                             let (bytes, took) = unit.compressed_timed(self.encoding, level);
                             if let Some(took) = took {
-                                state.telemetry.stages.record(Stage::Encoding, took.as_micros() as u64);
+                                self.local.encoding_us.push(took.as_micros() as u64);
                             }
                             Message::Binary(bytes.clone())
                         } else {
@@ -284,17 +360,23 @@ impl Writer {
                     } else {
                         Encoding::None
                     };
-                    stats.record_frame(encoding, changes, raw, sent);
-                    state.telemetry.batch_sizes.record(changes as u64);
+                    let frame = &mut self.local.frames[encoding as usize];
+                    frame[0] += 1;
+                    frame[1] += changes as u64;
+                    frame[2] += u64::from(changes > 1);
+                    frame[3] += raw as u64;
+                    frame[4] += sent as u64;
+                    self.local.batch_sizes.push(changes as u64);
                     message
                 }
             };
-            if let Message::Text(text) = &message {
-                Counters::add(&state.telemetry.counters.bytes_sent, text.len() as u64);
-            } else if let Message::Binary(bytes) = &message {
-                Counters::add(&state.telemetry.counters.bytes_sent, bytes.len() as u64);
-            }
-            Counters::add(&state.telemetry.counters.messages_sent, 1);
+            self.local.touch();
+            self.local.bytes += match &message {
+                Message::Text(text) => text.len() as u64,
+                Message::Binary(bytes) => bytes.len() as u64,
+                _ => 0,
+            };
+            self.local.messages += 1;
             sink.feed(message)
                 .await
                 .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
@@ -314,9 +396,23 @@ impl Writer {
     }
 
     /// Commit-to-send for what was just flushed, on the database's clock.
-    fn record_latencies(&mut self, state: &AppState, connection_id: u64) {
-        if !self.latencies.is_empty() {
-            state.telemetry.record_sends(connection_id, self.latencies.drain(..));
+    /// After a flush: commit-to-send of what was just written (computed
+    /// now, published with the rest when due).
+    fn record_flush(&mut self, state: &AppState, connection_id: u64, write_started: std::time::Instant) {
+        let now = state.telemetry.db_now_us();
+        self.local.commit_to_send_us.extend(
+            self.latencies
+                .drain(..)
+                .map(|committed| (now - committed).max(0) as u64),
+        );
+        self.local
+            .socket_write_us
+            .push(write_started.elapsed().as_micros() as u64);
+        self.local.touch();
+        if self.local.commit_to_send_us.len() >= PUBLISH_SAMPLES
+            || self.local.due().is_some_and(|due| Instant::now() >= due)
+        {
+            self.local.publish(state, connection_id);
         }
     }
 }

@@ -12,6 +12,12 @@ async fn healthz_reports_the_spec_fields() {
         .await
         .unwrap();
     client.changes(1).await;
+    // Connections publish their measurements every 100 ms.
+    crate::helpers::eventually("the delivery to be measured", || async {
+        let (_, health) = app.health().await;
+        (health["latency"]["count"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
     let (status, health) = app.health().await;
     assert_eq!(status, 200);
     for field in [
