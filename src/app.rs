@@ -237,9 +237,7 @@ impl Application {
             }
         }
 
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
+        let listener = bind(settings.listen).with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
 
         if matches!(settings.auth, Auth::None) {
             tracing::warn!(
@@ -368,6 +366,20 @@ fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow
         Ok(inner) => inner,
         Err(join) => Err(anyhow!("panicked: {join}")),
     }
+}
+
+/// Binds with a listen backlog of 4,096 (tokio's default is 1,024): a
+/// reconnect storm after a restart otherwise overflows the kernel's queue and
+/// those clients wait out a 1 s SYN retry.
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4096)
 }
 
 /// Short, unique enough to tell instances apart in connection ids and logs.

@@ -49,21 +49,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         on_signal.cancel();
     });
     let result = if args.writers_only {
-        writer_cost::run(&args, interrupt).await.and_then(|mut report| {
-            let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
-            report.failures.extend(regressions);
-            report.passed = report.failures.is_empty();
-            print!("{}{comparison}", report.to_text());
-            Ok((report_json(&report)?, report.passed, report.failures.clone()))
-        })
+        match writer_cost::run(&args, interrupt).await {
+            Ok(report) => conclude(report, &baseline),
+            Err(e) => Err(e),
+        }
     } else {
-        run::run(&args, interrupt).await.and_then(|mut report| {
-            let (comparison, regressions) = compare_with(&report_json(&report)?, &baseline)?;
-            report.failures.extend(regressions);
-            report.passed = report.failures.is_empty();
-            print!("{}{comparison}", report.to_text());
-            Ok((report_json(&report)?, report.passed, report.failures.clone()))
-        })
+        match run::run(&args, interrupt).await {
+            Ok(report) => conclude(report, &baseline),
+            Err(e) => Err(e),
+        }
     };
     signals.abort();
     let (json, passed, failures) = result?;
@@ -76,6 +70,51 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     } else {
         Err(anyhow!("bench failed: {}", failures.join("; ")))
     }
+}
+
+/// What the two kinds of report (delivery, writer cost) share at the end.
+trait Verdict: Serialize {
+    fn failures(&mut self) -> &mut Vec<String>;
+    fn set_passed(&mut self, passed: bool);
+    fn to_text(&self) -> String;
+}
+
+impl Verdict for report::Report {
+    fn failures(&mut self) -> &mut Vec<String> {
+        &mut self.failures
+    }
+    fn set_passed(&mut self, passed: bool) {
+        self.passed = passed;
+    }
+    fn to_text(&self) -> String {
+        report::Report::to_text(self)
+    }
+}
+
+impl Verdict for writer_cost::CostReport {
+    fn failures(&mut self) -> &mut Vec<String> {
+        &mut self.failures
+    }
+    fn set_passed(&mut self, passed: bool) {
+        self.passed = passed;
+    }
+    fn to_text(&self) -> String {
+        writer_cost::CostReport::to_text(self)
+    }
+}
+
+/// Compares with the baseline, prints the report: its JSON, whether it
+/// passed, and why not.
+fn conclude(
+    mut report: impl Verdict,
+    baseline: &Option<(String, serde_json::Value)>,
+) -> Result<(serde_json::Value, bool, Vec<String>)> {
+    let (comparison, regressions) = compare_with(&report_json(&report)?, baseline)?;
+    report.failures().extend(regressions);
+    let failures = report.failures().clone();
+    report.set_passed(failures.is_empty());
+    print!("{}{comparison}", report.to_text());
+    Ok((report_json(&report)?, failures.is_empty(), failures))
 }
 
 /// Compares with the baseline: the comparison's text, and the failures it adds.

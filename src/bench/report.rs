@@ -132,11 +132,13 @@ pub struct MachineUsage {
     pub cpus: usize,
     /// Percent of all cores busy over the measured window.
     pub busy_pct: Option<f64>,
-    /// Interrupt and softirq CPU seconds (mostly the loopback TCP traffic
-    /// between the three; the kernel charges it to no process).
+    /// Of the busy time, seconds in interrupts and softirqs: mostly the
+    /// loopback TCP traffic between the three. Also charged, tick by tick, to
+    /// whichever process was running (mostly the sender), so it overlaps the
+    /// per-process numbers.
     pub irq_cpu_s: Option<f64>,
-    /// Busy CPU seconds spent neither by the gateway, PostgreSQL or the bench
-    /// nor in interrupts: other work on the machine the numbers competed with.
+    /// Busy CPU seconds not charged to the gateway, PostgreSQL or the bench:
+    /// other work on the machine that the numbers competed with.
     pub other_cpu_s: Option<f64>,
 }
 
@@ -319,7 +321,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "machine       {} cpus, {} % busy; softirq {} cpu s; other processes {} cpu s",
+            "machine       {} cpus, {} % busy (softirq {} cpu s of it); other processes {} cpu s",
             self.machine.cpus,
             opt(self.machine.busy_pct),
             opt(self.machine.irq_cpu_s),

@@ -123,40 +123,8 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
         connecting: Arc::new(Semaphore::new(plan.connect_concurrency)),
         stop: stop_clients.clone(),
     });
-    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
-    let connect_started = Instant::now();
-    let mut probes = Vec::with_capacity(plan.connections);
-    let mut handles = Vec::with_capacity(plan.connections);
-    for index in 0..plan.connections {
-        let probe = Arc::new(ClientProbe::new(plan.room_of_client(index)));
-        probes.push(Arc::clone(&probe));
-        handles.push(tokio::spawn(clients::run_client(
-            index,
-            Arc::clone(&ctx),
-            probe,
-            ready_tx.clone(),
-        )));
-    }
-    drop(ready_tx);
-    let mut connected = 0;
-    let mut answered = 0;
-    while answered < plan.connections {
-        tokio::select! {
-            ok = ready_rx.recv() => match ok {
-                Some(ok) => {
-                    answered += 1;
-                    connected += usize::from(ok);
-                }
-                None => break,
-            },
-            () = interrupt.cancelled() => {
-                stop_clients.cancel();
-                bail!("interrupted while connecting");
-            }
-        }
-    }
-    let connect_s = connect_started.elapsed().as_secs_f64();
-    let memory_after = if plan.connections > 0 {
+    let clients = connect_clients(plan, ctx, interrupt).await?;
+    let memory_after = if clients.connected > 0 {
         tokio::time::sleep(SETTLE).await;
         target.gateway_pid.and_then(procfs::process_memory)
     } else {
@@ -190,106 +158,33 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
 
     let bar = Progress::new(!args.no_progress, total_rows, plan.scenario.as_str());
     let mut collector = Collector::new();
-    let mut intervals = Vec::new();
     let usage_start = Usage::now(target);
     db_side.go();
-
-    // Write, then drain: until every connected client (and the floor) has
-    // every committed row of its room, or the drain timeout.
-    let mut writes: Option<WriteOutcome> = None;
-    let mut drain_deadline = None;
-    let mut extra_failures = Vec::new();
-    let mut last_collect = Instant::now();
-    let mut last_interval = (Instant::now(), Usage::now(target));
-    let mut writes_done = db_side.writes();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            done = &mut writes_done, if writes.is_none() => {
-                let done = done?;
-                drain_deadline = Some(Instant::now() + plan.drain_timeout);
-                writes = Some(done);
-            }
-            _ = tick.tick() => {}
-        }
-        if let Some(why) = target.gateway_exited() {
-            extra_failures.push(why);
-            break;
-        }
-        let committed: Vec<u64> = progress
-            .committed_per_room
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        let (delivered, in_flight, dropped) = delivery_state(&probes, &committed);
-        let floor_pending =
-            plan.floor && progress.floor_delivered.load(Ordering::Relaxed) < progress.committed.load(Ordering::Relaxed);
-        if last_collect.elapsed() >= COLLECT_EVERY {
-            collector.collect(&latency);
-            last_collect = Instant::now();
-        }
-        let p99 = LatencySummary::of(&collector.total).p99;
-        bar.update(
-            progress.committed.load(Ordering::Relaxed),
-            format!(
-                "delivered {delivered}  in flight {in_flight}  dropped {dropped}  p99 {} ms",
-                p99.map(report::num).unwrap_or_else(|| "-".into())
-            ),
-        );
-        if let Some(every) = plan.report_every
-            && last_interval.0.elapsed() >= every
-        {
-            collector.collect(&latency);
-            let now = Usage::now(target);
-            let seconds = now.at.duration_since(last_interval.1.at).as_secs_f64();
-            let pct = |cpu: Option<f64>| cpu.map(|c| c * 100.0 / seconds);
-            let line = Interval {
-                elapsed_s: now.at.duration_since(usage_start.at).as_secs_f64(),
-                committed: committed.iter().sum(),
-                delivered,
-                in_flight,
-                dropped_connections: dropped,
-                latency_ms: collector.take_window(),
-                gateway_cpu_pct: pct(delta(now.gateway_cpu, last_interval.1.gateway_cpu)),
-                gateway_rss_bytes: target.gateway_pid.and_then(procfs::process_memory).map(|m| m.rss),
-                bench_cpu_pct: (now.bench_cpu.saturating_sub(last_interval.1.bench_cpu)).as_secs_f64() * 100.0
-                    / seconds,
-            };
-            bar.println(&line.to_text());
-            intervals.push(line);
-            last_interval = (Instant::now(), now);
-        }
-        if interrupt.is_cancelled() {
-            extra_failures.push("interrupted".to_owned());
-            if writes.is_none() {
-                writes = Some((&mut writes_done).await?);
-            }
-            break;
-        }
-        if let Some(deadline) = drain_deadline {
-            if in_flight == 0 && !floor_pending {
-                break;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
+    let watched = Watch {
+        plan,
+        progress: &progress,
+        probes: &clients.probes,
+        latency: &latency,
+        bar: &bar,
+        usage_start: &usage_start,
+        interrupt,
     }
+    .run(target, &mut db_side, &mut collector)
+    .await?;
     let usage_end = Usage::now(target);
     let memory_end = target.gateway_pid.and_then(procfs::process_memory);
     bar.finish();
 
     stop_clients.cancel();
-    let mut outcomes = Vec::with_capacity(handles.len());
-    for handle in handles {
+    let mut outcomes = Vec::with_capacity(clients.handles.len());
+    for handle in clients.handles {
         outcomes.push(handle.await.context("a client task panicked")?);
     }
     let floor = db_side.finish().await;
     collector.collect(&latency);
     let mut floor_collector = Collector::new();
     floor_collector.collect(&floor_latency);
-    let writes = writes.unwrap_or_default();
+    let writes = watched.writes;
     let mut commit_collector = Collector::new();
     commit_collector.collect(&progress.commit_latency);
 
@@ -303,14 +198,182 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
         latency: LatencySummary::of(&collector.total),
         floor_latency: LatencySummary::of(&floor_collector.total),
         commit_latency: LatencySummary::of(&commit_collector.total),
-        connected,
-        connect_s,
+        connected: clients.connected,
+        connect_s: clients.connect_s,
         usage: (&usage_start, &usage_end),
         memory: (memory_before, memory_after, memory_end),
-        intervals,
-        extra_failures,
+        intervals: watched.intervals,
+        extra_failures: watched.failures,
     });
     Ok(report)
+}
+
+/// The clients, connected and subscribed (or failed).
+struct Clients {
+    probes: Vec<Arc<ClientProbe>>,
+    handles: Vec<tokio::task::JoinHandle<ClientOutcome>>,
+    connected: usize,
+    /// From the first connect to the last `subscribed` (or failure).
+    connect_s: f64,
+}
+
+/// Starts every client and waits until each has subscribed or failed.
+async fn connect_clients(plan: &Plan, ctx: Arc<ClientContext>, interrupt: &CancellationToken) -> Result<Clients> {
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut probes = Vec::with_capacity(plan.connections);
+    let mut handles = Vec::with_capacity(plan.connections);
+    for index in 0..plan.connections {
+        let probe = Arc::new(ClientProbe::new(plan.room_of_client(index)));
+        probes.push(Arc::clone(&probe));
+        handles.push(tokio::spawn(clients::run_client(
+            index,
+            Arc::clone(&ctx),
+            probe,
+            ready_tx.clone(),
+        )));
+    }
+    drop(ready_tx);
+    let mut connected = 0;
+    let mut answered = 0;
+    while answered < plan.connections {
+        tokio::select! {
+            ok = ready_rx.recv() => match ok {
+                Some(ok) => {
+                    answered += 1;
+                    connected += usize::from(ok);
+                }
+                None => break,
+            },
+            () = interrupt.cancelled() => {
+                ctx.stop.cancel();
+                bail!("interrupted while connecting");
+            }
+        }
+    }
+    Ok(Clients {
+        probes,
+        handles,
+        connected,
+        connect_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What watching the writes and the drain produced.
+struct Watched {
+    writes: WriteOutcome,
+    intervals: Vec<Interval>,
+    /// Why the run cannot be trusted beyond its counts (interrupted, the
+    /// gateway died).
+    failures: Vec<String>,
+}
+
+/// Watches the writers, then the drain (until every connected client, and
+/// the floor, has every committed row of its room, or the drain timeout),
+/// keeping the progress bar and the interval lines.
+struct Watch<'a> {
+    plan: &'a Plan,
+    progress: &'a WriteProgress,
+    probes: &'a [Arc<ClientProbe>],
+    latency: &'a LatencyRecorder,
+    bar: &'a Progress,
+    usage_start: &'a Usage,
+    interrupt: &'a CancellationToken,
+}
+
+impl Watch<'_> {
+    async fn run(self, target: &mut Target, db_side: &mut DbSide, collector: &mut Collector) -> Result<Watched> {
+        let plan = self.plan;
+        let mut writes: Option<WriteOutcome> = None;
+        let mut drain_deadline = None;
+        let mut failures = Vec::new();
+        let mut intervals = Vec::new();
+        let mut last_collect = Instant::now();
+        let mut last_interval = Usage::now(target);
+        let mut writes_done = db_side.writes();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                done = &mut writes_done, if writes.is_none() => {
+                    writes = Some(done?);
+                    drain_deadline = Some(Instant::now() + plan.drain_timeout);
+                }
+                _ = tick.tick() => {}
+            }
+            if let Some(why) = target.gateway_exited() {
+                failures.push(why);
+                break;
+            }
+            let committed: Vec<u64> = self
+                .progress
+                .committed_per_room
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect();
+            let (delivered, in_flight, dropped) = delivery_state(self.probes, &committed);
+            if last_collect.elapsed() >= COLLECT_EVERY {
+                collector.collect(self.latency);
+                last_collect = Instant::now();
+            }
+            let p99 = LatencySummary::of(&collector.total).p99;
+            self.bar.update(
+                self.progress.committed.load(Ordering::Relaxed),
+                format!(
+                    "delivered {delivered}  in flight {in_flight}  dropped {dropped}  p99 {} ms",
+                    p99.map(report::num).unwrap_or_else(|| "-".into())
+                ),
+            );
+            if let Some(every) = plan.report_every
+                && last_interval.at.elapsed() >= every
+            {
+                collector.collect(self.latency);
+                let now = Usage::now(target);
+                let bench_cpu = now.bench_cpu.saturating_sub(last_interval.bench_cpu).as_secs_f64();
+                let line = Interval {
+                    elapsed_s: now.at.duration_since(self.usage_start.at).as_secs_f64(),
+                    committed: committed.iter().sum(),
+                    delivered,
+                    in_flight,
+                    dropped_connections: dropped,
+                    latency_ms: collector.take_window(),
+                    gateway_cpu_pct: delta(now.gateway_cpu, last_interval.gateway_cpu)
+                        .and_then(|cpu| percent_of_core(cpu, &now, &last_interval)),
+                    gateway_rss_bytes: target.gateway_pid.and_then(procfs::process_memory).map(|m| m.rss),
+                    bench_cpu_pct: percent_of_core(bench_cpu, &now, &last_interval).unwrap_or(0.0),
+                };
+                self.bar.println(&line.to_text());
+                intervals.push(line);
+                last_interval = now;
+            }
+            if self.interrupt.is_cancelled() {
+                failures.push("interrupted".to_owned());
+                if writes.is_none() {
+                    writes = Some((&mut writes_done).await?);
+                }
+                break;
+            }
+            let floor_pending = plan.floor
+                && self.progress.floor_delivered.load(Ordering::Relaxed)
+                    < self.progress.committed.load(Ordering::Relaxed);
+            if let Some(deadline) = drain_deadline
+                && ((in_flight == 0 && !floor_pending) || Instant::now() >= deadline)
+            {
+                break;
+            }
+        }
+        Ok(Watched {
+            writes: writes.unwrap_or_default(),
+            intervals,
+            failures,
+        })
+    }
+}
+
+/// CPU seconds as a percentage of one core over the time between two readings.
+fn percent_of_core(cpu_s: f64, later: &Usage, earlier: &Usage) -> Option<f64> {
+    let seconds = later.at.duration_since(earlier.at).as_secs_f64();
+    (seconds > 0.0).then_some(cpu_s * 100.0 / seconds)
 }
 
 /// Delivered (distinct, all clients), still expected by live clients, and
@@ -486,7 +549,6 @@ fn assemble(a: Assembly<'_>) -> Report {
             other_cpu_s: match (end.machine, start.machine) {
                 (Some(e), Some(s)) => e.busy_seconds_since(&s).map(|busy| {
                     (busy
-                        - e.irq_seconds_since(&s).unwrap_or(0.0)
                         - bench_cpu
                         - gateway_cpu.unwrap_or(0.0)
                         - delta(end.postgres_cpu, start.postgres_cpu).unwrap_or(0.0))

@@ -92,6 +92,18 @@ mod tests {
     }
 
     #[test]
+    fn pings_stay_well_inside_the_connection_timeout() {
+        let ceiling = crate::socket::send::ping_ceiling(MAX, MIN, Duration::from_secs(60));
+        assert_eq!(ceiling, Duration::from_secs(30));
+        let mut hb = Heartbeat::new(Duration::from_secs(25), MIN, ceiling, true);
+        for _ in 0..10 {
+            hb.answered(Duration::from_millis(3));
+        }
+        assert!(hb.interval() <= Duration::from_secs(30), "{:?}", hb.interval());
+        assert_eq!(crate::socket::send::ping_ceiling(MAX, MIN, Duration::from_secs(5)), MIN);
+    }
+
+    #[test]
     fn without_the_feature_the_interval_is_fixed() {
         let mut hb = Heartbeat::new(Duration::from_secs(25), MIN, MAX, false);
         hb.answered(Duration::from_millis(1));

@@ -46,7 +46,11 @@ pub(super) async fn send_loop(
     let mut heartbeat = Heartbeat::new(
         settings.heartbeat.interval,
         settings.heartbeat.min,
-        settings.heartbeat.max,
+        ping_ceiling(
+            settings.heartbeat.max,
+            settings.heartbeat.min,
+            settings.heartbeat.connection_timeout,
+        ),
         settings.features.adaptive_heartbeat,
     );
     let mut next_ping = Instant::now() + heartbeat.interval();
@@ -152,6 +156,14 @@ pub(super) async fn send_loop(
         reason: close.reason.into(),
     };
     let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
+}
+
+/// The longest the adaptive heartbeat may wait between pings: at most half
+/// the connection timeout, so a healthy client that only receives always
+/// answers a ping before it would count as silent (with both at 60 s, the
+/// bench found receive-only clients closed every few minutes).
+pub(super) fn ping_ceiling(max: Duration, min: Duration, connection_timeout: Duration) -> Duration {
+    max.min(connection_timeout / 2).max(min)
 }
 
 /// When the connection must be looked at even if no ping is due: when it
