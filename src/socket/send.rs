@@ -239,10 +239,9 @@ impl LocalTelemetry {
             return;
         }
         let telemetry = &state.telemetry;
-        if !telemetry.is_probe(connection_id) && !self.commit_to_send_us.is_empty() {
-            telemetry.commit_to_send.record_all(self.commit_to_send_us.drain(..));
+        if !self.commit_to_send_us.is_empty() {
+            telemetry.record_send_latencies(connection_id, self.commit_to_send_us.drain(..));
         }
-        self.commit_to_send_us.clear();
         for (stage, values) in [
             (Stage::Queueing, &mut self.queueing_us),
             (Stage::BatchWait, &mut self.batch_wait_us),

@@ -187,12 +187,19 @@ impl Telemetry {
     /// probe's own connection is left out: it is measured end to end as the
     /// probe, and "send" is real traffic.
     pub fn record_sends(&self, connection_id: u64, committed_at_us: impl IntoIterator<Item = i64>) {
-        if self.is_probe(connection_id) {
-            return;
-        }
         let now = self.db_now_us();
-        self.commit_to_send
-            .record_all(committed_at_us.into_iter().map(|c| (now - c).max(0) as u64));
+        self.record_send_latencies(
+            connection_id,
+            committed_at_us.into_iter().map(|c| (now - c).max(0) as u64),
+        );
+    }
+
+    /// Commit-to-send latencies already computed at the flush (a connection
+    /// publishes them in groups); the probe's connection is left out.
+    pub fn record_send_latencies(&self, connection_id: u64, latencies_us: impl IntoIterator<Item = u64>) {
+        if !self.is_probe(connection_id) {
+            self.commit_to_send.record_all(latencies_us);
+        }
     }
 
     /// The key the probe presents when it connects.
