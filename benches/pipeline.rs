@@ -108,7 +108,7 @@ fn fan_out(c: &mut Criterion) {
                 let done = hub.dispatch(Arc::new(daily_log(position, 2_000)));
                 // Drain, as the send tasks would, so queues stay small.
                 for (rx, sub) in queues.iter_mut().zip(&subs) {
-                    while let Ok(item) = rx.try_recv() {
+                    while let Some(item) = rx.try_recv() {
                         sub.sent(item.queued_size());
                     }
                 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::change::{Change, Position, push_json_str};
 use crate::config::{Features, PipelineSettings};
@@ -19,22 +19,26 @@ use crate::pipeline::encode::Unit;
 /// A room name as clients and templates spell it: `project:42`.
 pub type Room = Arc<str>;
 
-/// What a connection's send task works through, in order.
+/// What a connection's send task works through, in order. Kept to 16 bytes
+/// (each variant one pointer): every connection's queue holds these.
 #[derive(Debug)]
 pub enum Outbound {
     /// A protocol message (welcome, subscribed, error, reset) or a replayed
     /// change: plain text, not measured as a live delivery.
-    Control(Utf8Bytes),
+    Control(Box<Utf8Bytes>),
     /// Live changes for one room, encoded once for every member.
     Changes(Arc<Unit>),
     /// Read the room's history `(since, upto]` from the outbox and send it
     /// here: live changes queued after this item are all past `upto`, so the
     /// replay and the live stream join with no gap and no duplicate.
-    Replay {
-        room: Room,
-        since: Position,
-        upto: Position,
-    },
+    Replay(Box<ReplayRange>),
+}
+
+#[derive(Debug)]
+pub struct ReplayRange {
+    pub room: Room,
+    pub since: Position,
+    pub upto: Position,
 }
 
 impl Outbound {
@@ -43,7 +47,7 @@ impl Outbound {
         match self {
             Outbound::Control(text) => text.len(),
             Outbound::Changes(unit) => unit.text.len(),
-            Outbound::Replay { .. } => 0,
+            Outbound::Replay(_) => 0,
         }
     }
 }
@@ -72,12 +76,19 @@ impl CloseReason {
 
 /// The sending half of one WebSocket connection, as the rest of the gateway
 /// sees it: a queue bounded by bytes, and a way to ask for a close.
+///
+/// The queue is a `VecDeque` under a mutex rather than a channel: an idle
+/// connection then holds no channel blocks (a tokio mpsc costs ~1.8 KiB per
+/// connection before its first message), and the send task takes what
+/// waits in one lock.
 #[derive(Debug)]
 pub struct Subscriber {
     pub id: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
-    /// Bytes queued and not yet written to the socket. The channel itself is
-    /// unbounded; this count is its bound (`GATEWAY_SEND_QUEUE_BYTES`).
+    queue: Mutex<QueueState>,
+    /// Wakes the send task: an item was queued into an empty queue.
+    queued: Notify,
+    /// Bytes queued and not yet written to the socket: the queue's bound
+    /// (`GATEWAY_SEND_QUEUE_BYTES`).
     queued_bytes: AtomicUsize,
     queue_limit: usize,
     /// Set once; after it nothing more is queued, so what the client got is a
@@ -87,24 +98,69 @@ pub struct Subscriber {
     close_requested: Notify,
 }
 
+#[derive(Debug, Default)]
+struct QueueState {
+    items: VecDeque<Outbound>,
+    /// The send task is gone: nothing is queued any more.
+    detached: bool,
+}
+
+/// The send task's end of a connection's queue. Dropping it detaches the
+/// queue: later pushes fail and what was queued is freed.
+#[derive(Debug)]
+pub struct QueueReceiver {
+    subscriber: Arc<Subscriber>,
+}
+
+impl QueueReceiver {
+    /// The next queued item, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.subscriber.queue.lock().expect("queue lock").items.pop_front()
+    }
+
+    /// Waits for the next item.
+    pub async fn recv(&mut self) -> Outbound {
+        loop {
+            // A push into an empty queue stores a permit when nobody waits,
+            // so an item queued between this check and the await still wakes.
+            let queued = self.subscriber.queued.notified();
+            if let Some(item) = self.subscriber.queue.lock().expect("queue lock").items.pop_front() {
+                return item;
+            }
+            queued.await;
+        }
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        let mut queue = self.subscriber.queue.lock().expect("queue lock");
+        queue.detached = true;
+        queue.items = VecDeque::new();
+    }
+}
+
 impl Subscriber {
-    pub fn new(id: u64, queue_limit: usize) -> (Arc<Subscriber>, mpsc::UnboundedReceiver<Outbound>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sub = Subscriber {
+    pub fn new(id: u64, queue_limit: usize) -> (Arc<Subscriber>, QueueReceiver) {
+        let sub = Arc::new(Subscriber {
             id,
-            tx,
+            queue: Mutex::new(QueueState::default()),
+            queued: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
             queue_limit,
             closing: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             close_requested: Notify::new(),
+        });
+        let receiver = QueueReceiver {
+            subscriber: Arc::clone(&sub),
         };
-        (Arc::new(sub), rx)
+        (sub, receiver)
     }
 
     /// Queues a protocol message.
     pub fn push_control(&self, text: String) -> bool {
-        self.push(Outbound::Control(text.into()))
+        self.push(Outbound::Control(Box::new(text.into())))
     }
 
     /// Queues an item. A full queue means the client cannot keep up: it is
@@ -123,7 +179,20 @@ impl Subscriber {
             ));
             return false;
         }
-        self.tx.send(item).is_ok()
+        let was_empty = {
+            let mut queue = self.queue.lock().expect("queue lock");
+            if queue.detached {
+                return false;
+            }
+            queue.items.push_back(item);
+            queue.items.len() == 1
+        };
+        // The send task only waits after finding the queue empty: a push
+        // into a queue that has items needs no wake-up.
+        if was_empty {
+            self.queued.notify_one();
+        }
+        true
     }
 
     /// The send task reports bytes it has written.
@@ -336,7 +405,7 @@ impl Hub {
         for (room, members) in &state.rooms {
             let message = Utf8Bytes::from(crate::protocol::reset_message(room, reason));
             for member in members {
-                member.subscriber.push(Outbound::Control(message.clone()));
+                member.subscriber.push(Outbound::Control(Box::new(message.clone())));
             }
         }
     }
@@ -376,11 +445,11 @@ impl Hub {
                 Replay::Memory
             }
             Some(since) => {
-                sub.push(Outbound::Replay {
+                sub.push(Outbound::Replay(Box::new(ReplayRange {
                     room: Room::from(room),
                     since,
                     upto: live,
-                });
+                })));
                 Replay::Outbox
             }
         };
@@ -528,16 +597,30 @@ mod tests {
         Hub::new(start, settings.pipeline, settings.features)
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
+    fn drain(rx: &mut QueueReceiver) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(item) = rx.try_recv() {
+        while let Some(item) = rx.try_recv() {
             match item {
                 Outbound::Control(text) => out.push(text.to_string()),
                 Outbound::Changes(unit) => out.push(unit.text.to_string()),
-                Outbound::Replay { room, since, upto } => out.push(format!("replay {room} {since}..{upto}")),
+                Outbound::Replay(r) => out.push(format!("replay {} {}..{}", r.room, r.since, r.upto)),
             }
         }
         out
+    }
+
+    #[test]
+    fn queue_items_are_one_pointer_wide() {
+        // Every connection's queue holds these; see `Outbound`.
+        assert_eq!(std::mem::size_of::<Outbound>(), 16);
+    }
+
+    #[test]
+    fn a_detached_queue_takes_nothing_more() {
+        let (sub, rx) = Subscriber::new(1, 1 << 20);
+        assert!(sub.push_control("one".into()));
+        drop(rx);
+        assert!(!sub.push_control("two".into()), "push after the send task is gone");
     }
 
     #[test]

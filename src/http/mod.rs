@@ -27,7 +27,7 @@ pub use latency::parse_window;
 
 /// Socket buffer sizes, chosen for memory per idle connection: tungstenite's
 /// 128 KiB read buffer default would be resident on every socket.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 512;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// The largest outbound frame (a change carrying a very large row).
 const MAX_OUTBOUND_FRAME_BYTES: usize = 256 * 1024 * 1024;
@@ -128,16 +128,18 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             let tracked = Arc::clone(&state);
             state.connections.track_future(async move {
+                // One call site: each `.await` of a large future takes its
+                // own slot in this task's state, resident per connection.
                 let counters = &tracked.telemetry.counters;
-                if is_probe {
-                    socket::serve(socket, Arc::clone(&tracked), identity, id, encoding).await;
-                    return;
+                if !is_probe {
+                    Counters::add(&counters.connections_opened, 1);
+                    tracked.active_connections.fetch_add(1, Ordering::AcqRel);
                 }
-                Counters::add(&counters.connections_opened, 1);
-                tracked.active_connections.fetch_add(1, Ordering::AcqRel);
                 socket::serve(socket, Arc::clone(&tracked), identity, id, encoding).await;
-                tracked.active_connections.fetch_sub(1, Ordering::AcqRel);
-                Counters::add(&counters.connections_closed, 1);
+                if !is_probe {
+                    tracked.active_connections.fetch_sub(1, Ordering::AcqRel);
+                    Counters::add(&counters.connections_closed, 1);
+                }
             })
         })
 }

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
-use tokio::sync::mpsc;
 
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use crate::app::AppState;
 use crate::change::{Notification, Position, now_us};
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
-use crate::rooms::{CloseReason, Outbound, Room, Subscriber};
+use crate::rooms::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
 use crate::telemetry::Counters;
 use crate::telemetry::stages::Stage;
 
@@ -36,7 +35,7 @@ const REPLAY_PAGE: i64 = 500;
 /// pings; closes the socket when asked to.
 pub(super) async fn send_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::UnboundedReceiver<Outbound>,
+    mut queue: QueueReceiver,
     subscriber: &Subscriber,
     state: &AppState,
     liveness: &Liveness,
@@ -72,7 +71,6 @@ pub(super) async fn send_loop(
                 "gateway shutting down; reconnect and resume from your last position",
             ),
             item = next_item(&mut writer.carry, &mut queue) => {
-                let Some(item) = item else { return };
                 let write_started = std::time::Instant::now();
                 let written = writer.write_ready(&mut sink, item, &mut queue, subscriber, state).await;
                 if let Err(reason) = written {
@@ -138,7 +136,7 @@ pub(super) async fn send_loop(
         // last changes) goes first; a slow consumer's queue is what it could
         // not take, and it resumes from its position instead.
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(item) = writer.carry.take().or_else(|| queue.try_recv().ok()) {
+            while let Some(item) = writer.carry.take().or_else(|| queue.try_recv()) {
                 if writer
                     .write_ready(&mut sink, item, &mut queue, subscriber, state)
                     .await
@@ -183,9 +181,9 @@ fn deadlines(state: &AppState, liveness: &Liveness) -> Instant {
 }
 
 /// The next queued item: one held back by the last merge, else the queue's.
-async fn next_item(carry: &mut Option<Outbound>, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
+async fn next_item(carry: &mut Option<Outbound>, queue: &mut QueueReceiver) -> Outbound {
     match carry.take() {
-        Some(item) => Some(item),
+        Some(item) => item,
         None => queue.recv().await,
     }
 }
@@ -281,7 +279,7 @@ impl Writer {
         &mut self,
         sink: &mut SplitSink<WebSocket, Message>,
         first: Outbound,
-        queue: &mut mpsc::UnboundedReceiver<Outbound>,
+        queue: &mut QueueReceiver,
         subscriber: &Subscriber,
         state: &AppState,
     ) -> Result<(), CloseReason> {
@@ -291,8 +289,9 @@ impl Writer {
         loop {
             subscriber.sent(item.queued_size());
             let message = match item {
-                Outbound::Control(text) => Message::Text(text),
-                Outbound::Replay { room, since, upto } => {
+                Outbound::Control(text) => Message::Text(*text),
+                Outbound::Replay(range) => {
+                    let ReplayRange { room, since, upto } = *range;
                     // Boxed: rare, and its database future is large; unboxed it would
                     // sit in every connection's task.
                     tokio::time::timeout(REPLAY_TIMEOUT, Box::pin(replay(sink, state, &room, since, upto)))
@@ -316,7 +315,7 @@ impl Writer {
                         let mut count = units[0].change_count();
                         while count < settings.pipeline.batch_size {
                             match queue.try_recv() {
-                                Ok(Outbound::Changes(next))
+                                Some(Outbound::Changes(next))
                                     if mergeable(&next)
                                         && count + next.change_count() <= settings.pipeline.batch_size =>
                                 {
@@ -324,11 +323,11 @@ impl Writer {
                                     count += next.change_count();
                                     units.push(next);
                                 }
-                                Ok(other) => {
+                                Some(other) => {
                                     self.carry = Some(other);
                                     break;
                                 }
-                                Err(_) => break,
+                                None => break,
                             }
                         }
                     }
@@ -402,8 +401,8 @@ impl Writer {
         }
     }
 
-    fn next_ready(&mut self, queue: &mut mpsc::UnboundedReceiver<Outbound>) -> Option<Outbound> {
-        self.carry.take().or_else(|| queue.try_recv().ok())
+    fn next_ready(&mut self, queue: &mut QueueReceiver) -> Option<Outbound> {
+        self.carry.take().or_else(|| queue.try_recv())
     }
 
     /// Commit-to-send for what was just flushed, on the database's clock.
