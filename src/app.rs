@@ -4,7 +4,7 @@
 //! the same way.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,6 +31,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct AppState {
     /// Replaced whole on reload, so a reader sees one consistent version.
     settings: RwLock<Arc<Settings>>,
+    /// Bumped after each reload: hot loops keep their copy of the settings
+    /// and re-read them only when this moves (see [`SettingsCache`]).
+    settings_version: AtomicU64,
     pub hub: Arc<Hub>,
     pub telemetry: Arc<Telemetry>,
     pub pool: PgPool,
@@ -150,6 +153,35 @@ impl AppState {
         self.hub.configure(next.pipeline.clone(), next.features);
         tracing::info!(features = ?next.features, "configuration reloaded");
         *self.settings.write().expect("settings lock") = Arc::new(next);
+        self.settings_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// A copy of the settings that follows reloads, for a loop that reads
+    /// them per message (the shared lock's counter would bounce between
+    /// cores on every read).
+    pub fn settings_cache(&self) -> SettingsCache {
+        SettingsCache {
+            version: self.settings_version.load(Ordering::Acquire),
+            settings: self.settings(),
+        }
+    }
+}
+
+/// See [`AppState::settings_cache`].
+pub struct SettingsCache {
+    version: u64,
+    settings: Arc<Settings>,
+}
+
+impl SettingsCache {
+    /// The current settings: the copy, re-read if a reload happened since.
+    pub fn get(&mut self, state: &AppState) -> &Settings {
+        let version = state.settings_version.load(Ordering::Acquire);
+        if version != self.version {
+            self.version = version;
+            self.settings = state.settings();
+        }
+        &self.settings
     }
 }
 
@@ -260,6 +292,7 @@ impl Application {
             refusals: Default::default(),
             closes: Default::default(),
             settings: RwLock::new(Arc::new(settings)),
+            settings_version: AtomicU64::new(0),
             hub,
             telemetry,
             pool,

@@ -16,6 +16,7 @@ use super::heartbeat::Heartbeat;
 use super::{CLOSE_LINGER, Liveness, SLOW_CLOSE_GRACE};
 use crate::app::AppState;
 use crate::change::{Notification, Position, now_us};
+use crate::config::Settings;
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
 use crate::rooms::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
@@ -41,16 +42,17 @@ pub(super) async fn send_loop(
     liveness: &Liveness,
     encoding: Encoding,
 ) {
-    let settings = state.settings();
+    let mut settings = state.settings_cache();
+    let initial = settings.get(state);
     let mut heartbeat = Heartbeat::new(
-        settings.heartbeat.interval,
-        settings.heartbeat.min,
+        initial.heartbeat.interval,
+        initial.heartbeat.min,
         ping_ceiling(
-            settings.heartbeat.max,
-            settings.heartbeat.min,
-            settings.heartbeat.connection_timeout,
+            initial.heartbeat.max,
+            initial.heartbeat.min,
+            initial.heartbeat.connection_timeout,
         ),
-        settings.features.adaptive_heartbeat,
+        initial.features.adaptive_heartbeat,
     );
     let mut next_ping = Instant::now() + heartbeat.interval();
     let mut writer = Writer {
@@ -59,20 +61,34 @@ pub(super) async fn send_loop(
         carry: None,
         local: LocalTelemetry::default(),
     };
+    // Made once and polled again on every turn: making them per message
+    // (a waiter registered and removed on the shutdown token every
+    // connection shares, a timer entry added and removed) cost more than
+    // the write they guard.
+    let mut closed = std::pin::pin!(subscriber.close_requested());
+    let mut shutdown = std::pin::pin!(state.shutdown.cancelled());
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping));
     let close = loop {
+        // The timer only moves earlier here: firing early is harmless (the
+        // timer branch checks what is actually due and sets it again).
         let wake = next_ping
-            .min(deadlines(state, liveness))
+            .min(deadlines(settings.get(state), liveness))
             .min(writer.local.due().unwrap_or(next_ping));
+        if wake < timer.deadline() {
+            timer.as_mut().reset(wake);
+        }
         tokio::select! {
             biased;
-            reason = subscriber.close_requested() => break reason,
-            () = state.shutdown.cancelled() => break CloseReason::new(
+            reason = &mut closed => break reason,
+            () = &mut shutdown => break CloseReason::new(
                 CloseReason::GOING_AWAY,
                 "gateway shutting down; reconnect and resume from your last position",
             ),
             item = next_item(&mut writer.carry, &mut queue) => {
                 let write_started = std::time::Instant::now();
-                let written = writer.write_ready(&mut sink, item, &mut queue, subscriber, state).await;
+                let written = writer
+                    .write_ready(&mut sink, item, &mut queue, subscriber, state, settings.get(state))
+                    .await;
                 if let Err(reason) = written {
                     break reason;
                 }
@@ -82,7 +98,7 @@ pub(super) async fn send_loop(
                 // dropped: it must not hold a task or memory forever.
                 tokio::select! {
                     flushed = sink.flush() => if flushed.is_err() { return },
-                    reason = subscriber.close_requested() => {
+                    reason = &mut closed => {
                         match tokio::time::timeout(SLOW_CLOSE_GRACE, sink.flush()).await {
                             Ok(Ok(())) => break reason,
                             _ => return,
@@ -91,11 +107,11 @@ pub(super) async fn send_loop(
                 }
                 writer.record_flush(state, subscriber.id, write_started);
             }
-            () = tokio::time::sleep_until(wake) => {
+            () = &mut timer => {
                 if writer.local.due().is_some_and(|due| Instant::now() >= due) {
                     writer.local.publish(state, subscriber.id);
                 }
-                let settings = state.settings();
+                let settings = settings.get(state);
                 let now = now_us();
                 let silent = Duration::from_micros((now - liveness.last_heard_us.load(Ordering::Relaxed)).max(0) as u64);
                 if silent > settings.heartbeat.connection_timeout {
@@ -124,6 +140,10 @@ pub(super) async fn send_loop(
                         return;
                     }
                 }
+                let wake = next_ping
+                    .min(deadlines(settings, liveness))
+                    .min(writer.local.due().unwrap_or(next_ping));
+                timer.as_mut().reset(wake);
             }
         }
     };
@@ -135,10 +155,11 @@ pub(super) async fn send_loop(
         // What was queued before the close (the errors that explain it, the
         // last changes) goes first; a slow consumer's queue is what it could
         // not take, and it resumes from its position instead.
+        let settings = state.settings();
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             while let Some(item) = writer.carry.take().or_else(|| queue.try_recv()) {
                 if writer
-                    .write_ready(&mut sink, item, &mut queue, subscriber, state)
+                    .write_ready(&mut sink, item, &mut queue, subscriber, state, &settings)
                     .await
                     .is_err()
                 {
@@ -166,8 +187,7 @@ pub(super) fn ping_ceiling(max: Duration, min: Duration, connection_timeout: Dur
 
 /// When the connection must be looked at even if no ping is due: when it
 /// would pass the heartbeat timeout, or go idle.
-fn deadlines(state: &AppState, liveness: &Liveness) -> Instant {
-    let settings = state.settings();
+fn deadlines(settings: &Settings, liveness: &Liveness) -> Instant {
     let now = now_us();
     let heard = liveness.last_heard_us.load(Ordering::Relaxed);
     let silence_left = settings.heartbeat.connection_timeout.as_micros() as i64 - (now - heard);
@@ -282,8 +302,8 @@ impl Writer {
         queue: &mut QueueReceiver,
         subscriber: &Subscriber,
         state: &AppState,
+        settings: &Settings,
     ) -> Result<(), CloseReason> {
-        let settings = state.settings();
         let mut item = first;
         let mut frames = 0;
         loop {
