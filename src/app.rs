@@ -339,6 +339,14 @@ impl Application {
         let mut probe_task = tokio::spawn(crate::probe::run(Arc::clone(&state), listener.local_addr()?));
         let mut monitor_task = tokio::spawn(crate::telemetry::monitor::run(Arc::clone(&state)));
         let router = http::router(Arc::clone(&state));
+        // No Nagle: a change is one small frame, written when it is ready;
+        // held back until the previous frame's ACK it would wait out the
+        // client's delayed ACK (up to 40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+            }
+        });
         let mut http_task = tokio::spawn(
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
