@@ -69,7 +69,15 @@ pub struct Feed {
     /// The last position dispatched; None until the first session has found
     /// where the outbox ends.
     position: Option<Position>,
+    /// Stage samples (notify lag, encoding) not yet in the shared histograms:
+    /// the feed is on every delivery's path, so it never waits for a reader
+    /// of them (see `WindowedHistogram::try_record_all`).
+    held_lag_us: Vec<u64>,
+    held_encoding_us: Vec<u64>,
 }
+
+/// Past this many held stage samples the feed waits for the histogram.
+const HELD_SAMPLES_MAX: usize = 4096;
 
 impl Feed {
     pub fn new(database_url: String, channel: String, pool: PgPool, hub: Arc<Hub>, telemetry: Arc<Telemetry>) -> Feed {
@@ -80,6 +88,8 @@ impl Feed {
             hub,
             telemetry,
             position: None,
+            held_lag_us: Vec::new(),
+            held_encoding_us: Vec::new(),
         }
     }
 
@@ -269,12 +279,27 @@ impl Feed {
             self.telemetry.feed.lag_us.store(lag as i64, Ordering::Relaxed);
         }
         let telemetry = &self.telemetry;
-        telemetry.stages.record_all(
-            Stage::NotifyLag,
-            changes.iter().map(|c| telemetry.since_commit_us(c.committed_at_us)),
-        );
+        self.held_lag_us
+            .extend(changes.iter().map(|c| telemetry.since_commit_us(c.committed_at_us)));
         self.dispatch(changes);
+        self.publish_stages();
         Ok(())
+    }
+
+    /// Moves held stage samples into the shared histograms if they are free.
+    fn publish_stages(&mut self) {
+        let stages = &self.telemetry.stages;
+        for (stage, held) in [
+            (Stage::NotifyLag, &mut self.held_lag_us),
+            (Stage::Encoding, &mut self.held_encoding_us),
+        ] {
+            if held.is_empty() || stages.try_record_all(stage, held) {
+                continue;
+            }
+            if held.len() > HELD_SAMPLES_MAX {
+                stages.record_all(stage, held.drain(..));
+            }
+        }
     }
 
     /// Reads a change too large for a NOTIFY payload back from the outbox.
@@ -309,7 +334,7 @@ impl Feed {
         let done = self.hub.dispatch_group(fresh);
         Counters::add(&counters.deliveries_queued, done.deliveries as u64);
         if done.units > 0 {
-            self.telemetry.stages.record(Stage::Encoding, done.encoding_us);
+            self.held_encoding_us.push(done.encoding_us);
         }
         self.set_position(last);
     }

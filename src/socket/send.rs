@@ -109,7 +109,7 @@ pub(super) async fn send_loop(
             }
             () = &mut timer => {
                 if writer.local.due().is_some_and(|due| Instant::now() >= due) {
-                    writer.local.publish(state, subscriber.id);
+                    writer.local.publish(state, subscriber.id, false);
                 }
                 let settings = settings.get(state);
                 let now = now_us();
@@ -147,7 +147,7 @@ pub(super) async fn send_loop(
             }
         }
     };
-    writer.local.publish(state, subscriber.id);
+    writer.local.publish(state, subscriber.id, true);
     // Recorded on the subscriber (closes from here, like the heartbeat's,
     // were decided locally), which also stops anything more being queued.
     subscriber.close(close.clone());
@@ -241,6 +241,8 @@ struct LocalTelemetry {
 /// Most samples a connection holds before publishing, and the longest it
 /// holds them: what the histograms and /metrics show lags by at most this.
 const PUBLISH_SAMPLES: usize = 256;
+/// Past this many held samples a publish waits for the histograms' locks.
+const PUBLISH_FORCE_SAMPLES: usize = 4 * PUBLISH_SAMPLES;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 impl LocalTelemetry {
@@ -252,13 +254,22 @@ impl LocalTelemetry {
         self.since.get_or_insert_with(Instant::now);
     }
 
-    fn publish(&mut self, state: &AppState, connection_id: u64) {
+    /// Hands the measurements to the shared histograms. Unless `force`d it
+    /// does not wait for a histogram a reader holds: what could not go stays
+    /// here for the next turn (bounded: past [`PUBLISH_FORCE_SAMPLES`] the
+    /// publish waits).
+    fn publish(&mut self, state: &AppState, connection_id: u64, force: bool) {
         if self.since.take().is_none() {
             return;
         }
         let telemetry = &state.telemetry;
+        let mut published = true;
         if !self.commit_to_send_us.is_empty() {
-            telemetry.record_send_latencies(connection_id, self.commit_to_send_us.drain(..));
+            if force {
+                telemetry.record_send_latencies(connection_id, self.commit_to_send_us.drain(..));
+            } else {
+                published &= telemetry.try_record_send_latencies(connection_id, &mut self.commit_to_send_us);
+            }
         }
         for (stage, values) in [
             (Stage::Queueing, &mut self.queueing_us),
@@ -266,9 +277,17 @@ impl LocalTelemetry {
             (Stage::Encoding, &mut self.encoding_us),
             (Stage::SocketWrite, &mut self.socket_write_us),
         ] {
-            if !values.is_empty() {
-                telemetry.stages.record_all(stage, values.drain(..));
+            if values.is_empty() {
+                continue;
             }
+            if force {
+                telemetry.stages.record_all(stage, values.drain(..));
+            } else {
+                published &= telemetry.stages.try_record_all(stage, values);
+            }
+        }
+        if !published {
+            self.since = Some(Instant::now());
         }
         for size in self.batch_sizes.drain(..) {
             telemetry.batch_sizes.record(size);
@@ -439,10 +458,9 @@ impl Writer {
             .socket_write_us
             .push(write_started.elapsed().as_micros() as u64);
         self.local.touch();
-        if self.local.commit_to_send_us.len() >= PUBLISH_SAMPLES
-            || self.local.due().is_some_and(|due| Instant::now() >= due)
-        {
-            self.local.publish(state, connection_id);
+        let held = self.local.commit_to_send_us.len();
+        if held >= PUBLISH_SAMPLES || self.local.due().is_some_and(|due| Instant::now() >= due) {
+            self.local.publish(state, connection_id, held >= PUBLISH_FORCE_SAMPLES);
         }
     }
 }

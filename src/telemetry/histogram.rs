@@ -254,15 +254,33 @@ impl WindowedHistogram {
         self.record_all([value_us]);
     }
 
+    /// Like [`WindowedHistogram::record_all`], but gives up at once when the
+    /// lock is held (a reader merging windows for a percentile holds it for
+    /// up to a millisecond): returns false and leaves `values_us` to try
+    /// again. The send path uses this, so a worker thread never stalls on a
+    /// reader while deliveries wait behind it.
+    pub fn try_record_all(&self, values_us: &mut Vec<u64>) -> bool {
+        let mut rings = match self.rings.try_lock() {
+            Ok(rings) => rings,
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("histogram lock poisoned: {e}"),
+        };
+        Self::record_into(&mut rings, now_secs(), values_us.drain(..));
+        true
+    }
+
     fn record_all_at(&self, now_s: u64, values_us: impl IntoIterator<Item = u64>) {
-        let mut rings = self.lock();
+        Self::record_into(&mut self.lock(), now_s, values_us);
+    }
+
+    fn record_into(rings: &mut Rings, now_s: u64, values_us: impl IntoIterator<Item = u64>) {
         let Rings {
             fine,
             coarse,
             interval,
             total,
             total_sum_us,
-        } = &mut *rings;
+        } = rings;
         let epoch = now_s / FINE_SLOT_S;
         let slot = &mut fine[(epoch % FINE_SLOTS) as usize];
         if slot.index != epoch {
@@ -439,6 +457,20 @@ mod tests {
     }
 
     const T0: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_held_lock_leaves_the_values_for_the_next_try() {
+        let h = WindowedHistogram::ten_minutes();
+        let mut values = vec![100, 200, 300];
+        {
+            let _reader = h.lock();
+            assert!(!h.try_record_all(&mut values), "gave up while a reader holds the lock");
+        }
+        assert_eq!(values.len(), 3, "nothing taken on a failed try");
+        assert!(h.try_record_all(&mut values));
+        assert!(values.is_empty());
+        assert_eq!(h.total_count(), 3);
+    }
 
     #[test]
     fn percentiles_of_a_uniform_distribution() {

@@ -202,6 +202,15 @@ impl Telemetry {
         }
     }
 
+    /// See [`histogram::WindowedHistogram::try_record_all`].
+    pub fn try_record_send_latencies(&self, connection_id: u64, latencies_us: &mut Vec<u64>) -> bool {
+        if self.is_probe(connection_id) {
+            latencies_us.clear();
+            return true;
+        }
+        self.commit_to_send.try_record_all(latencies_us)
+    }
+
     /// The key the probe presents when it connects.
     pub fn probe_key(&self) -> &str {
         &self.probe_key

@@ -73,6 +73,11 @@ impl Stages {
         self.by_stage[stage.index()].record_all(values_us);
     }
 
+    /// See [`super::histogram::WindowedHistogram::try_record_all`].
+    pub fn try_record_all(&self, stage: Stage, values_us: &mut Vec<u64>) -> bool {
+        self.by_stage[stage.index()].try_record_all(values_us)
+    }
+
     /// Records the time since `started`: `let t = Instant::now(); encode();
     /// stages.record_since(Stage::Encoding, t)`.
     pub fn record_since(&self, stage: Stage, started: Instant) {
