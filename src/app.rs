@@ -61,6 +61,17 @@ impl AppState {
         Arc::clone(&self.settings.read().expect("settings lock"))
     }
 
+    /// Asks every open connection to close: each send loop writes what it
+    /// had queued, then this close frame. Shutdown does this once; a
+    /// connection registered after it sees the cancelled token itself
+    /// (`socket::serve`).
+    pub fn close_all(&self, reason: &crate::rooms::CloseReason) {
+        let live = self.connections_live.lock().expect("connections lock");
+        for handle in live.values() {
+            handle.subscriber.close(reason.clone());
+        }
+    }
+
     pub fn register_connection(&self, id: u64, handle: ConnectionHandle) {
         self.connections_live
             .lock()
@@ -330,6 +341,11 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
 
         let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
+        let closer = Arc::clone(&state);
+        tokio::spawn(async move {
+            closer.shutdown.cancelled().await;
+            closer.close_all(&crate::rooms::CloseReason::going_away());
+        });
         let mut reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&state)));
         let mut pruner_task = tokio::spawn(crate::history::run_pruner(
             state.pool.clone(),

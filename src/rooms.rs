@@ -66,6 +66,14 @@ impl CloseReason {
     pub const TOKEN_EXPIRED: u16 = 4001;
     pub const SLOW_CONSUMER: u16 = 4008;
 
+    /// Shutdown: 1001 with what the client should do.
+    pub fn going_away() -> CloseReason {
+        CloseReason::new(
+            CloseReason::GOING_AWAY,
+            "gateway shutting down; reconnect and resume from your last position",
+        )
+    }
+
     pub fn new(code: u16, reason: impl Into<String>) -> CloseReason {
         CloseReason {
             code,
@@ -85,7 +93,8 @@ impl CloseReason {
 pub struct Subscriber {
     pub id: u64,
     queue: Mutex<QueueState>,
-    /// Wakes the send task: an item was queued into an empty queue.
+    /// Wakes the send task: an item was queued into an empty queue, or a
+    /// close was requested. The send task waits on this one thing only.
     queued: Notify,
     /// Bytes queued and not yet written to the socket: the queue's bound
     /// (`GATEWAY_SEND_QUEUE_BYTES`).
@@ -95,7 +104,6 @@ pub struct Subscriber {
     /// gap-free prefix it can resume from.
     closing: AtomicBool,
     close_reason: Mutex<Option<CloseReason>>,
-    close_requested: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -118,16 +126,32 @@ impl QueueReceiver {
         self.subscriber.queue.lock().expect("queue lock").items.pop_front()
     }
 
-    /// Waits for the next item.
-    pub async fn recv(&mut self) -> Outbound {
+    /// Waits for the next item; `None` once a close has been requested
+    /// (what is still queued stays for [`QueueReceiver::try_recv`]).
+    pub async fn recv(&mut self) -> Option<Outbound> {
         loop {
-            // A push into an empty queue stores a permit when nobody waits,
-            // so an item queued between this check and the await still wakes.
+            // A push into an empty queue, or a close, stores a permit when
+            // nobody waits, so one between these checks and the await still
+            // wakes.
             let queued = self.subscriber.queued.notified();
+            if self.subscriber.is_closing() {
+                return None;
+            }
             if let Some(item) = self.subscriber.queue.lock().expect("queue lock").items.pop_front() {
-                return item;
+                return Some(item);
             }
             queued.await;
+        }
+    }
+
+    /// Resolves once a close has been requested.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let woken = self.subscriber.queued.notified();
+            if let Some(reason) = self.subscriber.close_reason() {
+                return reason;
+            }
+            woken.await;
         }
     }
 }
@@ -150,7 +174,6 @@ impl Subscriber {
             queue_limit,
             closing: AtomicBool::new(false),
             close_reason: Mutex::new(None),
-            close_requested: Notify::new(),
         });
         let receiver = QueueReceiver {
             subscriber: Arc::clone(&sub),
@@ -210,7 +233,7 @@ impl Subscriber {
             return;
         }
         *self.close_reason.lock().expect("close reason lock") = Some(reason);
-        self.close_requested.notify_one();
+        self.queued.notify_one();
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -219,16 +242,6 @@ impl Subscriber {
 
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
-    }
-
-    /// Resolves once [`Subscriber::close`] has been called.
-    pub async fn close_requested(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.close_reason.lock().expect("close reason lock").clone() {
-                return reason;
-            }
-            self.close_requested.notified().await;
-        }
     }
 }
 
@@ -613,6 +626,30 @@ mod tests {
     fn queue_items_are_one_pointer_wide() {
         // Every connection's queue holds these; see `Outbound`.
         assert_eq!(std::mem::size_of::<Outbound>(), 16);
+    }
+
+    #[tokio::test]
+    async fn a_close_wakes_the_send_task_waiting_on_an_empty_queue() {
+        let (sub, mut rx) = Subscriber::new(1, 1 << 20);
+        let waiting = tokio::spawn(async move { (rx.recv().await.is_none(), rx.closed().await) });
+        tokio::task::yield_now().await;
+        sub.close(CloseReason::going_away());
+        let (ended, reason) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the close woke the send task")
+            .unwrap();
+        assert!(ended);
+        assert_eq!(reason.code, CloseReason::GOING_AWAY);
+        assert!(!sub.push_control("after the close".into()));
+    }
+
+    #[tokio::test]
+    async fn recv_gives_nothing_once_closed_even_with_items_queued() {
+        let (sub, mut rx) = Subscriber::new(1, 1 << 20);
+        assert!(sub.push_control("one".into()));
+        sub.close(CloseReason::new(1000, "bye"));
+        assert!(rx.recv().await.is_none(), "a close goes before what waits");
+        assert!(rx.try_recv().is_some(), "what was queued stays for the drain");
     }
 
     #[test]

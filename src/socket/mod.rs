@@ -81,6 +81,10 @@ pub fn serve(
             subscriber: Arc::clone(&subscriber),
         },
     );
+    if state.shutdown.is_cancelled() {
+        // Registered after shutdown's sweep (`AppState::close_all`).
+        subscriber.close(CloseReason::going_away());
+    }
     subscriber.push_control(protocol::welcome_message(
         &format!("{}-{connection_id}", state.instance_id),
         settings.heartbeat.interval.as_millis() as u64,

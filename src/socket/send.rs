@@ -61,12 +61,10 @@ pub(super) async fn send_loop(
         carry: None,
         local: LocalTelemetry::default(),
     };
-    // Made once and polled again on every turn: making them per message
-    // (a waiter registered and removed on the shutdown token every
-    // connection shares, a timer entry added and removed) cost more than
-    // the write they guard.
-    let mut closed = std::pin::pin!(subscriber.close_requested());
-    let mut shutdown = std::pin::pin!(state.shutdown.cancelled());
+    // The loop waits on two things: its queue (which also wakes it for a
+    // close request, shutdown included: see `AppState::close_all`) and one
+    // timer, made once and moved. Waiting per message on the shutdown token
+    // every connection shares locked that token's mutex on every delivery.
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping));
     let close = loop {
         // The timer only moves earlier here: firing early is harmless (the
@@ -79,12 +77,10 @@ pub(super) async fn send_loop(
         }
         tokio::select! {
             biased;
-            reason = &mut closed => break reason,
-            () = &mut shutdown => break CloseReason::new(
-                CloseReason::GOING_AWAY,
-                "gateway shutting down; reconnect and resume from your last position",
-            ),
-            item = next_item(&mut writer.carry, &mut queue) => {
+            item = next_item(&mut writer.carry, &mut queue, subscriber) => {
+                let Some(item) = item else {
+                    break queue.closed().await;
+                };
                 let write_started = std::time::Instant::now();
                 let written = writer
                     .write_ready(&mut sink, item, &mut queue, subscriber, state, settings.get(state))
@@ -98,7 +94,7 @@ pub(super) async fn send_loop(
                 // dropped: it must not hold a task or memory forever.
                 tokio::select! {
                     flushed = sink.flush() => if flushed.is_err() { return },
-                    reason = &mut closed => {
+                    reason = queue.closed() => {
                         match tokio::time::timeout(SLOW_CLOSE_GRACE, sink.flush()).await {
                             Ok(Ok(())) => break reason,
                             _ => return,
@@ -201,9 +197,17 @@ fn deadlines(settings: &Settings, liveness: &Liveness) -> Instant {
 }
 
 /// The next queued item: one held back by the last merge, else the queue's.
-async fn next_item(carry: &mut Option<Outbound>, queue: &mut QueueReceiver) -> Outbound {
+/// `None` once a close has been requested: a close goes before what waits.
+async fn next_item(
+    carry: &mut Option<Outbound>,
+    queue: &mut QueueReceiver,
+    subscriber: &Subscriber,
+) -> Option<Outbound> {
+    if subscriber.is_closing() {
+        return None;
+    }
     match carry.take() {
-        Some(item) => item,
+        Some(item) => Some(item),
         None => queue.recv().await,
     }
 }
