@@ -71,7 +71,7 @@ pub struct Feed {
     position: Option<Position>,
     /// Stage samples (notify lag, encoding) not yet in the shared histograms:
     /// the feed is on every delivery's path, so it never waits for a reader
-    /// of them (see `WindowedHistogram::try_record_all`).
+    /// of them (see `WindowedHistogram::record_held`).
     held_lag_us: Vec<u64>,
     held_encoding_us: Vec<u64>,
 }
@@ -293,12 +293,8 @@ impl Feed {
             (Stage::NotifyLag, &mut self.held_lag_us),
             (Stage::Encoding, &mut self.held_encoding_us),
         ] {
-            if held.is_empty() || stages.try_record_all(stage, held) {
-                continue;
-            }
-            if held.len() > HELD_SAMPLES_MAX {
-                stages.record_all(stage, held.drain(..));
-            }
+            let wait = held.len() > HELD_SAMPLES_MAX;
+            stages.record_held(stage, held, wait);
         }
     }
 

@@ -123,7 +123,7 @@ pub struct QueueReceiver {
 impl QueueReceiver {
     /// The next queued item, if one is waiting.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.subscriber.queue.lock().expect("queue lock").items.pop_front()
+        self.subscriber.pop()
     }
 
     /// Waits for the next item; `None` once a close has been requested
@@ -137,7 +137,7 @@ impl QueueReceiver {
             if self.subscriber.is_closing() {
                 return None;
             }
-            if let Some(item) = self.subscriber.queue.lock().expect("queue lock").items.pop_front() {
+            if let Some(item) = self.subscriber.pop() {
                 return Some(item);
             }
             queued.await;
@@ -216,6 +216,10 @@ impl Subscriber {
             self.queued.notify_one();
         }
         true
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        self.queue.lock().expect("queue lock").items.pop_front()
     }
 
     /// The send task reports bytes it has written.

@@ -67,8 +67,9 @@ pub(super) async fn send_loop(
     // every connection shares locked that token's mutex on every delivery.
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping));
     let close = loop {
-        // The timer only moves earlier here: firing early is harmless (the
-        // timer branch checks what is actually due and sets it again).
+        // The timer only moves earlier here (once fired, it is parked at the
+        // next ping): firing early is harmless, the timer branch checks what
+        // is actually due.
         let wake = next_ping
             .min(deadlines(settings.get(state), liveness))
             .min(writer.local.due().unwrap_or(next_ping));
@@ -136,10 +137,7 @@ pub(super) async fn send_loop(
                         return;
                     }
                 }
-                let wake = next_ping
-                    .min(deadlines(settings, liveness))
-                    .min(writer.local.due().unwrap_or(next_ping));
-                timer.as_mut().reset(wake);
+                timer.as_mut().reset(next_ping);
             }
         }
     };
@@ -267,28 +265,14 @@ impl LocalTelemetry {
             return;
         }
         let telemetry = &state.telemetry;
-        let mut published = true;
-        if !self.commit_to_send_us.is_empty() {
-            if force {
-                telemetry.record_send_latencies(connection_id, self.commit_to_send_us.drain(..));
-            } else {
-                published &= telemetry.try_record_send_latencies(connection_id, &mut self.commit_to_send_us);
-            }
-        }
+        let mut published = telemetry.record_held_send_latencies(connection_id, &mut self.commit_to_send_us, force);
         for (stage, values) in [
             (Stage::Queueing, &mut self.queueing_us),
             (Stage::BatchWait, &mut self.batch_wait_us),
             (Stage::Encoding, &mut self.encoding_us),
             (Stage::SocketWrite, &mut self.socket_write_us),
         ] {
-            if values.is_empty() {
-                continue;
-            }
-            if force {
-                telemetry.stages.record_all(stage, values.drain(..));
-            } else {
-                published &= telemetry.stages.try_record_all(stage, values);
-            }
+            published &= telemetry.stages.record_held(stage, values, force);
         }
         if !published {
             self.since = Some(Instant::now());

@@ -254,18 +254,23 @@ impl WindowedHistogram {
         self.record_all([value_us]);
     }
 
-    /// Like [`WindowedHistogram::record_all`], but gives up at once when the
-    /// lock is held (a reader merging windows for a percentile holds it for
-    /// up to a millisecond): returns false and leaves `values_us` to try
-    /// again. The send path uses this, so a worker thread never stalls on a
-    /// reader while deliveries wait behind it.
-    pub fn try_record_all(&self, values_us: &mut Vec<u64>) -> bool {
+    /// Records and empties `held`, samples a caller kept for a while. Unless
+    /// told to `wait` it gives up at once when the lock is held (a reader
+    /// merging windows for a percentile holds it for up to a millisecond)
+    /// and leaves them for the next try: the delivery path uses this, so a
+    /// worker thread never stalls on a reader while deliveries wait behind
+    /// it. Returns whether `held` is now empty.
+    pub fn record_held(&self, held: &mut Vec<u64>, wait: bool) -> bool {
+        if held.is_empty() {
+            return true;
+        }
         let mut rings = match self.rings.try_lock() {
             Ok(rings) => rings,
+            Err(std::sync::TryLockError::WouldBlock) if wait => self.lock(),
             Err(std::sync::TryLockError::WouldBlock) => return false,
             Err(std::sync::TryLockError::Poisoned(e)) => panic!("histogram lock poisoned: {e}"),
         };
-        Self::record_into(&mut rings, now_secs(), values_us.drain(..));
+        Self::record_into(&mut rings, now_secs(), held.drain(..));
         true
     }
 
@@ -464,12 +469,18 @@ mod tests {
         let mut values = vec![100, 200, 300];
         {
             let _reader = h.lock();
-            assert!(!h.try_record_all(&mut values), "gave up while a reader holds the lock");
+            assert!(
+                !h.record_held(&mut values, false),
+                "gave up while a reader holds the lock"
+            );
         }
         assert_eq!(values.len(), 3, "nothing taken on a failed try");
-        assert!(h.try_record_all(&mut values));
+        assert!(h.record_held(&mut values, false));
         assert!(values.is_empty());
         assert_eq!(h.total_count(), 3);
+        let mut more = vec![400];
+        assert!(h.record_held(&mut more, true), "told to wait, it records");
+        assert_eq!(h.total_count(), 4);
     }
 
     #[test]

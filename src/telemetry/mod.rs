@@ -202,13 +202,14 @@ impl Telemetry {
         }
     }
 
-    /// See [`histogram::WindowedHistogram::try_record_all`].
-    pub fn try_record_send_latencies(&self, connection_id: u64, latencies_us: &mut Vec<u64>) -> bool {
+    /// Held commit-to-send latencies: see
+    /// [`histogram::WindowedHistogram::record_held`].
+    pub fn record_held_send_latencies(&self, connection_id: u64, held_us: &mut Vec<u64>, wait: bool) -> bool {
         if self.is_probe(connection_id) {
-            latencies_us.clear();
+            held_us.clear();
             return true;
         }
-        self.commit_to_send.try_record_all(latencies_us)
+        self.commit_to_send.record_held(held_us, wait)
     }
 
     /// The key the probe presents when it connects.

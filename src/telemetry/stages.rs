@@ -73,9 +73,9 @@ impl Stages {
         self.by_stage[stage.index()].record_all(values_us);
     }
 
-    /// See [`super::histogram::WindowedHistogram::try_record_all`].
-    pub fn try_record_all(&self, stage: Stage, values_us: &mut Vec<u64>) -> bool {
-        self.by_stage[stage.index()].try_record_all(values_us)
+    /// See [`super::histogram::WindowedHistogram::record_held`].
+    pub fn record_held(&self, stage: Stage, held_us: &mut Vec<u64>, wait: bool) -> bool {
+        self.by_stage[stage.index()].record_held(held_us, wait)
     }
 
     /// Records the time since `started`: `let t = Instant::now(); encode();
