@@ -11,12 +11,29 @@ use crate::change::{Position, push_json_str};
 /// Longest room name accepted.
 pub const MAX_ROOM_BYTES: usize = 200;
 
+/// Longest `id` a `ping` may carry (it is echoed back).
+pub const MAX_PING_ID_BYTES: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
-    Subscribe { room: String, since: Option<Position> },
-    Unsubscribe { room: String },
-    Ack { position: Position },
-    Auth { token: String },
+    Subscribe {
+        room: String,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        room: String,
+    },
+    Ack {
+        position: Position,
+    },
+    Auth {
+        token: String,
+    },
+    /// Answered at once with `pong` (same `id`): how a browser, which cannot
+    /// see WebSocket ping frames, finds out that a connection is dead.
+    Ping {
+        id: Option<String>,
+    },
 }
 
 /// A refused client message: the `error` frame's code and message.
@@ -88,6 +105,17 @@ pub fn unsubscribed_message(room: &str) -> String {
     serde_json::json!({"type": "unsubscribed", "room": room}).to_string()
 }
 
+/// The answer to a client's `ping`, echoing its `id` when it gave one.
+pub fn pong_message(id: Option<&str>) -> String {
+    let mut out = String::from("{\"type\":\"pong\"");
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        push_json_str(&mut out, id);
+    }
+    out.push('}');
+    out
+}
+
 pub fn reset_message(room: &str, reason: &str) -> String {
     serde_json::json!({"type": "reset", "room": room, "reason": reason}).to_string()
 }
@@ -133,6 +161,20 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
                 "auth needs a \"token\" string",
             )),
         },
+        "ping" => match fields.get("id") {
+            None | Some(Value::Null) => Ok(ClientMessage::Ping { id: None }),
+            Some(Value::String(id)) if id.len() <= MAX_PING_ID_BYTES => {
+                Ok(ClientMessage::Ping { id: Some(id.clone()) })
+            }
+            Some(Value::String(id)) => Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                format!("ping \"id\" is {} bytes; at most {MAX_PING_ID_BYTES} allowed", id.len()),
+            )),
+            Some(_) => Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                "ping \"id\" must be a string",
+            )),
+        },
         other => {
             let mut shown: String = other.chars().take(40).collect();
             if shown.len() < other.len() {
@@ -140,7 +182,7 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
             }
             Err(ProtocolError::new(
                 codes::UNKNOWN_TYPE,
-                format!("unknown message type {shown:?}; expected subscribe, unsubscribe, ack or auth"),
+                format!("unknown message type {shown:?}; expected subscribe, unsubscribe, ack, auth or ping"),
             ))
         }
     }
@@ -226,6 +268,13 @@ mod tests {
             decode(r#"{"type":"auth","token":"x.y.z"}"#),
             Ok(ClientMessage::Auth { token: "x.y.z".into() })
         );
+        assert_eq!(
+            decode(r#"{"type":"ping","id":"7"}"#),
+            Ok(ClientMessage::Ping { id: Some("7".into()) })
+        );
+        assert_eq!(decode(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping { id: None }));
+        assert_eq!(pong_message(Some("7")), r#"{"type":"pong","id":"7"}"#);
+        assert_eq!(pong_message(None), r#"{"type":"pong"}"#);
     }
 
     #[test]
@@ -252,6 +301,9 @@ mod tests {
         );
         assert_eq!(code(r#"{"type":"ack"}"#), codes::INVALID_MESSAGE);
         assert_eq!(code(r#"{"type":"auth","token":""}"#), codes::INVALID_MESSAGE);
+        assert_eq!(code(r#"{"type":"ping","id":5}"#), codes::INVALID_MESSAGE);
+        let long_id = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(65));
+        assert_eq!(code(&long_id), codes::INVALID_MESSAGE);
         let msg = decode(r#"{"type":"subscribe"}"#).unwrap_err().to_message();
         let v: Value = serde_json::from_str(&msg).unwrap();
         assert_eq!(v["type"], "error");

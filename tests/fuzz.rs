@@ -66,6 +66,7 @@ proptest! {
             }
             Ok(ClientMessage::Auth { token }) => prop_assert!(!token.is_empty()),
             Ok(ClientMessage::Ack { .. }) => {}
+            Ok(ClientMessage::Ping { id }) => prop_assert!(id.is_none_or(|id| id.len() <= 64)),
             Err(e) => prop_assert!(!e.message.is_empty() && !e.code.is_empty()),
         }
     }

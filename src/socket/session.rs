@@ -231,6 +231,10 @@ impl Session {
                 Ok(())
             }
             ClientMessage::Auth { token } => self.reauthenticate(&token).await,
+            ClientMessage::Ping { id } => {
+                self.subscriber.push_control(protocol::pong_message(id.as_deref()));
+                Ok(())
+            }
         }
     }
 

@@ -17,6 +17,7 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
         ("this is not json".into(), "invalid_json"),
         (json!({"type": "dance"}).to_string(), "unknown_type"),
         (json!({"type": "subscribe"}).to_string(), "invalid_message"),
+        (json!({"type": "ping", "id": 7}).to_string(), "invalid_message"),
         (json!({"type": "subscribe", "room": ""}).to_string(), "invalid_room"),
         (
             json!({"type": "subscribe", "room": "project:3", "since": "-1"}).to_string(),
@@ -46,7 +47,12 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
     let reply = client.next_json().await;
     assert_eq!(reply["code"], "binary_not_supported", "{reply}");
 
-    // The misbehaving connection still works, and so does everyone else.
+    // The misbehaving connection still works, and so does everyone else;
+    // `ping` is answered at once, with the client's id.
+    client.send_json(json!({"type": "ping", "id": "p-1"})).await;
+    assert_eq!(client.next_json().await, json!({"type": "pong", "id": "p-1"}));
+    client.send_json(json!({"type": "ping"})).await;
+    assert_eq!(client.next_json().await, json!({"type": "pong"}));
     client.subscribe("project:3").await;
     client
         .send_json(json!({"type": "subscribe", "room": "project:3"}))
