@@ -19,8 +19,8 @@ test:
 
 ## make check: formatting and lints, as CI would want them.
 check:
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 
 clean-data:
 	rm -rf .data

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --bins --tests
+cargo build --workspace --bins --tests
 dir="${TMPDIR:-/tmp}/ws-gateway-test-pg-$$"
 url=$(target/debug/ws-gateway dev-db start --dir "$dir")
 cleanup() {
@@ -15,7 +15,7 @@ trap cleanup EXIT
 export TEST_DATABASE_URL="$url"
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@"
 else
-  cargo test --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@"
 fi

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use pg_private::{ClusterOptions, PrivateCluster};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -20,7 +21,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use ws_gateway::app::Application;
 use ws_gateway::config::Settings;
-use ws_gateway::embedded::{ClusterOptions, PrivateCluster};
 
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -66,12 +66,62 @@ async fn server_url() -> String {
 }
 
 extern "C" fn stop_shared_cluster() {
-    if let Some(cluster) = CLUSTER.get() {
-        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
-            .args(["dev-db", "stop", "--dir"])
-            .arg(cluster.dir())
-            .output();
+    if let Some(cluster) = CLUSTER.get()
+        && let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build()
+    {
+        let _ = runtime.block_on(pg_private::stop_dir(cluster.dir(), pg_private::StopMode::Immediate));
     }
+}
+
+/// The `ws-gateway` binary, for the tests that need the daemon as a process
+/// (configuration refusals at start, signals, a killed gateway). It belongs
+/// to the CLI package (`crates/cli`), so cargo does not build it for this
+/// package's tests: `make test` builds the whole workspace first. A missing
+/// binary, or one older than the sources it is built from, fails the test
+/// with the command that fixes it, rather than testing old code.
+pub fn gateway_binary() -> PathBuf {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(locate_gateway_binary).clone()
+}
+
+fn locate_gateway_binary() -> PathBuf {
+    // This test runs as target/<profile>/deps/api-<hash>; the binary is
+    // target/<profile>/ws-gateway.
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let binary = profile_dir.join("ws-gateway");
+    let rebuild = "cargo build --workspace --bins (make test does)";
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {rebuild}", binary.display()));
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if let Some(newer) = newer_source(&workspace, built) {
+        panic!("{} is older than {}: {rebuild}", binary.display(), newer.display());
+    }
+    binary
+}
+
+/// A file the binary is built from that changed after `built`.
+fn newer_source(workspace: &std::path::Path, built: std::time::SystemTime) -> Option<PathBuf> {
+    fn walk(path: &std::path::Path, built: std::time::SystemTime) -> Option<PathBuf> {
+        let meta = std::fs::metadata(path).ok()?;
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(path).ok()?;
+            return entries.flatten().find_map(|e| walk(&e.path(), built));
+        }
+        (meta.modified().ok()? > built).then(|| path.to_owned())
+    }
+    let mut roots = vec![workspace.join("Cargo.lock"), workspace.join("Cargo.toml")];
+    for entry in std::fs::read_dir(workspace.join("crates")).ok()?.flatten() {
+        let krate = entry.path();
+        for part in ["src", "migrations", "Cargo.toml", "constructtrack.sql"] {
+            roots.push(krate.join(part));
+        }
+    }
+    roots.iter().find_map(|root| walk(root, built))
 }
 
 /// A fresh database with the `realtime` schema and the demo ConstructTrack
@@ -112,7 +162,7 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
     ws_gateway::capture::migrate(&pool, "realtime_changes")
         .await
         .expect("migrate");
-    ws_gateway::demo::load_schema(&pool).await.expect("demo schema");
+    ws_gateway_demo::load_schema(&pool).await.expect("demo schema");
     sqlx::raw_sql(
         "create table items (id bigint primary key, project_id int, body text not null default '');
          select realtime.track('public.items', array['project:{project_id}', 'item:{id}']);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::fault_kit::{GatewayProcess, Proxy, Subscriber, Workload, assert_received_everything, free_port, room_of};
 use crate::helpers::{eventually, fresh_database, fresh_database_on, scratch_dir, spawn_app_with};
-use ws_gateway::embedded::{ClusterOptions, PrivateCluster, StopMode};
+use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 
 const ROOMS: i64 = 4;
 const WRITERS: i64 = 4;

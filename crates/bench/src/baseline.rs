@@ -201,7 +201,7 @@ fn metrics(doc: &Value) -> Vec<Metric> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::tests::sample;
+    use crate::report::tests::sample;
 
     fn doc() -> Value {
         serde_json::to_value(sample()).unwrap()

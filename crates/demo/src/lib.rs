@@ -1,4 +1,4 @@
-//! The demo ConstructTrack application: its schema (`demo/constructtrack.sql`)
+//! The demo ConstructTrack application: its schema (`constructtrack.sql`)
 //! and a writer that keeps committing realistic site updates, so that `make
 //! run` shows live changes flowing through the gateway without any client.
 //!
@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Tables, seed data and the `realtime.track` calls. Needs the gateway's
 /// `realtime` schema to exist already.
-pub const SCHEMA_SQL: &str = include_str!("../demo/constructtrack.sql");
+pub const SCHEMA_SQL: &str = include_str!("../constructtrack.sql");
 
 /// Creates the demo tables (if missing), seeds empty ones, and tracks them.
 pub async fn load_schema(pool: &PgPool) -> Result<()> {
     sqlx::raw_sql(SCHEMA_SQL)
         .execute(pool)
         .await
-        .context("loading the ConstructTrack demo schema (demo/constructtrack.sql)")?;
+        .context("loading the ConstructTrack demo schema (crates/demo/constructtrack.sql)")?;
     Ok(())
 }
 
@@ -769,8 +769,7 @@ const INCIDENTS: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedded::tests::TempDir;
-    use crate::embedded::{ClusterOptions, PrivateCluster, StopMode};
+    use pg_private::{ClusterOptions, PrivateCluster, StopMode, TempDir};
     use sqlx::postgres::PgPoolOptions;
 
     /// Stand-in for the gateway's migration until both are tested together.

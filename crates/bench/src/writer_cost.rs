@@ -132,7 +132,7 @@ async fn measure(
     target: &Target,
     interrupt: &CancellationToken,
 ) -> Result<CostReport> {
-    let started_at = crate::change::format_rfc3339_micros(crate::change::now_us());
+    let started_at = ws_gateway::change::format_rfc3339_micros(ws_gateway::change::now_us());
     let pool = table::connect(&target.db_url).await?;
     let channel = table::ensure_realtime(&pool, &args.channel).await?;
     table::recreate(&pool).await?;
@@ -236,7 +236,7 @@ fn on_off(b: bool) -> &'static str {
 }
 
 async fn set_capture(pool: &PgPool, capture: Capture) -> Result<()> {
-    crate::capture::untrack(pool, table::TABLE).await?;
+    ws_gateway::capture::untrack(pool, table::TABLE).await?;
     sqlx::raw_sql("drop trigger if exists bench_notify on bench_events")
         .execute(pool)
         .await?;

@@ -1,4 +1,4 @@
-//! `ws-gateway bench` (issue 7): the load-test framework. Beside the data
+//! ws-gateway-bench: `ws-gateway bench` (issue 7): the load-test framework. Beside the data
 //! path, not on it: it drives a gateway from both ends and reports
 //! commit-to-receive latency, losses, and the gateway's resource use.
 //!
@@ -45,7 +45,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let interrupt = CancellationToken::new();
     let on_signal = interrupt.clone();
     let signals = tokio::spawn(async move {
-        crate::app::shutdown_signal().await;
+        ws_gateway::app::shutdown_signal().await;
         on_signal.cancel();
     });
     let result = if args.writers_only {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::embedded::{ClusterOptions, PrivateCluster, StopMode};
+use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 
 use super::procfs;
 

@@ -98,7 +98,7 @@ async fn an_invalid_setting_is_refused_at_start_naming_it() {
         ("GATEWAY_BATCH_SIZ", "10"),
     ];
     for (variable, value) in cases {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
+        let output = tokio::process::Command::new(crate::helpers::gateway_binary())
             .arg("serve")
             .env_clear()
             .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
@@ -113,7 +113,7 @@ async fn an_invalid_setting_is_refused_at_start_naming_it() {
         assert!(stderr.contains(value), "{variable}: {stderr}");
     }
     // JWT auth, the default, needs its secret.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"))
+    let output = tokio::process::Command::new(crate::helpers::gateway_binary())
         .arg("serve")
         .env_clear()
         .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")

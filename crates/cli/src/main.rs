@@ -1,5 +1,6 @@
-//! The command line (SPEC section 6): `serve`, `migrate`, `track`, `untrack`,
-//! `demo` (what `make run` starts), and `dev-db` for the test set-up.
+//! The `ws-gateway` command (SPEC section 6): `serve`, `migrate`, `track`,
+//! `untrack`, `latency`, and the tools: `bench`, `demo` (what `make run`
+//! starts) and `dev-db` for the test set-up. Thin: the libraries do the work.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,11 +10,11 @@ use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Application, shutdown_signal};
-use crate::capture;
-use crate::config::Settings;
-use crate::demo;
-use crate::embedded::{ClusterOptions, PrivateCluster, StopMode};
+use pg_private::{ClusterOptions, PrivateCluster, StopMode};
+use ws_gateway::app::{Application, shutdown_signal};
+use ws_gateway::capture;
+use ws_gateway::config::Settings;
+use ws_gateway_demo as demo;
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +55,7 @@ enum Command {
     },
     /// Load-test a gateway (or a private one it starts) and report
     /// commit-to-receive latency, losses and resource use.
-    Bench(crate::bench::BenchArgs),
+    Bench(ws_gateway_bench::BenchArgs),
     /// Print the running daemon's commit-to-receive percentiles.
     Latency {
         /// The gateway's base URL.
@@ -71,7 +72,7 @@ enum Command {
     },
 }
 
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,8 +132,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { data_dir, rate } => run_demo(data_dir, rate).await,
-        Command::Bench(args) => crate::bench::run(args).await,
-        Command::Latency { url } => crate::telemetry::print_latency(&url).await,
+        Command::Bench(args) => ws_gateway_bench::run(args).await,
+        Command::Latency { url } => ws_gateway::telemetry::print_latency(&url).await,
         Command::DevDb { action, dir } => {
             if action == "start" {
                 let options = ClusterOptions {
@@ -213,5 +214,5 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
 }
 
 async fn stop_cluster_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    crate::embedded::stop_dir(dir, StopMode::Immediate).await
+    pg_private::stop_dir(dir, StopMode::Immediate).await
 }

@@ -7,13 +7,9 @@
 pub mod app;
 pub mod auth;
 pub mod authz;
-pub mod bench;
 pub mod capture;
 pub mod change;
-pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod embedded;
 pub mod feed;
 pub mod history;
 pub mod http;

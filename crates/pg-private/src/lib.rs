@@ -1,5 +1,6 @@
-//! A private, throwaway PostgreSQL cluster: what `make run`, the integration
-//! tests and the fault tests (stop, crash, restart the server) run against.
+//! pg-private: a private, throwaway PostgreSQL cluster: what `make run`, the
+//! integration tests, the fault tests (stop, crash, restart the server) and
+//! the bench run against.
 //!
 //! It drives the stock `initdb` and `pg_ctl` binaries. Layout of `dir`:
 //! `data/` (the cluster), `server.log`, and the server's unix socket. A `dir`
@@ -647,32 +648,32 @@ fn percent_encode(text: &str) -> String {
     out
 }
 
+/// A unique directory under the system temp dir (which the postgres user
+/// can always reach), removed on drop: for tests that start a cluster.
+/// Declare it before the cluster so the cluster is dropped (stopped) first.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!("ws-gateway-{label}-{}-{nanos}", std::process::id()));
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::time::{Duration, Instant};
-
-    /// A unique directory under the system temp dir (which the postgres user
-    /// can always reach), removed on drop. Declare it before the cluster so
-    /// the cluster is dropped (stopped) first.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(label: &str) -> TempDir {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            let path = std::env::temp_dir().join(format!("ws-gateway-{label}-{}-{nanos}", std::process::id()));
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     async fn count_tasks(url: &str) -> Result<i64> {
         let mut conn = PgConnection::connect(url).await?;

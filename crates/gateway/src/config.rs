@@ -1550,7 +1550,7 @@ mod tests {
     /// The example lists every variable, and its values are the defaults.
     #[test]
     fn example_file_documents_every_variable_with_its_default() {
-        let example = include_str!("../config/gateway.env.example");
+        let example = include_str!("../../../config/gateway.env.example");
         let uncommented: String = example
             .lines()
             .filter_map(|line| line.strip_prefix("# "))

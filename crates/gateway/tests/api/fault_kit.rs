@@ -329,7 +329,7 @@ impl GatewayProcess {
     pub async fn start(database_url: &str, port: u16, extra_env: &[(&str, &str)]) -> GatewayProcess {
         let log = std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-gateway"));
+        let mut command = tokio::process::Command::new(crate::helpers::gateway_binary());
         command
             .arg("serve")
             .env_clear()

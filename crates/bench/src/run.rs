@@ -89,7 +89,7 @@ fn delta(later: Option<Duration>, earlier: Option<Duration>) -> Option<f64> {
 }
 
 async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: &CancellationToken) -> Result<Report> {
-    let started_at = crate::change::format_rfc3339_micros(crate::change::now_us());
+    let started_at = ws_gateway::change::format_rfc3339_micros(ws_gateway::change::now_us());
     let pool = table::connect(&target.db_url).await?;
     let channel = table::ensure_realtime(&pool, &args.channel).await?;
     table::recreate(&pool).await?;
@@ -145,7 +145,7 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
             total_rows,
             rooms,
             payload_bytes: plan.payload_bytes,
-            run_seed: crate::change::now_us() as u64,
+            run_seed: ws_gateway::change::now_us() as u64,
             measure_after_id: plan.warmup_rows(),
         },
         floor_spec,
