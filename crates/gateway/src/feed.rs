@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::POSITION_LOCK;
 use crate::change::{Change, Notification, Position};
-use crate::rooms::Hub;
+use crate::hub::Hub;
 use crate::telemetry::stages::Stage;
 use crate::telemetry::{Counters, FeedState, Telemetry};
 

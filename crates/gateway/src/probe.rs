@@ -21,8 +21,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::app::AppState;
 use crate::config::Auth;
+use crate::state::AppState;
 use crate::telemetry::Counters;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

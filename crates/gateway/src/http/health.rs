@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::telemetry::{Counters, FINE_SLOT_S, FeedState, Percentiles, Stage, Telemetry};
 
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {

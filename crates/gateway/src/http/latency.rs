@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::telemetry::{MAX_WINDOW, WindowedHistogram};
 
 const SOURCES: &str =

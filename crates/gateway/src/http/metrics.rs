@@ -12,9 +12,9 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::app::AppState;
 use crate::pipeline::PipelineStats;
 use crate::pipeline::encode::Encoding;
+use crate::state::AppState;
 use crate::telemetry::regression::Severity;
 use crate::telemetry::{Counters, FeedState, Stage, WindowedHistogram};
 

@@ -13,9 +13,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::pipeline::encode::Encoding;
 use crate::socket;
+use crate::state::AppState;
 use crate::telemetry::Counters;
 
 mod health;

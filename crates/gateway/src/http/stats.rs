@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::health::{document, summary};
-use crate::app::AppState;
-use crate::telemetry::monitor::{SAMPLE_EVERY, compression_bytes, profile_window};
-use crate::telemetry::{Counters, Stage};
+use crate::state::AppState;
+use crate::telemetry::timeline::SAMPLE_EVERY;
+use crate::telemetry::{Counters, Stage, profile_window};
 
 /// Alerts sent to the page at most.
 const ALERTS_SHOWN: usize = 20;
@@ -36,7 +36,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, Query(params): Query<Hash
     let t = &state.telemetry;
     let c = &t.counters;
     let (_, health) = document(&state);
-    let (raw, sent) = compression_bytes(&state);
+    let (raw, sent) = state.hub.stats.compression_bytes();
     // Stages over the profiler's window, live rather than as of its last tick.
     let window = profile_window(&settings.profiler);
     let threshold_ms = settings.profiler.bottleneck_threshold.as_secs_f64() * 1000.0;

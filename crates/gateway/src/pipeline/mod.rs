@@ -41,4 +41,10 @@ impl PipelineStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Change frames' bytes before and after compression, over every encoding.
+    pub fn compression_bytes(&self) -> (u64, u64) {
+        let sum = |counters: &[AtomicU64]| counters.iter().map(PipelineStats::get).sum();
+        (sum(&self.bytes_raw), sum(&self.bytes_sent))
+    }
 }

@@ -4,18 +4,16 @@
 //! limits beside them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
 use futures_util::StreamExt;
 
-use crate::app::AppState;
 use crate::auth::Identity;
-use crate::change::now_us;
+use crate::hub::{CloseReason, Subscriber};
 use crate::pipeline::encode::Encoding;
 use crate::protocol;
-use crate::rooms::{CloseReason, Subscriber};
+use crate::state::{AppState, ConnectionHandle, Liveness};
 use crate::telemetry::Counters;
 
 pub mod heartbeat;
@@ -28,33 +26,6 @@ mod session;
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for the client's half of a closing handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// What both halves of a connection, and `/healthz`, know about it.
-#[derive(Debug)]
-pub struct Liveness {
-    /// When anything was last heard from the client (gateway clock, us).
-    pub last_heard_us: AtomicI64,
-    /// When the client last sent a protocol message (us).
-    pub last_message_us: AtomicI64,
-    /// Last measured ping round trip, us (0 until measured).
-    pub round_trip_us: AtomicI64,
-    /// A ping is out and its pong has not come back.
-    pub ping_outstanding: AtomicBool,
-    pub subscriptions: AtomicUsize,
-}
-
-impl Liveness {
-    fn new() -> Liveness {
-        let now = now_us();
-        Liveness {
-            last_heard_us: AtomicI64::new(now),
-            last_message_us: AtomicI64::new(now),
-            round_trip_us: AtomicI64::new(0),
-            ping_outstanding: AtomicBool::new(false),
-            subscriptions: AtomicUsize::new(0),
-        }
-    }
-}
 
 /// Serves one upgraded WebSocket until either side closes it or the gateway
 /// shuts down.
@@ -76,7 +47,7 @@ pub fn serve(
     let liveness = Arc::new(Liveness::new());
     state.register_connection(
         connection_id,
-        crate::app::ConnectionHandle {
+        ConnectionHandle {
             liveness: Arc::clone(&liveness),
             subscriber: Arc::clone(&subscriber),
         },

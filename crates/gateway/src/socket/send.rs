@@ -13,13 +13,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::heartbeat::Heartbeat;
-use super::{CLOSE_LINGER, Liveness, SLOW_CLOSE_GRACE};
-use crate::app::AppState;
+use super::{CLOSE_LINGER, SLOW_CLOSE_GRACE};
 use crate::change::{Notification, Position, now_us};
 use crate::config::Settings;
+use crate::hub::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
-use crate::rooms::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
+use crate::state::AppState;
+use crate::state::Liveness;
 use crate::telemetry::Counters;
 use crate::telemetry::stages::Stage;
 

@@ -12,13 +12,13 @@ use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::time::Instant;
 
-use super::Liveness;
 use super::limits::{ErrorBudget, RateLimit, Verdict};
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::change::{Position, now_us};
+use crate::hub::{CloseReason, Joined, Room, Subscriber};
 use crate::protocol::{self, ClientMessage, ProtocolError, codes};
-use crate::rooms::{CloseReason, Joined, Room, Subscriber};
+use crate::state::AppState;
+use crate::state::Liveness;
 use crate::telemetry::Counters;
 
 /// A client that sends this many refused messages within the window is

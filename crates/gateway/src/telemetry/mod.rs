@@ -4,7 +4,7 @@
 //! database clock's offset, the profiler and the regression detector.
 //!
 //! Recording is synchronous and cheap (a counter, or a short lock on a
-//! histogram). The [`monitor`] task does the periodic work: clock samples,
+//! histogram). The monitor task (`crate::monitor`) does the periodic work: clock samples,
 //! the dashboard's time series, bottleneck and regression checks.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -16,17 +16,18 @@ use crate::change::now_us;
 
 pub mod clock;
 mod histogram;
-pub mod monitor;
 pub mod regression;
 mod report;
 pub mod stages;
+mod tally;
 pub mod timeline;
 
 pub use histogram::{
     Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram, new_histogram,
 };
 pub use report::print_latency;
-pub use stages::{Profile, Stage, Stages};
+pub use stages::{Profile, Stage, Stages, profile_window};
+pub use tally::Tally;
 
 use regression::AlertLog;
 use timeline::Timeline;
@@ -123,9 +124,9 @@ pub struct Telemetry {
     /// Changes per `batch` frame.
     pub batch_sizes: SizeHistogram,
     /// What the monitor task computed, for `/healthz`, `/api/stats` and logs.
-    pub(crate) timeline: Mutex<Timeline>,
-    pub(crate) alerts: Mutex<AlertLog>,
-    pub(crate) profile: Mutex<Option<Profile>>,
+    timeline: Mutex<Timeline>,
+    alerts: Mutex<AlertLog>,
+    profile: Mutex<Option<Profile>>,
     /// The built-in probe is a client of its own gateway, but not one the
     /// operator counts: it presents this key (`/ws?probe=`), and its
     /// connection is left out of connections, rooms and commit-to-send.
@@ -145,8 +146,8 @@ impl Default for Telemetry {
             counters: Counters::default(),
             batch_sizes: SizeHistogram::new(&BATCH_SIZE_BOUNDS),
             timeline: Mutex::new(Timeline::new(
-                monitor::SERIES_KEPT.as_micros() as i64,
-                (MAX_WINDOW.as_micros() + monitor::SAMPLE_EVERY.as_micros() * 2) as i64,
+                timeline::SERIES_KEPT.as_micros() as i64,
+                (MAX_WINDOW.as_micros() + timeline::SAMPLE_EVERY.as_micros() * 2) as i64,
             )),
             alerts: Mutex::new(AlertLog::default()),
             profile: Mutex::new(None),
@@ -262,6 +263,21 @@ impl Telemetry {
     /// The profiler's last verdict.
     pub fn profile(&self) -> Option<Profile> {
         lock(&self.profile).clone()
+    }
+
+    /// The monitor's new profile.
+    pub fn set_profile(&self, profile: Profile) {
+        *lock(&self.profile) = Some(profile);
+    }
+
+    /// The dashboard's series, for the monitor to extend.
+    pub fn timeline(&self) -> MutexGuard<'_, Timeline> {
+        lock(&self.timeline)
+    }
+
+    /// The alert log, for the monitor to extend and prune.
+    pub fn alerts(&self) -> MutexGuard<'_, AlertLog> {
+        lock(&self.alerts)
     }
 
     /// The dashboard's points after `t` (ms since the Unix epoch).

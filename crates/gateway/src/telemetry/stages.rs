@@ -147,6 +147,19 @@ impl Profile {
     }
 }
 
+/// The profiler looks at least this far back: a P99 needs samples.
+const PROFILE_MIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The profiler's window: the interval, but long enough for a P99, and no
+/// longer than the retention or what stage histograms keep.
+pub fn profile_window(settings: &crate::config::ProfilerSettings) -> Duration {
+    settings
+        .interval
+        .max(PROFILE_MIN_WINDOW)
+        .min(settings.metric_retention.max(PROFILE_MIN_WINDOW))
+        .min(Duration::from_secs(600))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,13 @@
 //! rates over its windows.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use serde::Serialize;
+
+/// One dashboard point every `SAMPLE_EVERY`, kept for `SERIES_KEPT`.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+pub const SERIES_KEPT: Duration = Duration::from_secs(600);
 
 /// The counters the regression detector and the charts take rates of.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -1,5 +1,6 @@
-//! The telemetry task, beside the feed: samples the database's clock, takes a
-//! point of the dashboard's time series every couple of seconds, runs the
+//! The telemetry monitor, a task beside the data path (what it computes is
+//! kept in `telemetry`, below the state): samples the database's clock, takes
+//! a point of the dashboard's time series every couple of seconds, runs the
 //! profiler every `GATEWAY_PROFILING_INTERVAL_MS` and the regression
 //! detector every `GATEWAY_REGRESSION_CHECK_MS`. Settings are read at every
 //! turn, so a reload applies at the next one. It never fails: a database
@@ -12,13 +13,13 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::clock::{ClockOffsetEstimator, ClockSample};
-use super::regression::{RegressionDetector, Severity, WindowStats, dominant_stage};
-use super::stages::{Profile, Stage};
-use super::timeline::Sample;
-use super::{MAX_WINDOW, Telemetry, lock};
-use crate::app::AppState;
 use crate::change::now_us;
+use crate::config::{ProfilerSettings, Settings};
+use crate::state::AppState;
+use crate::telemetry::clock::{ClockOffsetEstimator, ClockSample};
+use crate::telemetry::regression::{RegressionDetector, Severity, WindowStats, dominant_stage};
+use crate::telemetry::timeline::{CounterSnapshot, SAMPLE_EVERY, Sample};
+use crate::telemetry::{MAX_WINDOW, Percentiles, Profile, Stage, Telemetry, profile_window};
 
 /// How often the clock is sampled, and the window its best sample is kept.
 const CLOCK_EVERY: Duration = Duration::from_secs(1);
@@ -28,13 +29,6 @@ const CLOCK_WINDOW: Duration = Duration::from_secs(60);
 const CLOCK_QUERIES: usize = 2;
 const CLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOCK_QUERY: &str = "select (extract(epoch from clock_timestamp()) * 1000000)::bigint";
-
-/// One dashboard point every `SAMPLE_EVERY`, kept for `SERIES_KEPT`.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
-pub const SERIES_KEPT: Duration = Duration::from_secs(600);
-
-/// The profiler looks at least this far back: a P99 needs samples.
-const PROFILE_MIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// Runs until shutdown.
 pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
@@ -128,13 +122,13 @@ async fn observe_loop(state: &AppState) {
 /// One point of the dashboard's series, and a counter snapshot.
 fn take_sample(state: &AppState) {
     let t = &state.telemetry;
-    let snapshot = t.counter_snapshot(compression_bytes(state));
+    let snapshot = t.counter_snapshot(state.hub.stats.compression_bytes());
     let send = t.commit_to_send.take_interval();
     let probe = t.probe.take_interval();
     let ack = t.commit_to_ack.take_interval();
     let alerts = t.regression_summary().total_alerts as u64;
-    let mut timeline = lock(&t.timeline);
-    let rate = |f: fn(&super::timeline::CounterSnapshot) -> u64| match timeline.latest_counters() {
+    let mut timeline = t.timeline();
+    let rate = |f: fn(&CounterSnapshot) -> u64| match timeline.latest_counters() {
         Some(prev) if snapshot.at_us > prev.at_us => {
             f(&snapshot).saturating_sub(f(&prev)) as f64 * 1e6 / (snapshot.at_us - prev.at_us) as f64
         }
@@ -163,27 +157,9 @@ fn take_sample(state: &AppState) {
     timeline.push_sample(sample);
 }
 
-/// Change frames' bytes before and after compression, over every encoding.
-pub fn compression_bytes(state: &AppState) -> (u64, u64) {
-    let stats = &state.hub.stats;
-    let sum =
-        |counters: &[std::sync::atomic::AtomicU64]| counters.iter().map(crate::pipeline::PipelineStats::get).sum();
-    (sum(&stats.bytes_raw), sum(&stats.bytes_sent))
-}
-
-/// The profiler's window: the interval, but long enough for a P99, and no
-/// longer than the retention or what stage histograms keep.
-pub fn profile_window(settings: &crate::config::ProfilerSettings) -> Duration {
-    settings
-        .interval
-        .max(PROFILE_MIN_WINDOW)
-        .min(settings.metric_retention.max(PROFILE_MIN_WINDOW))
-        .min(Duration::from_secs(600))
-}
-
 /// Profiles the stages; logs stages that became, or stopped being,
 /// bottlenecks. Returns the current bottlenecks.
-fn profile(telemetry: &Telemetry, settings: &crate::config::ProfilerSettings, before: &[Stage]) -> Vec<Stage> {
+fn profile(telemetry: &Telemetry, settings: &ProfilerSettings, before: &[Stage]) -> Vec<Stage> {
     let window = profile_window(settings);
     let stats = telemetry.stages.recent(window);
     let profile = Profile::of(now_us(), window, settings.bottleneck_threshold, &stats);
@@ -202,12 +178,12 @@ fn profile(telemetry: &Telemetry, settings: &crate::config::ProfilerSettings, be
         }
     }
     let now = profile.bottlenecks.clone();
-    *lock(&telemetry.profile) = Some(profile);
+    telemetry.set_profile(profile);
     now
 }
 
 /// Compares the last check interval with the baseline window before it.
-fn check_regressions(telemetry: &Telemetry, settings: &crate::config::Settings) {
+fn check_regressions(telemetry: &Telemetry, settings: &Settings) {
     let r = &settings.regression;
     let now = now_us();
     // Both windows must fit in the hour the histograms keep.
@@ -215,7 +191,7 @@ fn check_regressions(telemetry: &Telemetry, settings: &crate::config::Settings) 
     let baseline = r.baseline_window.min(MAX_WINDOW - check);
     let micros = |d: Duration| d.as_micros() as i64;
     let (current_counts, baseline_counts) = {
-        let timeline = lock(&telemetry.timeline);
+        let timeline = telemetry.timeline();
         let current = timeline.growth(now - micros(check), now);
         let base = timeline.growth(now - micros(check + baseline), now - micros(check));
         match (current, base) {
@@ -228,15 +204,14 @@ fn check_regressions(telemetry: &Telemetry, settings: &crate::config::Settings) 
     };
     let current_latency = telemetry.commit_to_send.recent(check.as_secs());
     let baseline_latency = telemetry.commit_to_send.between(check + baseline, check);
-    let window =
-        |latency: super::Percentiles, (counts, seconds): (super::timeline::CounterSnapshot, f64)| WindowStats {
-            p99_ms: latency.p99_ms,
-            latency_samples: latency.count,
-            deliveries: counts.deliveries,
-            errors: counts.errors,
-            attempts: counts.attempts,
-            seconds,
-        };
+    let window = |latency: Percentiles, (counts, seconds): (CounterSnapshot, f64)| WindowStats {
+        p99_ms: latency.p99_ms,
+        latency_samples: latency.count,
+        deliveries: counts.deliveries,
+        errors: counts.errors,
+        attempts: counts.attempts,
+        seconds,
+    };
     let current = window(current_latency, current_counts);
     let base = window(baseline_latency, baseline_counts);
     let stages: Vec<_> = Stage::ALL
@@ -251,7 +226,7 @@ fn check_regressions(telemetry: &Telemetry, settings: &crate::config::Settings) 
         crit_pct: r.crit_pct,
     };
     let alerts = detector.check(&base, &current, dominant_stage(&stages), now);
-    let mut log = lock(&telemetry.alerts);
+    let mut log = telemetry.alerts();
     for alert in alerts {
         match alert.severity {
             Severity::Critical => tracing::error!(

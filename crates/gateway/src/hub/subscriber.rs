@@ -1,0 +1,257 @@
+//! A connection as the hub sees it: a queue bounded by bytes that the
+//! connection's send task works through, and a way to ask for a close.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+use super::Room;
+use super::close::CloseReason;
+use crate::change::Position;
+use crate::pipeline::encode::Unit;
+
+/// What a connection's send task works through, in order. Kept to 16 bytes
+/// (each variant one pointer): every connection's queue holds these.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A protocol message (welcome, subscribed, error, reset) or a replayed
+    /// change: plain text, not measured as a live delivery.
+    Control(Box<Utf8Bytes>),
+    /// Live changes for one room, encoded once for every member.
+    Changes(Arc<Unit>),
+    /// Read the room's history `(since, upto]` from the outbox and send it
+    /// here: live changes queued after this item are all past `upto`, so the
+    /// replay and the live stream join with no gap and no duplicate.
+    Replay(Box<ReplayRange>),
+}
+
+#[derive(Debug)]
+pub struct ReplayRange {
+    pub room: Room,
+    pub since: Position,
+    pub upto: Position,
+}
+
+impl Outbound {
+    /// Bytes it holds in the queue, as counted against the queue's bound.
+    pub fn queued_size(&self) -> usize {
+        match self {
+            Outbound::Control(text) => text.len(),
+            Outbound::Changes(unit) => unit.text.len(),
+            Outbound::Replay(_) => 0,
+        }
+    }
+}
+
+/// The sending half of one WebSocket connection, as the rest of the gateway
+/// sees it: a queue bounded by bytes, and a way to ask for a close.
+///
+/// The queue is a `VecDeque` under a mutex rather than a channel: an idle
+/// connection then holds no channel blocks (a tokio mpsc costs ~1.8 KiB per
+/// connection before its first message), and the send task takes what
+/// waits in one lock.
+#[derive(Debug)]
+pub struct Subscriber {
+    pub id: u64,
+    queue: Mutex<QueueState>,
+    /// Wakes the send task: an item was queued into an empty queue, or a
+    /// close was requested. The send task waits on this one thing only.
+    queued: Notify,
+    /// Bytes queued and not yet written to the socket: the queue's bound
+    /// (`GATEWAY_SEND_QUEUE_BYTES`).
+    queued_bytes: AtomicUsize,
+    queue_limit: usize,
+    /// Set once; after it nothing more is queued, so what the client got is a
+    /// gap-free prefix it can resume from.
+    closing: AtomicBool,
+    close_reason: Mutex<Option<CloseReason>>,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    items: VecDeque<Outbound>,
+    /// The send task is gone: nothing is queued any more.
+    detached: bool,
+}
+
+/// The send task's end of a connection's queue. Dropping it detaches the
+/// queue: later pushes fail and what was queued is freed.
+#[derive(Debug)]
+pub struct QueueReceiver {
+    subscriber: Arc<Subscriber>,
+}
+
+impl QueueReceiver {
+    /// The next queued item, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.subscriber.pop()
+    }
+
+    /// Waits for the next item; `None` once a close has been requested
+    /// (what is still queued stays for [`QueueReceiver::try_recv`]).
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            // A push into an empty queue, or a close, stores a permit when
+            // nobody waits, so one between these checks and the await still
+            // wakes.
+            let queued = self.subscriber.queued.notified();
+            if self.subscriber.is_closing() {
+                return None;
+            }
+            if let Some(item) = self.subscriber.pop() {
+                return Some(item);
+            }
+            queued.await;
+        }
+    }
+
+    /// Resolves once a close has been requested.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let woken = self.subscriber.queued.notified();
+            if let Some(reason) = self.subscriber.close_reason() {
+                return reason;
+            }
+            woken.await;
+        }
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        let mut queue = self.subscriber.queue.lock().expect("queue lock");
+        queue.detached = true;
+        queue.items = VecDeque::new();
+    }
+}
+
+impl Subscriber {
+    pub fn new(id: u64, queue_limit: usize) -> (Arc<Subscriber>, QueueReceiver) {
+        let sub = Arc::new(Subscriber {
+            id,
+            queue: Mutex::new(QueueState::default()),
+            queued: Notify::new(),
+            queued_bytes: AtomicUsize::new(0),
+            queue_limit,
+            closing: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+        });
+        let receiver = QueueReceiver {
+            subscriber: Arc::clone(&sub),
+        };
+        (sub, receiver)
+    }
+
+    /// Queues a protocol message.
+    pub fn push_control(&self, text: String) -> bool {
+        self.push(Outbound::Control(Box::new(text.into())))
+    }
+
+    /// Queues an item. A full queue means the client cannot keep up: it is
+    /// closed as a slow consumer rather than slowing anyone else down.
+    pub fn push(&self, item: Outbound) -> bool {
+        if self.closing.load(Ordering::Relaxed) {
+            return false;
+        }
+        let len = item.queued_size();
+        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.queue_limit {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.close(CloseReason::new(
+                CloseReason::SLOW_CONSUMER,
+                "slow consumer: send queue full; resume from your last position",
+            ));
+            return false;
+        }
+        let was_empty = {
+            let mut queue = self.queue.lock().expect("queue lock");
+            if queue.detached {
+                return false;
+            }
+            queue.items.push_back(item);
+            queue.items.len() == 1
+        };
+        // The send task only waits after finding the queue empty: a push
+        // into a queue that has items needs no wake-up.
+        if was_empty {
+            self.queued.notify_one();
+        }
+        true
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        self.queue.lock().expect("queue lock").items.pop_front()
+    }
+
+    /// The send task reports bytes it has written.
+    pub fn sent(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Asks the send task to close the socket. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.close_reason.lock().expect("close reason lock") = Some(reason);
+        self.queued.notify_one();
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.lock().expect("close reason lock").clone()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_items_are_one_pointer_wide() {
+        // Every connection's queue holds these; see `Outbound`.
+        assert_eq!(std::mem::size_of::<Outbound>(), 16);
+    }
+
+    #[tokio::test]
+    async fn a_close_wakes_the_send_task_waiting_on_an_empty_queue() {
+        let (sub, mut rx) = Subscriber::new(1, 1 << 20);
+        let waiting = tokio::spawn(async move { (rx.recv().await.is_none(), rx.closed().await) });
+        tokio::task::yield_now().await;
+        sub.close(CloseReason::going_away());
+        let (ended, reason) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the close woke the send task")
+            .unwrap();
+        assert!(ended);
+        assert_eq!(reason.code, CloseReason::GOING_AWAY);
+        assert!(!sub.push_control("after the close".into()));
+    }
+
+    #[tokio::test]
+    async fn recv_gives_nothing_once_closed_even_with_items_queued() {
+        let (sub, mut rx) = Subscriber::new(1, 1 << 20);
+        assert!(sub.push_control("one".into()));
+        sub.close(CloseReason::new(1000, "bye"));
+        assert!(rx.recv().await.is_none(), "a close goes before what waits");
+        assert!(rx.try_recv().is_some(), "what was queued stays for the drain");
+    }
+
+    #[test]
+    fn a_detached_queue_takes_nothing_more() {
+        let (sub, rx) = Subscriber::new(1, 1 << 20);
+        assert!(sub.push_control("one".into()));
+        drop(rx);
+        assert!(!sub.push_control("two".into()), "push after the send task is gone");
+    }
+}

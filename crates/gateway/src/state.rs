@@ -1,0 +1,264 @@
+//! The shared state, below every handler: what the HTTP handlers, the
+//! sockets, the probe and the monitor read and update. It depends on the
+//! parts it holds (settings, hub, telemetry, auth) and on no task that uses
+//! it, so no import runs in a circle.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::authz::Authorizer;
+use crate::change::{Position, now_us};
+use crate::config::Settings;
+use crate::hub::{CloseReason, Hub, Subscriber};
+use crate::telemetry::{Tally, Telemetry};
+
+/// What every task of the gateway shares.
+pub struct AppState {
+    /// Replaced whole on reload, so a reader sees one consistent version.
+    settings: RwLock<Arc<Settings>>,
+    /// Bumped after each reload: hot loops keep their copy of the settings
+    /// and re-read them only when this moves (see [`SettingsCache`]).
+    settings_version: AtomicU64,
+    pub hub: Arc<Hub>,
+    pub telemetry: Arc<Telemetry>,
+    pub pool: PgPool,
+    pub auth: Authenticator,
+    /// Cancelled once, on shutdown; every loop selects on it.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them to finish.
+    pub connections: TaskTracker,
+    /// Distinguishes this instance's connection ids from other instances'.
+    pub instance_id: String,
+    pub next_connection_id: AtomicU64,
+    pub active_connections: AtomicUsize,
+    /// Every open connection's liveness, for `/healthz` `connectionPool`.
+    connections_live: Mutex<HashMap<u64, ConnectionHandle>>,
+    /// Refusals by code (error codes, HTTP refusals) and closes by code.
+    pub refusals: Tally,
+    pub closes: Tally,
+    /// `realtime.authorize`, cached.
+    pub authorizer: Authorizer,
+    pub started_at: std::time::Instant,
+}
+
+impl AppState {
+    /// The state of a gateway about to start; `instance_id` is made here.
+    pub fn new(settings: Settings, hub: Arc<Hub>, telemetry: Arc<Telemetry>, pool: PgPool) -> AppState {
+        AppState {
+            auth: Authenticator::new(&settings.auth, settings.history.jwt_leeway.as_secs()),
+            authorizer: Authorizer::new(pool.clone(), settings.cache.capacity),
+            connections_live: Default::default(),
+            refusals: Default::default(),
+            closes: Default::default(),
+            settings: RwLock::new(Arc::new(settings)),
+            settings_version: AtomicU64::new(0),
+            hub,
+            telemetry,
+            pool,
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            instance_id: instance_id(),
+            next_connection_id: AtomicU64::new(1),
+            active_connections: AtomicUsize::new(0),
+            started_at: std::time::Instant::now(),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().expect("settings lock"))
+    }
+
+    /// Asks every open connection to close: each send loop writes what it
+    /// had queued, then this close frame. Shutdown does this once; a
+    /// connection registered after it sees the cancelled token itself
+    /// (`socket::serve`).
+    pub fn close_all(&self, reason: &CloseReason) {
+        let live = self.connections_live.lock().expect("connections lock");
+        for handle in live.values() {
+            handle.subscriber.close(reason.clone());
+        }
+    }
+
+    pub fn register_connection(&self, id: u64, handle: ConnectionHandle) {
+        self.connections_live
+            .lock()
+            .expect("connections lock")
+            .insert(id, handle);
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        self.connections_live.lock().expect("connections lock").remove(&id);
+    }
+
+    /// The open connections' pool figures (the probe's own excluded).
+    pub fn connection_pool(&self) -> PoolSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_us();
+        let active_window = self.settings().heartbeat.interval.as_micros() as i64 * 2;
+        let live = self.connections_live.lock().expect("connections lock");
+        let mut pool = PoolSnapshot::default();
+        let mut round_trips = Vec::new();
+        for (id, handle) in live.iter() {
+            if self.telemetry.is_probe(*id) {
+                continue;
+            }
+            let l = &handle.liveness;
+            let spoke = now - l.last_message_us.load(Relaxed) < active_window;
+            if l.subscriptions.load(Relaxed) > 0 || spoke {
+                pool.active += 1;
+            } else {
+                pool.idle += 1;
+            }
+            let rtt = l.round_trip_us.load(Relaxed);
+            if rtt > 0 {
+                round_trips.push(rtt);
+            }
+            if handle.subscriber.queued_bytes() > 0 {
+                pool.backlogged += 1;
+            }
+        }
+        if !round_trips.is_empty() {
+            pool.average_round_trip_ms = round_trips.iter().sum::<i64>() as f64 / round_trips.len() as f64 / 1000.0;
+        }
+        pool
+    }
+
+    /// A client acknowledged `position`: commit-to-ack, less half its round
+    /// trip, when the change is still in recent memory.
+    pub fn record_ack(&self, position: Position, liveness: &Liveness) {
+        if let Some(committed_at) = self.hub.committed_at(position) {
+            let round_trip = liveness.round_trip_us.load(Ordering::Relaxed);
+            self.telemetry.record_ack(committed_at, round_trip);
+        }
+    }
+
+    /// What SIGHUP does: re-reads the config file (under the environment)
+    /// and applies the feature switches and tunables to new work, without
+    /// dropping a connection. What only a restart can change (database,
+    /// address, channel, auth, pool) keeps its value, with a warning.
+    pub fn reload(&self) -> Result<(), crate::config::ConfigError> {
+        let current = self.settings();
+        let fresh = match &current.config_file {
+            Some(path) => Settings::from_file_and_env(path)?,
+            None => Settings::from_env()?,
+        };
+        self.apply(fresh);
+        Ok(())
+    }
+
+    /// Applies reloaded settings (see [`AppState::reload`]).
+    pub fn apply(&self, fresh: Settings) {
+        let current = self.settings();
+        let mut next = fresh;
+        let fixed = [
+            ("DATABASE_URL", next.database_url != current.database_url),
+            ("GATEWAY_LISTEN", next.listen != current.listen),
+            ("GATEWAY_CHANNEL", next.channel != current.channel),
+            ("GATEWAY_AUTH/GATEWAY_JWT_SECRET", next.auth != current.auth),
+            ("GATEWAY_POOL_SIZE", next.pool_size != current.pool_size),
+        ];
+        for (variable, changed) in fixed {
+            if changed {
+                tracing::warn!(variable, "changed in the config, but only a restart applies it");
+            }
+        }
+        next.database_url = current.database_url.clone();
+        next.listen = current.listen;
+        next.channel = current.channel.clone();
+        next.auth = current.auth.clone();
+        next.pool_size = current.pool_size;
+        next.config_file = current.config_file.clone();
+        self.hub.configure(next.pipeline.clone(), next.features);
+        tracing::info!(features = ?next.features, "configuration reloaded");
+        *self.settings.write().expect("settings lock") = Arc::new(next);
+        self.settings_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// A copy of the settings that follows reloads, for a loop that reads
+    /// them per message (the shared lock's counter would bounce between
+    /// cores on every read).
+    pub fn settings_cache(&self) -> SettingsCache {
+        SettingsCache {
+            version: self.settings_version.load(Ordering::Acquire),
+            settings: self.settings(),
+        }
+    }
+}
+
+/// See [`AppState::settings_cache`].
+pub struct SettingsCache {
+    version: u64,
+    settings: Arc<Settings>,
+}
+
+impl SettingsCache {
+    /// The current settings: the copy, re-read if a reload happened since.
+    pub fn get(&mut self, state: &AppState) -> &Settings {
+        let version = state.settings_version.load(Ordering::Acquire);
+        if version != self.version {
+            self.version = version;
+            self.settings = state.settings();
+        }
+        &self.settings
+    }
+}
+
+/// What the gateway keeps of each open connection for `/healthz`.
+pub struct ConnectionHandle {
+    pub liveness: Arc<Liveness>,
+    pub subscriber: Arc<Subscriber>,
+}
+
+/// `/healthz` `connectionPool`, from the open connections.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolSnapshot {
+    /// Subscribed, or heard from within two heartbeat intervals.
+    pub active: usize,
+    pub idle: usize,
+    /// Mean ping round trip of connections that answered one.
+    pub average_round_trip_ms: f64,
+    /// Connections with frames waiting to be written.
+    pub backlogged: usize,
+}
+
+/// What both halves of a connection, and `/healthz`, know about it.
+#[derive(Debug)]
+pub struct Liveness {
+    /// When anything was last heard from the client (gateway clock, us).
+    pub last_heard_us: AtomicI64,
+    /// When the client last sent a protocol message (us).
+    pub last_message_us: AtomicI64,
+    /// Last measured ping round trip, us (0 until measured).
+    pub round_trip_us: AtomicI64,
+    /// A ping is out and its pong has not come back.
+    pub ping_outstanding: AtomicBool,
+    pub subscriptions: AtomicUsize,
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Liveness {
+        let now = now_us();
+        Liveness {
+            last_heard_us: AtomicI64::new(now),
+            last_message_us: AtomicI64::new(now),
+            round_trip_us: AtomicI64::new(0),
+            ping_outstanding: AtomicBool::new(false),
+            subscriptions: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Short, unique enough to tell instances apart in connection ids and logs.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+}
