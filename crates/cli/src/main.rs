@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 use ws_gateway::app::{Application, shutdown_signal};
 use ws_gateway::capture;
-use ws_gateway::config::Settings;
+use ws_gateway::config::{Secret, Settings};
 use ws_gateway_demo as demo;
 
 #[derive(Parser)]
@@ -102,7 +102,11 @@ fn settings() -> anyhow::Result<Settings> {
 }
 
 async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let url = settings.database_url.as_deref().context("DATABASE_URL is not set")?;
+    let url = settings
+        .database_url
+        .as_ref()
+        .map(Secret::expose)
+        .context("DATABASE_URL is not set")?;
     PgPoolOptions::new()
         .max_connections(2)
         .connect(url)
@@ -172,16 +176,20 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("starting the private PostgreSQL in {}", data_dir.display()))?;
         let url = cluster.create_database("constructtrack").await?;
-        settings.database_url = Some(url);
+        settings.database_url = Some(url.into());
         Some(cluster)
     } else {
         None
     };
     let url = settings.database_url.clone().expect("set above");
-    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url.expose())
+        .await?;
     capture::migrate(&pool, &settings.channel).await?;
     demo::load_schema(&pool).await?;
 
+    let settings_url = settings.redacted_database_url();
     let app = Application::build(settings).await?;
     let address = app.local_addr();
     let token = app.shutdown_token();
@@ -197,7 +205,10 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     println!("  dashboard:  http://{address}/");
     println!("  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})");
     println!("  health:     http://{address}/healthz");
-    println!("  database:   {url}");
+    println!(
+        "  database:   {}",
+        settings_url.as_deref().unwrap_or("(DATABASE_URL)")
+    );
     println!("  ctrl-c stops it all");
     println!();
     let signal_token = token.clone();

@@ -62,6 +62,7 @@ impl Application {
             )
         })?;
         let connect: PgConnectOptions = database_url
+            .expose()
             .parse()
             .context("DATABASE_URL is not a valid PostgreSQL URL")?;
         let pool = PgPoolOptions::new()
@@ -100,7 +101,7 @@ impl Application {
         let telemetry = Arc::new(Telemetry::default());
         let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
         let feed = Feed::new(
-            database_url,
+            database_url.expose().to_owned(),
             settings.channel.clone(),
             pool.clone(),
             Arc::clone(&hub),

@@ -95,7 +95,7 @@ impl Authenticator {
                 validation.set_required_spec_claims(&["exp"]);
                 validation.validate_aud = false;
                 Authenticator::Jwt {
-                    key: DecodingKey::from_secret(secret.as_bytes()),
+                    key: DecodingKey::from_secret(secret.expose().as_bytes()),
                     validation: Box::new(validation),
                 }
             }

@@ -259,7 +259,7 @@ impl Probe {
         match jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            &jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()),
         ) {
             Ok(token) => Some(token),
             Err(error) => {

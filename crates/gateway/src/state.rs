@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::authz::Authorizer;
 use crate::change::{Position, now_us};
-use crate::config::Settings;
+use crate::config::{Settings, for_reload};
 use crate::hub::{CloseReason, Hub, Subscriber};
 use crate::telemetry::{Tally, Telemetry};
 
@@ -152,28 +152,13 @@ impl AppState {
         Ok(())
     }
 
-    /// Applies reloaded settings (see [`AppState::reload`]).
+    /// Applies reloaded settings (see [`AppState::reload`]): what
+    /// `config::for_reload` lets a reload change.
     pub fn apply(&self, fresh: Settings) {
-        let current = self.settings();
-        let mut next = fresh;
-        let fixed = [
-            ("DATABASE_URL", next.database_url != current.database_url),
-            ("GATEWAY_LISTEN", next.listen != current.listen),
-            ("GATEWAY_CHANNEL", next.channel != current.channel),
-            ("GATEWAY_AUTH/GATEWAY_JWT_SECRET", next.auth != current.auth),
-            ("GATEWAY_POOL_SIZE", next.pool_size != current.pool_size),
-        ];
-        for (variable, changed) in fixed {
-            if changed {
-                tracing::warn!(variable, "changed in the config, but only a restart applies it");
-            }
+        let (next, ignored) = for_reload(&self.settings(), fresh);
+        for variable in ignored {
+            tracing::warn!(variable, "changed in the config, but only a restart applies it");
         }
-        next.database_url = current.database_url.clone();
-        next.listen = current.listen;
-        next.channel = current.channel.clone();
-        next.auth = current.auth.clone();
-        next.pool_size = current.pool_size;
-        next.config_file = current.config_file.clone();
         self.hub.configure(next.pipeline.clone(), next.features);
         tracing::info!(features = ?next.features, "configuration reloaded");
         *self.settings.write().expect("settings lock") = Arc::new(next);

@@ -209,7 +209,7 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::for_tests();
-    settings.database_url = Some(db.url.clone());
+    settings.database_url = Some(db.url.clone().into());
     configure(&mut settings);
     let app = Application::build(settings).await.expect("building the gateway");
     let address = app.local_addr();

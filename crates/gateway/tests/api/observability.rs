@@ -275,7 +275,7 @@ async fn healthz_reports_performance_and_regression_detection() {
 async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     let db = fresh_database().await;
     let mut settings = Settings::for_tests();
-    settings.database_url = Some(db.url.clone());
+    settings.database_url = Some(db.url.clone().into());
     settings.history.probe_interval = Some(PROBE_EVERY);
     let built = Application::build(settings).await.expect("building the gateway");
     let state = built.state();
@@ -373,7 +373,7 @@ async fn the_probe_rides_out_a_database_outage() {
     let proxy = KillSwitch::start(upstream).await;
     let (_, via_proxy) = redirect(&db.url, proxy.port);
     let app = spawn_app_with(db, |s| {
-        s.database_url = Some(via_proxy);
+        s.database_url = Some(via_proxy.into());
         s.history.probe_interval = Some(PROBE_EVERY);
     })
     .await;

@@ -1,0 +1,607 @@
+//! The configuration's tests: defaults, every refusal with the message an
+//! operator sees, the env file, layering, and the shipped example.
+
+use super::*;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::sources::parse_env_file;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+/// Settings from `pairs`, with authentication off unless `pairs` say otherwise.
+fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let mut all = vars(&[("GATEWAY_AUTH", "none")]);
+    all.extend(vars(pairs));
+    Settings::from_vars(all)
+}
+
+/// Asserts that `pairs` are refused, naming `variable` and `value`.
+#[track_caller]
+fn assert_refused(pairs: &[(&str, &str)], variable: &str, value: &str) -> ConfigError {
+    let err = settings(pairs).expect_err("should be refused");
+    assert_eq!(err.variable, variable, "{err}");
+    assert_eq!(err.value, value, "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with(&format!("{variable}={value:?} is not allowed: ")),
+        "{shown}"
+    );
+    err
+}
+
+#[test]
+fn defaults_parse() {
+    let s = settings(&[]).unwrap();
+    assert_eq!(s.database_url, None);
+    assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(s.channel, "realtime_changes");
+    assert_eq!(s.auth, Auth::None);
+    assert!(s.auto_migrate);
+    assert_eq!(s.pool_size, 4);
+    assert_eq!(s.config_file, None);
+    assert_eq!(s.pipeline.batch_size, 10);
+    assert_eq!(s.pipeline.batch_timeout, Duration::from_millis(100));
+    assert!(s.pipeline.priority_tables.is_empty());
+    assert_eq!(s.pipeline.compression_threshold, 1024);
+    assert_eq!(s.pipeline.compression_level, 6);
+    assert_eq!(s.pipeline.dedup_window, Duration::from_millis(5000));
+    assert_eq!(s.heartbeat.interval, Duration::from_millis(25_000));
+    assert_eq!(s.heartbeat.min, Duration::from_secs(10));
+    assert_eq!(s.heartbeat.max, Duration::from_secs(60));
+    assert_eq!(s.heartbeat.connection_timeout, Duration::from_millis(60_000));
+    assert_eq!(s.heartbeat.max_idle, Duration::from_millis(300_000));
+    assert_eq!(s.cache.capacity, 10_000);
+    assert_eq!(s.cache.ttl, Duration::from_millis(60_000));
+    assert_eq!(s.profiler.interval, Duration::from_millis(5000));
+    assert_eq!(s.profiler.metric_retention, Duration::from_millis(300_000));
+    assert_eq!(s.profiler.bottleneck_threshold, Duration::from_millis(100));
+    assert_eq!(s.regression.check_interval, Duration::from_millis(60_000));
+    assert_eq!(s.regression.warn_pct, 15.0);
+    assert_eq!(s.regression.crit_pct, 30.0);
+    assert_eq!(s.regression.baseline_window, Duration::from_millis(300_000));
+    assert_eq!(s.limits.max_connections, 10_000);
+    assert_eq!(s.limits.max_subscriptions, 100);
+    assert_eq!(s.limits.max_message_bytes, 65_536);
+    assert_eq!(s.limits.rate_limit, 100);
+    assert_eq!(s.limits.send_queue_bytes, 8_388_608);
+    assert_eq!(s.history.retention, Duration::from_secs(24 * 3600));
+    assert_eq!(s.history.probe_interval, Some(Duration::from_millis(1000)));
+    assert_eq!(s.history.jwt_leeway, Duration::from_secs(5));
+    assert!(s.history.allowed_origins.is_empty());
+    assert_eq!(s.features, Features::ALL);
+}
+
+#[test]
+fn for_tests_is_defaults_without_auth_on_a_free_port() {
+    let s = Settings::for_tests();
+    assert_eq!(s.auth, Auth::None);
+    assert_eq!(s.listen.port(), 0);
+    assert_eq!(s.database_url, None);
+    assert_eq!(s.pipeline, settings(&[]).unwrap().pipeline);
+}
+
+#[test]
+fn values_are_read() {
+    let s = settings(&[
+        ("DATABASE_URL", "postgresql://gw:pw@db:5432/ct"),
+        ("GATEWAY_LISTEN", "[::]:9000"),
+        ("GATEWAY_CHANNEL", "_changes_2"),
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_SECRET", SECRET),
+        ("GATEWAY_AUTO_MIGRATE", "off"),
+        ("GATEWAY_POOL_SIZE", " 64 "),
+        ("GATEWAY_BATCH_SIZE", "50"),
+        ("GATEWAY_HISTORY_RETENTION", "7d"),
+        ("GATEWAY_PROBE_INTERVAL_MS", "0"),
+        ("GATEWAY_REGRESSION_WARN_PCT", "12.5"),
+        (
+            "GATEWAY_ALLOWED_ORIGINS",
+            "https://App.ConstructTrack.com/, http://localhost:3000",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(s.database_url.as_ref().map(Secret::expose), Some("postgresql://gw:pw@db:5432/ct"));
+    assert_eq!(s.listen, "[::]:9000".parse().unwrap());
+    assert_eq!(s.channel, "_changes_2");
+    assert_eq!(
+        s.auth,
+        Auth::Jwt {
+            secret: SECRET.into()
+        }
+    );
+    assert!(!s.auto_migrate);
+    assert_eq!(s.pool_size, 64);
+    assert_eq!(s.pipeline.batch_size, 50);
+    assert_eq!(s.history.retention, Duration::from_secs(7 * 86_400));
+    assert_eq!(s.history.probe_interval, None);
+    assert_eq!(s.regression.warn_pct, 12.5);
+    assert_eq!(
+        s.history.allowed_origins,
+        ["https://app.constructtrack.com", "http://localhost:3000"]
+    );
+    assert!(s.history.origin_allowed("https://app.constructtrack.com"));
+    assert!(!s.history.origin_allowed("https://evil.example"));
+}
+
+#[test]
+fn empty_values_count_as_unset() {
+    let s = settings(&[("GATEWAY_BATCH_SIZE", ""), ("GATEWAY_CHANNEL", "  ")]).unwrap();
+    assert_eq!(s.pipeline.batch_size, 10);
+    assert_eq!(s.channel, "realtime_changes");
+}
+
+#[test]
+fn bool_forms() {
+    for (raw, expected) in [("true", true), ("1", true), ("YES", true), ("on", true)]
+        .into_iter()
+        .chain([("false", false), ("0", false), ("no", false), ("Off", false)])
+    {
+        let s = settings(&[("GATEWAY_AUTO_MIGRATE", raw)]).unwrap();
+        assert_eq!(s.auto_migrate, expected, "{raw}");
+    }
+}
+
+#[test]
+fn refuses_bad_int_with_the_message_operators_see() {
+    let err = assert_refused(&[("GATEWAY_BATCH_SIZE", "abc")], "GATEWAY_BATCH_SIZE", "abc");
+    assert_eq!(
+        err.to_string(),
+        r#"GATEWAY_BATCH_SIZE="abc" is not allowed: expected an integer from 1 to 1000"#
+    );
+    assert_refused(&[("GATEWAY_POOL_SIZE", "-1")], "GATEWAY_POOL_SIZE", "-1");
+    assert_refused(&[("GATEWAY_CACHE_TTL_MS", "1.5")], "GATEWAY_CACHE_TTL_MS", "1.5");
+}
+
+#[test]
+fn refuses_out_of_range() {
+    assert_refused(&[("GATEWAY_BATCH_SIZE", "0")], "GATEWAY_BATCH_SIZE", "0");
+    assert_refused(&[("GATEWAY_POOL_SIZE", "65")], "GATEWAY_POOL_SIZE", "65");
+    let err = assert_refused(
+        &[("GATEWAY_COMPRESSION_LEVEL", "12")],
+        "GATEWAY_COMPRESSION_LEVEL",
+        "12",
+    );
+    assert!(err.allowed.contains("from 0 to 11"), "{err}");
+    assert_refused(
+        &[("GATEWAY_PROBE_INTERVAL_MS", "50")],
+        "GATEWAY_PROBE_INTERVAL_MS",
+        "50",
+    );
+    assert_refused(
+        &[("GATEWAY_REGRESSION_WARN_PCT", "NaN")],
+        "GATEWAY_REGRESSION_WARN_PCT",
+        "NaN",
+    );
+}
+
+#[test]
+fn refuses_bad_bool() {
+    let err = assert_refused(&[("GATEWAY_AUTO_MIGRATE", "maybe")], "GATEWAY_AUTO_MIGRATE", "maybe");
+    assert!(err.allowed.contains("true or false"), "{err}");
+}
+
+#[test]
+fn spans() {
+    for (raw, seconds) in [("90s", 90), ("30m", 1800), ("24h", 86_400), ("90d", 90 * 86_400)] {
+        let s = settings(&[("GATEWAY_HISTORY_RETENTION", raw)]).unwrap();
+        assert_eq!(s.history.retention, Duration::from_secs(seconds), "{raw}");
+    }
+}
+
+#[test]
+fn refuses_bad_duration() {
+    for raw in ["24", "h", "1w", "-1h", "1.5h", "59s", "91d", "99999999999999999999d"] {
+        let err = assert_refused(&[("GATEWAY_HISTORY_RETENTION", raw)], "GATEWAY_HISTORY_RETENTION", raw);
+        assert!(err.allowed.contains("from 1m to 90d"), "{err}");
+    }
+}
+
+#[test]
+fn refuses_bad_origin_list() {
+    for raw in [
+        "app.constructtrack.com",
+        "ftp://x.com",
+        "https://x.com/path",
+        "https://x.com:0",
+        "https://x.com:99999",
+        "https://",
+        "https://a.com,*",
+        "https://x.com:",
+        "https://x.com:80:80",
+        "https://[::1",
+        "https://[nothost]:80",
+        "https://[::1]x",
+    ] {
+        let err = assert_refused(&[("GATEWAY_ALLOWED_ORIGINS", raw)], "GATEWAY_ALLOWED_ORIGINS", raw);
+        assert!(err.allowed.contains("is not one"), "{err}");
+    }
+    let s = settings(&[("GATEWAY_ALLOWED_ORIGINS", "https://[::1]:8443,*")]);
+    assert!(s.is_err());
+    let s = settings(&[("GATEWAY_ALLOWED_ORIGINS", "https://[::1]:8443,http://[2001:db8::1:5],")]).unwrap();
+    assert_eq!(
+        s.history.allowed_origins,
+        ["https://[::1]:8443", "http://[2001:db8::1:5]"]
+    );
+    let s = settings(&[("GATEWAY_ALLOWED_ORIGINS", "*")]).unwrap();
+    assert!(s.history.origin_allowed("https://anything.example"));
+}
+
+#[test]
+fn features_lists() {
+    let parse = |list: &str| Features::parse(list).unwrap();
+    assert_eq!(parse(""), Features::ALL);
+    assert_eq!(parse("all"), Features::ALL);
+    assert_eq!(parse("none"), Features::NONE);
+    assert_eq!(
+        parse("-compression, -cache"),
+        Features {
+            compression: false,
+            cache: false,
+            ..Features::ALL
+        }
+    );
+    assert_eq!(
+        parse("all,-adaptive_heartbeat"),
+        Features {
+            adaptive_heartbeat: false,
+            ..Features::ALL
+        }
+    );
+    assert_eq!(
+        parse("none,dedup"),
+        Features {
+            dedup: true,
+            ..Features::NONE
+        }
+    );
+    assert_eq!(
+        parse("dedup,batching"),
+        Features {
+            dedup: true,
+            batching: true,
+            ..Features::NONE
+        }
+    );
+    assert_eq!(parse("none,cache,-cache"), Features::NONE);
+    let s = settings(&[("GATEWAY_FEATURES", "-batching")]).unwrap();
+    assert!(!s.features.batching && s.features.dedup);
+}
+
+#[test]
+fn refuses_unknown_feature() {
+    let err = assert_refused(&[("GATEWAY_FEATURES", "dedup,zip")], "GATEWAY_FEATURES", "dedup,zip");
+    assert!(err.allowed.contains("`zip`"), "{err}");
+    assert!(
+        err.allowed
+            .contains("dedup, batching, compression, adaptive_heartbeat, cache"),
+        "{err}"
+    );
+    assert_refused(&[("GATEWAY_FEATURES", "dedup,all")], "GATEWAY_FEATURES", "dedup,all");
+}
+
+#[test]
+fn refuses_jwt_without_secret() {
+    let err = assert_refused(&[("GATEWAY_AUTH", "jwt")], "GATEWAY_JWT_SECRET", "");
+    assert!(err.allowed.contains("GATEWAY_AUTH=none"), "{err}");
+    // jwt is the default
+    let err = Settings::from_vars(Vec::new()).unwrap_err();
+    assert_eq!(err.variable, "GATEWAY_JWT_SECRET");
+}
+
+#[test]
+fn refuses_short_secret_without_showing_it() {
+    let err = assert_refused(
+        &[("GATEWAY_AUTH", "jwt"), ("GATEWAY_JWT_SECRET", "tooshort")],
+        "GATEWAY_JWT_SECRET",
+        "<8 bytes, hidden>",
+    );
+    assert!(!format!("{err} {err:?}").contains("tooshort"));
+}
+
+#[test]
+fn refuses_bad_auth_mode() {
+    assert_refused(&[("GATEWAY_AUTH", "basic")], "GATEWAY_AUTH", "basic");
+}
+
+#[test]
+fn secrets_stay_out_of_debug() {
+    let s = settings(&[
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_SECRET", SECRET),
+        (
+            "DATABASE_URL",
+            "postgres://gw:hunter2@db/ct?password=hunter3&sslmode=require",
+        ),
+    ])
+    .unwrap();
+    let shown = format!("{s:?} {s:#?}");
+    assert!(!shown.contains(SECRET) && !shown.contains("hunter"), "{shown}");
+    assert_eq!(
+        s.redacted_database_url().unwrap(),
+        "postgres://gw:***@db/ct?password=***&sslmode=require"
+    );
+}
+
+#[test]
+fn refuses_crit_not_above_warn() {
+    let err = assert_refused(
+        &[
+            ("GATEWAY_REGRESSION_WARN_PCT", "30"),
+            ("GATEWAY_REGRESSION_CRIT_PCT", "30"),
+        ],
+        "GATEWAY_REGRESSION_CRIT_PCT",
+        "30",
+    );
+    assert!(err.allowed.contains("GATEWAY_REGRESSION_WARN_PCT (30)"), "{err}");
+    assert_refused(
+        &[("GATEWAY_REGRESSION_CRIT_PCT", "10")],
+        "GATEWAY_REGRESSION_CRIT_PCT",
+        "10",
+    );
+}
+
+#[test]
+fn refuses_unknown_gateway_variable() {
+    let err = assert_refused(&[("GATEWAY_BACH_SIZE", "10")], "GATEWAY_BACH_SIZE", "10");
+    assert!(err.allowed.starts_with("unknown variable"), "{err}");
+    assert!(err.allowed.contains("did you mean GATEWAY_BATCH_SIZE?"), "{err}");
+    assert!(err.allowed.contains("known: DATABASE_URL, GATEWAY_LISTEN"), "{err}");
+    // Other prefixes are not ours to judge.
+    settings(&[("GATEWAYS", "1"), ("PATH", "/bin"), ("RUST_LOG", "debug")]).unwrap();
+}
+
+#[test]
+fn refuses_heartbeat_outside_bounds() {
+    for raw in ["9999", "60001"] {
+        let err = assert_refused(&[("GATEWAY_HEARTBEAT_MS", raw)], "GATEWAY_HEARTBEAT_MS", raw);
+        assert!(err.allowed.contains("from 10000 to 60000"), "{err}");
+    }
+    let s = settings(&[("GATEWAY_HEARTBEAT_MS", "60000")]).unwrap();
+    assert_eq!(s.heartbeat.interval, s.heartbeat.max);
+    assert_refused(
+        &[
+            ("GATEWAY_HEARTBEAT_MS", "30000"),
+            ("GATEWAY_CONNECTION_TIMEOUT_MS", "20000"),
+        ],
+        "GATEWAY_CONNECTION_TIMEOUT_MS",
+        "20000",
+    );
+}
+
+#[test]
+fn refuses_metric_retention_below_interval() {
+    assert_refused(
+        &[("GATEWAY_METRIC_RETENTION_MS", "1000")],
+        "GATEWAY_METRIC_RETENTION_MS",
+        "1000",
+    );
+}
+
+#[test]
+fn refuses_bad_database_url_without_showing_the_password() {
+    assert_refused(
+        &[("DATABASE_URL", "mysql://root:hunter2@db/ct")],
+        "DATABASE_URL",
+        "mysql://root:***@db/ct",
+    );
+    assert_refused(&[("DATABASE_URL", "localhost")], "DATABASE_URL", "localhost");
+}
+
+#[test]
+fn refuses_bad_listen_address() {
+    assert_refused(
+        &[("GATEWAY_LISTEN", "localhost:8080")],
+        "GATEWAY_LISTEN",
+        "localhost:8080",
+    );
+}
+
+#[test]
+fn refuses_bad_channel_name() {
+    for raw in ["Realtime", "1changes", "real-time", "a;drop table x", &"a".repeat(64)] {
+        assert_refused(&[("GATEWAY_CHANNEL", raw)], "GATEWAY_CHANNEL", raw);
+    }
+    settings(&[("GATEWAY_CHANNEL", &"a".repeat(63))]).unwrap();
+}
+
+#[test]
+fn priority_tables() {
+    let s = settings(&[(
+        "GATEWAY_PRIORITY_TABLES",
+        "safety_incidents=critical, Public.Inspections=HIGH,audit_log=low,",
+    )])
+    .unwrap();
+    let p = &s.pipeline;
+    assert_eq!(p.priority_tables.len(), 3);
+    assert_eq!(p.priority_of("public", "safety_incidents"), Priority::Critical);
+    assert_eq!(p.priority_of("public", "inspections"), Priority::High);
+    assert_eq!(p.priority_of("audit", "inspections"), Priority::Normal);
+    assert_eq!(p.priority_of("public", "audit_log"), Priority::Low);
+    assert_eq!(p.priority_of("public", "tasks"), Priority::Normal);
+    assert!(Priority::Critical.bypasses_batching() && Priority::High.bypasses_batching());
+    assert!(!Priority::Normal.bypasses_batching() && !Priority::Low.bypasses_batching());
+}
+
+#[test]
+fn refuses_bad_priority() {
+    for (raw, item) in [
+        ("inspections=urgent", "inspections=urgent"),
+        ("tasks=high,inspections", "inspections"),
+        ("a.b.c=high", "a.b.c=high"),
+        ("=high", "=high"),
+        ("tasks=high,tasks=low", "tasks=low"),
+    ] {
+        let err = assert_refused(&[("GATEWAY_PRIORITY_TABLES", raw)], "GATEWAY_PRIORITY_TABLES", raw);
+        assert!(err.allowed.contains(&format!("`{item}`")), "{err}");
+        assert!(err.allowed.contains("critical, high, normal or low"), "{err}");
+    }
+}
+
+#[test]
+fn every_known_variable_is_read_and_every_read_variable_is_known() {
+    let asked = RefCell::new(Vec::new());
+    Settings::from_lookup(|name| {
+        asked.borrow_mut().push(name.to_owned());
+        match name {
+            "GATEWAY_AUTH" => Some("jwt".to_owned()),
+            "GATEWAY_JWT_SECRET" => Some(SECRET.to_owned()),
+            _ => None,
+        }
+    })
+    .unwrap();
+    let mut asked = asked.into_inner();
+    asked.sort();
+    let mut known: Vec<String> = KNOWN_VARIABLES.iter().map(|n| n.to_string()).collect();
+    known.push("DATABASE_URL".to_owned());
+    known.sort();
+    assert_eq!(asked, known);
+}
+
+#[test]
+fn env_file_syntax() {
+    let text = "# comment\n\nexport GATEWAY_BATCH_SIZE=20\nGATEWAY_CHANNEL = \"chan\" \n\
+                GATEWAY_AUTH='none'\nGATEWAY_FEATURES=-cache # trailing comment\n\
+                DATABASE_URL=postgres://u:p#w@h/db\nGATEWAY_BATCH_SIZE=30\n";
+    assert_eq!(
+        parse_env_file(text).unwrap(),
+        vars(&[
+            ("GATEWAY_BATCH_SIZE", "20"),
+            ("GATEWAY_CHANNEL", "chan"),
+            ("GATEWAY_AUTH", "none"),
+            ("GATEWAY_FEATURES", "-cache"),
+            ("DATABASE_URL", "postgres://u:p#w@h/db"),
+            ("GATEWAY_BATCH_SIZE", "30"),
+        ])
+    );
+    assert_eq!(parse_env_file("A=1\nnot a pair\n"), Err(2));
+    assert_eq!(parse_env_file("A=\"unclosed\n"), Err(1));
+    assert_eq!(parse_env_file("1A=x\n"), Err(1));
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("ws-gateway-config-{}-{name}.env", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    vars(pairs).into_iter().collect()
+}
+
+#[test]
+fn env_wins_over_file() {
+    let file = TempFile::new(
+        "layering",
+        "GATEWAY_AUTH=none\nGATEWAY_BATCH_SIZE=20\nGATEWAY_CHANNEL=from_file\n\
+         GATEWAY_POOL_SIZE=8\n",
+    );
+    let s = layered(
+        &file.0,
+        env(&[
+            ("GATEWAY_BATCH_SIZE", "30"),
+            ("GATEWAY_POOL_SIZE", ""),
+            ("HOME", "/root"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.pipeline.batch_size, 30);
+    assert_eq!(s.channel, "from_file");
+    assert_eq!(s.pool_size, 8, "an empty env value does not hide the file's");
+    assert_eq!(s.config_file.as_deref(), Some(file.0.as_path()));
+}
+
+#[test]
+fn refuses_missing_or_malformed_file() {
+    let missing = std::env::temp_dir().join("ws-gateway-config-does-not-exist.env");
+    let err = layered(&missing, BTreeMap::new()).unwrap_err();
+    assert_eq!(err.variable, "GATEWAY_CONFIG_FILE");
+    assert_eq!(err.value, missing.display().to_string());
+    assert!(err.allowed.contains("readable env file"), "{err}");
+
+    let file = TempFile::new("malformed", "GATEWAY_AUTH=none\nthis is not a pair\n");
+    let err = layered(&file.0, BTreeMap::new()).unwrap_err();
+    assert_eq!(err.variable, "GATEWAY_CONFIG_FILE");
+    assert!(err.allowed.contains("line 2"), "{err}");
+}
+
+#[test]
+fn refuses_unknown_variable_in_file() {
+    let file = TempFile::new("unknown", "GATEWAY_AUTH=none\nGATEWAY_BATCH_SIZ=5\n");
+    let err = layered(&file.0, BTreeMap::new()).unwrap_err();
+    assert_eq!(err.variable, "GATEWAY_BATCH_SIZ");
+}
+
+#[test]
+fn bad_value_in_file_names_the_variable() {
+    let file = TempFile::new("bad", "GATEWAY_AUTH=none\nGATEWAY_RATE_LIMIT=lots\n");
+    let err = layered(&file.0, BTreeMap::new()).unwrap_err();
+    assert_eq!(
+        (err.variable.as_str(), err.value.as_str()),
+        ("GATEWAY_RATE_LIMIT", "lots")
+    );
+}
+
+/// The example lists every variable, and its values are the defaults.
+#[test]
+fn example_file_documents_every_variable_with_its_default() {
+    let example = include_str!("../../../../config/gateway.env.example");
+    let uncommented: String = example
+        .lines()
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| {
+            line.split_once('=').is_some_and(|(name, _)| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let mut listed = parse_env_file(&uncommented).unwrap();
+    let names: Vec<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
+    for known in KNOWN_VARIABLES.iter().chain(&["DATABASE_URL"]) {
+        assert!(names.contains(known), "{known} is missing from the example");
+    }
+    listed.retain(|(name, _)| name != "DATABASE_URL" && name != "GATEWAY_CONFIG_FILE");
+    listed.push(("GATEWAY_JWT_SECRET".to_owned(), SECRET.to_owned()));
+    let from_example = Settings::from_vars(listed).unwrap();
+    let defaults = Settings::from_vars(vars(&[("GATEWAY_JWT_SECRET", SECRET)])).unwrap();
+    assert_eq!(from_example, defaults);
+}
+
+#[test]
+fn a_reload_keeps_what_only_a_restart_changes() {
+    let current = settings(&[("DATABASE_URL", "postgres://a@db/ct"), ("GATEWAY_BATCH_SIZE", "10")]).unwrap();
+    let fresh = settings(&[
+        ("DATABASE_URL", "postgres://b@db/ct"),
+        ("GATEWAY_CHANNEL", "other"),
+        ("GATEWAY_BATCH_SIZE", "20"),
+        ("GATEWAY_FEATURES", "-compression"),
+    ])
+    .unwrap();
+    let (next, ignored) = for_reload(&current, fresh);
+    assert_eq!(ignored, ["DATABASE_URL", "GATEWAY_CHANNEL"]);
+    assert_eq!(next.database_url, current.database_url);
+    assert_eq!(next.channel, current.channel);
+    assert_eq!(next.pipeline.batch_size, 20, "tunables apply");
+    assert!(!next.features.compression, "switches apply");
+}
+

@@ -1,0 +1,262 @@
+//! The typed settings: what each variable of SPEC section 3 becomes once it
+//! has been read and validated. Nothing here reads anything.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Secret;
+
+/// Bounds of the adaptive heartbeat: the configured interval must lie within
+/// them, and adaptation never leaves them.
+pub const HEARTBEAT_MIN: Duration = Duration::from_millis(HEARTBEAT_MIN_MS);
+pub const HEARTBEAT_MAX: Duration = Duration::from_millis(HEARTBEAT_MAX_MS);
+pub(super) const HEARTBEAT_MIN_MS: u64 = 10_000;
+pub(super) const HEARTBEAT_MAX_MS: u64 = 60_000;
+
+/// The shortest JWT secret accepted: HS256 with fewer than 256 bits of key is
+/// guessable.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// The whole configuration of one gateway process, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The ConstructTrack database; `None` lets `serve` start a private
+    /// throwaway cluster for the demo.
+    pub database_url: Option<Secret>,
+    /// One port for WebSocket, health, metrics and dashboard.
+    pub listen: SocketAddr,
+    /// The NOTIFY channel the capture trigger and the feed agree on.
+    pub channel: String,
+    pub auth: Auth,
+    /// Whether `serve` applies the embedded migrations before listening.
+    pub auto_migrate: bool,
+    /// Connections in the pool beside the dedicated LISTEN connection.
+    pub pool_size: u32,
+    /// The env file these settings were layered over, re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    pub pipeline: PipelineSettings,
+    pub heartbeat: HeartbeatSettings,
+    pub cache: CacheSettings,
+    pub profiler: ProfilerSettings,
+    pub regression: RegressionSettings,
+    pub limits: Limits,
+    pub history: HistorySettings,
+    /// The rollback switch: each optimization can be turned off without a
+    /// new build.
+    pub features: Features,
+}
+
+/// How clients prove which rooms they may join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// Every connection may join every room: local development only.
+    None,
+    /// HS256 tokens signed with `secret` (at least 32 bytes).
+    Jwt { secret: Secret },
+}
+
+/// What the pipeline stages between feed and rooms may do to a change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineSettings {
+    /// Most changes sent together in one `batch` frame.
+    pub batch_size: usize,
+    /// The longest a change may wait for companions before it is sent.
+    pub batch_timeout: Duration,
+    /// Tables whose changes are not normal priority, keyed by the name as
+    /// configured (`table` or `schema.table`, lowercase): see
+    /// [`PipelineSettings::priority_of`].
+    pub priority_tables: HashMap<String, Priority>,
+    /// Frames at least this many bytes long are compressed for clients that
+    /// asked for an encoding.
+    pub compression_threshold: usize,
+    /// Brotli quality (0..=11); gzip takes `min(level, 9)`.
+    pub compression_level: u32,
+    /// How long an identical change for the same row and room is suppressed.
+    pub dedup_window: Duration,
+}
+
+impl PipelineSettings {
+    /// The priority of a change to `schema.table`: a schema-qualified entry
+    /// wins over a bare table name, and unlisted tables are normal.
+    pub fn priority_of(&self, schema: &str, table: &str) -> Priority {
+        self.priority_tables
+            .get(&format!("{schema}.{table}"))
+            .or_else(|| self.priority_tables.get(table))
+            .copied()
+            .unwrap_or(Priority::Normal)
+    }
+}
+
+/// Priority of a table's changes in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    Critical,
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub(super) const NAMES: &str = "critical, high, normal or low";
+
+    /// Critical and high priority changes go out alone, at once: the user
+    /// waiting for a safety incident should not wait for a batch to fill.
+    pub fn bypasses_batching(self) -> bool {
+        matches!(self, Priority::Critical | Priority::High)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub(super) fn parse(name: &str) -> Option<Priority> {
+        match name.to_ascii_lowercase().as_str() {
+            "critical" => Some(Priority::Critical),
+            "high" => Some(Priority::High),
+            "normal" => Some(Priority::Normal),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Liveness of client connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatSettings {
+    /// The interval announced in `welcome` and used until adaptation moves it.
+    pub interval: Duration,
+    /// Lower bound of adaptation ([`HEARTBEAT_MIN`]).
+    pub min: Duration,
+    /// Upper bound of adaptation ([`HEARTBEAT_MAX`]).
+    pub max: Duration,
+    /// A connection silent for this long (no pong, no message) is closed.
+    pub connection_timeout: Duration,
+    /// A connection with no subscription and no message for this long is closed.
+    pub max_idle: Duration,
+}
+
+/// The encoded-message cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// Most entries kept; the least recently used go first.
+    pub capacity: usize,
+    /// How long an entry may be served after it was stored.
+    pub ttl: Duration,
+}
+
+/// The in-process profiler behind `/healthz` `performance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfilerSettings {
+    /// How often stage timings are sampled into metrics.
+    pub interval: Duration,
+    /// How long samples are kept.
+    pub metric_retention: Duration,
+    /// A stage slower than this is reported as a bottleneck.
+    pub bottleneck_threshold: Duration,
+}
+
+/// Comparison of current latency with a rolling baseline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegressionSettings {
+    /// How often the comparison runs.
+    pub check_interval: Duration,
+    /// Percent slower than baseline that raises a warning.
+    pub warn_pct: f64,
+    /// Percent slower than baseline that raises a critical alert; above `warn_pct`.
+    pub crit_pct: f64,
+    /// The span of history the baseline is computed over.
+    pub baseline_window: Duration,
+}
+
+/// Bounds that keep one client, or many, from exhausting the gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Open WebSocket connections; more are refused at upgrade.
+    pub max_connections: usize,
+    /// Rooms one connection may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// Largest inbound message; larger ones close with 1009.
+    pub max_message_bytes: usize,
+    /// Inbound messages per second per connection; more close with 1008.
+    pub rate_limit: u32,
+    /// Bytes queued for one connection before it is a slow consumer (4008).
+    pub send_queue_bytes: usize,
+}
+
+/// Resume, probe, and token checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistorySettings {
+    /// How long changes stay in the outbox for resume.
+    pub retention: Duration,
+    /// How often the built-in latency probe commits; `None` turns it off.
+    pub probe_interval: Option<Duration>,
+    /// Clock skew tolerated on `exp`.
+    pub jwt_leeway: Duration,
+    /// Browser origins allowed to connect, lowercase `scheme://host[:port]`;
+    /// empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl HistorySettings {
+    /// Whether a browser's `Origin` header may open a WebSocket.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty()
+            || self
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
+}
+
+/// Optimizations that can be switched off (`GATEWAY_FEATURES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    pub dedup: bool,
+    pub batching: bool,
+    pub compression: bool,
+    pub adaptive_heartbeat: bool,
+    pub cache: bool,
+}
+
+impl Features {
+    pub const ALL: Features = Features {
+        dedup: true,
+        batching: true,
+        compression: true,
+        adaptive_heartbeat: true,
+        cache: true,
+    };
+    pub const NONE: Features = Features {
+        dedup: false,
+        batching: false,
+        compression: false,
+        adaptive_heartbeat: false,
+        cache: false,
+    };
+    pub const NAMES: [&str; 5] = ["dedup", "batching", "compression", "adaptive_heartbeat", "cache"];
+
+    pub(super) fn switch(&mut self, name: &str) -> Option<&mut bool> {
+        match name {
+            "dedup" => Some(&mut self.dedup),
+            "batching" => Some(&mut self.batching),
+            "compression" => Some(&mut self.compression),
+            "adaptive_heartbeat" => Some(&mut self.adaptive_heartbeat),
+            "cache" => Some(&mut self.cache),
+            _ => None,
+        }
+    }
+}
