@@ -182,10 +182,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
         None
     };
     let url = settings.database_url.clone().expect("set above");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(url.expose())
-        .await?;
+    let pool = PgPoolOptions::new().max_connections(4).connect(url.expose()).await?;
     capture::migrate(&pool, &settings.channel).await?;
     demo::load_schema(&pool).await?;
 
@@ -205,10 +202,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     println!("  dashboard:  http://{address}/");
     println!("  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})");
     println!("  health:     http://{address}/healthz");
-    println!(
-        "  database:   {}",
-        settings_url.as_deref().unwrap_or("(DATABASE_URL)")
-    );
+    println!("  database:   {}", settings_url.as_deref().unwrap_or("(DATABASE_URL)"));
     println!("  ctrl-c stops it all");
     println!();
     let signal_token = token.clone();

@@ -26,14 +26,14 @@ mod tests;
 
 pub use redact::Secret;
 pub use reload::for_reload;
-pub use sources::KNOWN_VARIABLES;
+pub use sources::{KNOWN_VARIABLES, REMOVED_VARIABLES};
 pub use types::{
     Auth, CacheSettings, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
     MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Settings,
 };
 
 use redact::{redact_url, shown_value};
-use sources::{layered, process_env, unknown_variable};
+use sources::{layered, process_env, removed_variable, unknown_variable};
 use values::{
     Vars, parse_channel, parse_database_url, parse_listen, read_auth, read_heartbeat, read_history, read_limits,
     read_pipeline, read_profiler, read_regression,
@@ -92,11 +92,14 @@ impl Settings {
         layered(path, process_env()?)
     }
 
-    /// Settings from a complete set of variables, refusing unknown
-    /// `GATEWAY_*` names. Pure: nothing is read from the process.
+    /// Settings from a complete set of variables, refusing unknown and
+    /// removed `GATEWAY_*` names. Pure: nothing is read from the process.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
         let vars: BTreeMap<String, String> = vars.into_iter().collect();
         for (name, value) in &vars {
+            if let Some(why) = removed_variable(name) {
+                return Err(ConfigError::new(name, value, why));
+            }
             if name.starts_with("GATEWAY_") && !KNOWN_VARIABLES.contains(&name.as_str()) {
                 return Err(ConfigError::new(name, value, unknown_variable(name)));
             }

@@ -19,7 +19,6 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_POOL_SIZE",
     "GATEWAY_CONFIG_FILE",
     "GATEWAY_BATCH_SIZE",
-    "GATEWAY_BATCH_TIMEOUT_MS",
     "GATEWAY_PRIORITY_TABLES",
     "GATEWAY_COMPRESSION_THRESHOLD",
     "GATEWAY_COMPRESSION_LEVEL",
@@ -47,6 +46,23 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_ALLOWED_ORIGINS",
     "GATEWAY_FEATURES",
 ];
+
+/// Variables that existed and were removed, with why: one left in an
+/// environment or a config file is refused, so nobody believes it still
+/// does something.
+pub const REMOVED_VARIABLES: &[(&str, &str)] = &[(
+    "GATEWAY_BATCH_TIMEOUT_MS",
+    "ws-gateway never holds a change on a timer (a change goes out as soon as its socket can take it, \
+     together with what waited while the socket was busy)",
+)];
+
+/// Why `name` is refused, when it is a removed variable.
+pub(super) fn removed_variable(name: &str) -> Option<String> {
+    REMOVED_VARIABLES
+        .iter()
+        .find(|(removed, _)| *removed == name)
+        .map(|(_, why)| format!("{name} was removed: {why}; remove it"))
+}
 
 pub(super) fn unknown_variable(name: &str) -> String {
     let suggestion = KNOWN_VARIABLES
@@ -77,7 +93,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     row[b.len()]
 }
-
 
 /// The process environment, as text. Names that are not UTF-8 cannot be ours
 /// and are skipped; a value of ours that is not UTF-8 is refused.

@@ -50,7 +50,6 @@ fn defaults_parse() {
     assert_eq!(s.pool_size, 4);
     assert_eq!(s.config_file, None);
     assert_eq!(s.pipeline.batch_size, 10);
-    assert_eq!(s.pipeline.batch_timeout, Duration::from_millis(100));
     assert!(s.pipeline.priority_tables.is_empty());
     assert_eq!(s.pipeline.compression_threshold, 1024);
     assert_eq!(s.pipeline.compression_level, 6);
@@ -110,15 +109,13 @@ fn values_are_read() {
         ),
     ])
     .unwrap();
-    assert_eq!(s.database_url.as_ref().map(Secret::expose), Some("postgresql://gw:pw@db:5432/ct"));
+    assert_eq!(
+        s.database_url.as_ref().map(Secret::expose),
+        Some("postgresql://gw:pw@db:5432/ct")
+    );
     assert_eq!(s.listen, "[::]:9000".parse().unwrap());
     assert_eq!(s.channel, "_changes_2");
-    assert_eq!(
-        s.auth,
-        Auth::Jwt {
-            secret: SECRET.into()
-        }
-    );
+    assert_eq!(s.auth, Auth::Jwt { secret: SECRET.into() });
     assert!(!s.auto_migrate);
     assert_eq!(s.pool_size, 64);
     assert_eq!(s.pipeline.batch_size, 50);
@@ -418,7 +415,7 @@ fn refuses_bad_channel_name() {
 fn priority_tables() {
     let s = settings(&[(
         "GATEWAY_PRIORITY_TABLES",
-        "safety_incidents=critical, Public.Inspections=HIGH,audit_log=low,",
+        "safety_incidents=critical, Public.Inspections=HIGH,audit.inspections=normal,",
     )])
     .unwrap();
     let p = &s.pipeline;
@@ -426,10 +423,10 @@ fn priority_tables() {
     assert_eq!(p.priority_of("public", "safety_incidents"), Priority::Critical);
     assert_eq!(p.priority_of("public", "inspections"), Priority::High);
     assert_eq!(p.priority_of("audit", "inspections"), Priority::Normal);
-    assert_eq!(p.priority_of("public", "audit_log"), Priority::Low);
+    assert_eq!(p.priority_of("other", "inspections"), Priority::Normal);
     assert_eq!(p.priority_of("public", "tasks"), Priority::Normal);
     assert!(Priority::Critical.bypasses_batching() && Priority::High.bypasses_batching());
-    assert!(!Priority::Normal.bypasses_batching() && !Priority::Low.bypasses_batching());
+    assert!(!Priority::Normal.bypasses_batching());
 }
 
 #[test]
@@ -439,12 +436,50 @@ fn refuses_bad_priority() {
         ("tasks=high,inspections", "inspections"),
         ("a.b.c=high", "a.b.c=high"),
         ("=high", "=high"),
-        ("tasks=high,tasks=low", "tasks=low"),
+        ("tasks=high,tasks=normal", "tasks=normal"),
     ] {
         let err = assert_refused(&[("GATEWAY_PRIORITY_TABLES", raw)], "GATEWAY_PRIORITY_TABLES", raw);
         assert!(err.allowed.contains(&format!("`{item}`")), "{err}");
-        assert!(err.allowed.contains("critical, high, normal or low"), "{err}");
+        assert!(err.allowed.contains("critical, high or normal"), "{err}");
     }
+}
+
+#[test]
+fn refuses_the_removed_low_priority() {
+    for raw in ["audit_log=low", "safety_incidents=critical,audit_log=LOW"] {
+        let err = assert_refused(&[("GATEWAY_PRIORITY_TABLES", raw)], "GATEWAY_PRIORITY_TABLES", raw);
+        assert!(err.allowed.contains("`low`, which was removed"), "{err}");
+        assert!(err.allowed.contains("critical, high or normal"), "{err}");
+    }
+}
+
+#[test]
+fn refuses_the_removed_batch_timeout() {
+    let err = assert_refused(
+        &[("GATEWAY_BATCH_TIMEOUT_MS", "100")],
+        "GATEWAY_BATCH_TIMEOUT_MS",
+        "100",
+    );
+    assert!(
+        err.allowed
+            .starts_with("GATEWAY_BATCH_TIMEOUT_MS was removed: ws-gateway never holds a change on a timer"),
+        "{err}"
+    );
+    assert!(err.allowed.ends_with("; remove it"), "{err}");
+    // An empty value too: the name alone says the operator expects it to work.
+    assert_refused(&[("GATEWAY_BATCH_TIMEOUT_MS", "")], "GATEWAY_BATCH_TIMEOUT_MS", "");
+    // And in the config file.
+    let file = TempFile::new("removed", "GATEWAY_AUTH=none\nGATEWAY_BATCH_TIMEOUT_MS=50\n");
+    let err = layered(&file.0, BTreeMap::new()).unwrap_err();
+    assert_eq!(
+        (err.variable.as_str(), err.value.as_str()),
+        ("GATEWAY_BATCH_TIMEOUT_MS", "50")
+    );
+    assert!(
+        !KNOWN_VARIABLES
+            .iter()
+            .any(|known| REMOVED_VARIABLES.iter().any(|(r, _)| r == known))
+    );
 }
 
 #[test]
@@ -569,9 +604,8 @@ fn example_file_documents_every_variable_with_its_default() {
         .lines()
         .filter_map(|line| line.strip_prefix("# "))
         .filter(|line| {
-            line.split_once('=').is_some_and(|(name, _)| {
-                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
-            })
+            line.split_once('=')
+                .is_some_and(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
         })
         .map(|line| format!("{line}\n"))
         .collect();
@@ -604,4 +638,3 @@ fn a_reload_keeps_what_only_a_restart_changes() {
     assert_eq!(next.pipeline.batch_size, 20, "tunables apply");
     assert!(!next.features.compression, "switches apply");
 }
-

@@ -63,8 +63,6 @@ pub enum Auth {
 pub struct PipelineSettings {
     /// Most changes sent together in one `batch` frame.
     pub batch_size: usize,
-    /// The longest a change may wait for companions before it is sent.
-    pub batch_timeout: Duration,
     /// Tables whose changes are not normal priority, keyed by the name as
     /// configured (`table` or `schema.table`, lowercase): see
     /// [`PipelineSettings::priority_of`].
@@ -96,11 +94,10 @@ pub enum Priority {
     Critical,
     High,
     Normal,
-    Low,
 }
 
 impl Priority {
-    pub(super) const NAMES: &str = "critical, high, normal or low";
+    pub(super) const NAMES: &str = "critical, high or normal";
 
     /// Critical and high priority changes go out alone, at once: the user
     /// waiting for a safety incident should not wait for a batch to fill.
@@ -113,7 +110,6 @@ impl Priority {
             Priority::Critical => "critical",
             Priority::High => "high",
             Priority::Normal => "normal",
-            Priority::Low => "low",
         }
     }
 
@@ -122,7 +118,6 @@ impl Priority {
             "critical" => Some(Priority::Critical),
             "high" => Some(Priority::High),
             "normal" => Some(Priority::Normal),
-            "low" => Some(Priority::Low),
             _ => None,
         }
     }

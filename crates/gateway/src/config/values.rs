@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::types::{HEARTBEAT_MAX_MS, HEARTBEAT_MIN_MS};
 use super::{
-    Auth, ConfigError, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings,
-    Limits, MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Secret,
+    Auth, ConfigError, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
+    MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Secret,
 };
 
 pub(super) fn parse_database_url(raw: &str) -> Result<Secret, String> {
@@ -43,7 +43,6 @@ pub(super) fn parse_channel(raw: &str) -> Result<String, String> {
 pub(super) fn read_pipeline(vars: &Vars<'_>) -> Result<PipelineSettings, ConfigError> {
     Ok(PipelineSettings {
         batch_size: vars.int("GATEWAY_BATCH_SIZE", 10, 1..=1000)?,
-        batch_timeout: vars.millis("GATEWAY_BATCH_TIMEOUT_MS", 100, 1..=10_000)?,
         priority_tables: vars.parse("GATEWAY_PRIORITY_TABLES", HashMap::new(), parse_priority_tables)?,
         compression_threshold: vars.int("GATEWAY_COMPRESSION_THRESHOLD", 1024, 0..=1 << 20)?,
         compression_level: vars.int("GATEWAY_COMPRESSION_LEVEL", 6, 0..=11)?,
@@ -109,7 +108,9 @@ pub(super) fn read_auth(vars: &Vars<'_>) -> Result<Auth, ConfigError> {
             ),
         )
     })?;
-    Ok(Auth::Jwt { secret: Secret::from(secret) })
+    Ok(Auth::Jwt {
+        secret: Secret::from(secret),
+    })
 }
 
 pub(super) fn read_heartbeat(vars: &Vars<'_>) -> Result<HeartbeatSettings, ConfigError> {
@@ -186,7 +187,11 @@ impl Vars<'_> {
     }
 
     /// `parse` returns the value, or what would have been allowed.
-    pub(super) fn optional<T>(&self, name: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+    pub(super) fn optional<T>(
+        &self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
         let Some(raw) = self.get(name) else {
             return Ok(None);
         };
@@ -216,7 +221,12 @@ impl Vars<'_> {
         })
     }
 
-    pub(super) fn millis(&self, name: &str, default_ms: u64, range_ms: RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+    pub(super) fn millis(
+        &self,
+        name: &str,
+        default_ms: u64,
+        range_ms: RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
         self.int(name, default_ms, range_ms).map(Duration::from_millis)
     }
 
@@ -238,7 +248,12 @@ impl Vars<'_> {
     }
 
     /// A duration written with a unit: `90s`, `30m`, `24h`, `7d`.
-    pub(super) fn span(&self, name: &str, default: Duration, range: RangeInclusive<Duration>) -> Result<Duration, ConfigError> {
+    pub(super) fn span(
+        &self,
+        name: &str,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
         self.parse(name, default, |raw| {
             parse_span(raw).filter(|span| range.contains(span)).ok_or_else(|| {
                 format!(
@@ -298,7 +313,14 @@ fn parse_priority_tables(list: &str) -> Result<HashMap<String, Priority>, String
         if parts > 2 || !table.split('.').all(is_lowercase_identifier) {
             return Err(refuse("does not name a table"));
         }
-        let priority = Priority::parse(priority.trim()).ok_or_else(|| refuse("has an unknown priority"))?;
+        let priority = match priority.trim() {
+            low if low.eq_ignore_ascii_case("low") => {
+                return Err(refuse(
+                    "asks for priority `low`, which was removed: it never changed how a change is sent",
+                ));
+            }
+            other => Priority::parse(other).ok_or_else(|| refuse("has an unknown priority"))?,
+        };
         if tables.insert(table, priority).is_some() {
             return Err(refuse("names a table already listed"));
         }

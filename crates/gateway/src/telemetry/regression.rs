@@ -210,7 +210,7 @@ pub fn dominant_stage(stages: &[(Stage, Percentiles, Percentiles)]) -> Option<St
 pub fn recommend(metric: Metric, dominant: Option<Stage>) -> String {
     let stage_advice = match dominant {
         Some(Stage::BatchWait) => {
-            "the batching stage dominates: set GATEWAY_FEATURES=-batching (or lower GATEWAY_BATCH_TIMEOUT_MS) and send SIGHUP"
+            "the batching stage dominates: set GATEWAY_FEATURES=-batching (or lower GATEWAY_BATCH_SIZE) and send SIGHUP"
         }
         Some(Stage::Encoding) => {
             "encoding dominates: set GATEWAY_FEATURES=-compression (or lower GATEWAY_COMPRESSION_LEVEL) and send SIGHUP"
@@ -405,6 +405,30 @@ mod tests {
         assert!(alerts[0].recommendation.contains("GATEWAY_FEATURES=-batching"));
         assert!(recommend(Metric::P99Latency, Some(Stage::Encoding)).contains("-compression"));
         assert!(recommend(Metric::P99Latency, None).contains("GATEWAY_FEATURES=none"));
+    }
+
+    /// Advice names only variables the gateway reads (none that was removed).
+    #[test]
+    fn recommendations_name_only_known_variables() {
+        let stages = Stage::ALL.map(Some).into_iter().chain([None]);
+        let mut named = 0;
+        for dominant in stages {
+            for metric in [Metric::P99Latency, Metric::ErrorRate, Metric::Throughput] {
+                let advice = recommend(metric, dominant);
+                for (at, _) in advice.match_indices("GATEWAY_") {
+                    let name: String = advice[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                        .collect();
+                    assert!(
+                        crate::config::KNOWN_VARIABLES.contains(&name.as_str()),
+                        "{metric:?}/{dominant:?} advises {name}: {advice}"
+                    );
+                    named += 1;
+                }
+            }
+        }
+        assert!(named > 10, "{named}");
     }
 
     #[test]

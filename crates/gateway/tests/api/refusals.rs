@@ -124,6 +124,59 @@ async fn an_invalid_setting_is_refused_at_start_naming_it() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("GATEWAY_JWT_SECRET"));
 }
 
+/// The two settings that changed nothing were removed; one left in the
+/// environment or the config file stops the gateway with why.
+#[tokio::test]
+async fn removed_settings_are_refused_at_start_with_why() {
+    let serve = |extra: &[(&str, &str)]| {
+        let mut command = tokio::process::Command::new(crate::helpers::gateway_binary());
+        command
+            .arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("GATEWAY_AUTH", "none");
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        command
+    };
+    let refused = |output: std::process::Output| {
+        assert!(!output.status.success(), "started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let stderr = refused(serve(&[("GATEWAY_BATCH_TIMEOUT_MS", "100")]).output().await.unwrap());
+    assert!(
+        stderr.contains("GATEWAY_BATCH_TIMEOUT_MS was removed: ws-gateway never holds a change on a timer")
+            && stderr.contains("remove it"),
+        "{stderr}"
+    );
+
+    let file = std::env::temp_dir().join(format!("ws-gateway-removed-{}.env", std::process::id()));
+    std::fs::write(&file, "GATEWAY_BATCH_SIZE=20\nGATEWAY_BATCH_TIMEOUT_MS=250\n").unwrap();
+    let output = serve(&[("GATEWAY_CONFIG_FILE", file.to_str().unwrap())])
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let stderr = refused(output);
+    assert!(
+        stderr.contains("GATEWAY_BATCH_TIMEOUT_MS=\"250\"") && stderr.contains("was removed"),
+        "{stderr}"
+    );
+
+    let stderr = refused(
+        serve(&[("GATEWAY_PRIORITY_TABLES", "safety_incidents=critical,audit_log=low")])
+            .output()
+            .await
+            .unwrap(),
+    );
+    assert!(stderr.contains("GATEWAY_PRIORITY_TABLES"), "{stderr}");
+    assert!(stderr.contains("`audit_log=low`"), "{stderr}");
+    assert!(stderr.contains("`low`, which was removed"), "{stderr}");
+    assert!(stderr.contains("critical, high or normal"), "{stderr}");
+}
+
 #[tokio::test]
 async fn unknown_tables_and_columns_are_refused_by_track() {
     let app = spawn_app().await;
