@@ -28,10 +28,10 @@ pub fn room_name(room: u64) -> String {
 /// Installs the `realtime` schema when the database lacks it (no gateway has
 /// run against it yet); returns the channel its capture triggers notify.
 pub async fn ensure_realtime(pool: &PgPool, channel: &str) -> Result<String> {
-    match ws_gateway::capture::database_channel(pool).await? {
+    match ws_gateway::db::database_channel(pool).await? {
         Some(channel) => Ok(channel),
         None => {
-            ws_gateway::capture::migrate(pool, channel).await?;
+            ws_gateway::db::migrate(pool, channel).await?;
             Ok(channel.to_owned())
         }
     }
@@ -39,13 +39,13 @@ pub async fn ensure_realtime(pool: &PgPool, channel: &str) -> Result<String> {
 
 /// Drops and re-creates `bench_events`, untracked and without triggers.
 pub async fn recreate(pool: &PgPool) -> Result<()> {
-    let realtime = ws_gateway::capture::database_channel(pool).await?.is_some();
+    let realtime = ws_gateway::db::database_channel(pool).await?.is_some();
     let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
         .bind(TABLE)
         .fetch_one(pool)
         .await?;
     if realtime && exists {
-        ws_gateway::capture::untrack(pool, TABLE).await?;
+        ws_gateway::db::untrack(pool, TABLE).await?;
     }
     sqlx::raw_sql(
         "drop table if exists bench_events;
@@ -64,7 +64,7 @@ pub async fn recreate(pool: &PgPool) -> Result<()> {
 }
 
 pub async fn track(pool: &PgPool) -> Result<()> {
-    ws_gateway::capture::track(pool, TABLE, &[ROOM_TEMPLATE.to_owned()]).await
+    ws_gateway::db::track(pool, TABLE, &[ROOM_TEMPLATE.to_owned()]).await
 }
 
 /// The filler of every row's `payload`.

@@ -236,7 +236,7 @@ fn on_off(b: bool) -> &'static str {
 }
 
 async fn set_capture(pool: &PgPool, capture: Capture) -> Result<()> {
-    ws_gateway::capture::untrack(pool, table::TABLE).await?;
+    ws_gateway::db::untrack(pool, table::TABLE).await?;
     sqlx::raw_sql("drop trigger if exists bench_notify on bench_events")
         .execute(pool)
         .await?;

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 use ws_gateway::app::{Application, shutdown_signal};
-use ws_gateway::capture;
 use ws_gateway::config::{Secret, Settings};
+use ws_gateway::db;
 use ws_gateway_demo as demo;
 
 #[derive(Parser)]
@@ -119,19 +119,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve => serve(settings()?, CancellationToken::new()).await,
         Command::Migrate => {
             let settings = settings()?;
-            capture::migrate(&pool(&settings).await?, &settings.channel).await?;
+            db::migrate(&pool(&settings).await?, &settings.channel).await?;
             println!("realtime schema is up to date (channel {})", settings.channel);
             Ok(())
         }
         Command::Track { table, rooms } => {
             let settings = settings()?;
-            capture::track(&pool(&settings).await?, &table, &rooms).await?;
+            db::track(&pool(&settings).await?, &table, &rooms).await?;
             println!("tracking {table} into rooms {}", rooms.join(", "));
             Ok(())
         }
         Command::Untrack { table } => {
             let settings = settings()?;
-            capture::untrack(&pool(&settings).await?, &table).await?;
+            db::untrack(&pool(&settings).await?, &table).await?;
             println!("no longer tracking {table}");
             Ok(())
         }
@@ -183,7 +183,7 @@ async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
     };
     let url = settings.database_url.clone().expect("set above");
     let pool = PgPoolOptions::new().max_connections(4).connect(url.expose()).await?;
-    capture::migrate(&pool, &settings.channel).await?;
+    db::migrate(&pool, &settings.channel).await?;
     demo::load_schema(&pool).await?;
 
     let settings_url = settings.redacted_database_url();

@@ -12,9 +12,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture;
 use crate::change::Position;
 use crate::config::{Auth, Settings};
+use crate::db;
 use crate::feed::Feed;
 use crate::http;
 use crate::hub::{CloseReason, Hub};
@@ -73,9 +73,9 @@ impl Application {
             .context("connecting to DATABASE_URL")?;
 
         if settings.auto_migrate {
-            capture::migrate(&pool, &settings.channel).await?;
+            db::migrate(&pool, &settings.channel).await?;
         } else {
-            match capture::database_channel(&pool).await? {
+            match db::database_channel(&pool).await? {
                 None => {
                     return Err(anyhow!(
                         "the realtime schema is not installed and GATEWAY_AUTO_MIGRATE=false: run `ws-gateway migrate` first"
@@ -141,7 +141,7 @@ impl Application {
             closer.close_all(&CloseReason::going_away());
         });
         let mut reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&state)));
-        let mut pruner_task = tokio::spawn(crate::history::run_pruner(
+        let mut pruner_task = tokio::spawn(db::run_pruner(
             state.pool.clone(),
             state.settings().history.retention,
             shutdown.clone(),

@@ -13,6 +13,8 @@ use quick_cache::sync::Cache;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+use crate::db;
+
 /// How long "the function does not exist" is believed before asking again.
 const FUNCTION_RECHECK: Duration = Duration::from_secs(30);
 /// The longest an authorization query may take.
@@ -70,10 +72,7 @@ impl Authorizer {
         if !self.function_exists(now).await? {
             return Ok(false);
         }
-        let query = sqlx::query_scalar::<_, Option<bool>>("select realtime.authorize($1, $2)")
-            .bind(subject)
-            .bind(room)
-            .fetch_one(&self.pool);
+        let query = db::authorize(&self.pool, subject, room);
         let allowed = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
             Ok(Ok(answer)) => answer.unwrap_or(false),
             Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42883") => {
@@ -98,8 +97,7 @@ impl Authorizer {
         {
             return Ok(exists);
         }
-        let exists: bool = sqlx::query_scalar("select to_regprocedure('realtime.authorize(text, text)') is not null")
-            .fetch_one(&self.pool)
+        let exists = db::authorize_exists(&self.pool)
             .await
             .map_err(|e| AuthzError(e.to_string()))?;
         *self.function.lock().expect("authorize lock") = Some((exists, now));

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::POSITION_LOCK;
 use crate::change::{Change, Notification, Position};
+use crate::db;
 use crate::hub::Hub;
 use crate::telemetry::stages::Stage;
 use crate::telemetry::{Counters, FeedState, Telemetry};
@@ -188,20 +188,11 @@ impl Feed {
     }
 
     async fn catch_up(&mut self) -> anyhow::Result<Position> {
-        bounded(
-            "waiting out committing transactions",
-            sqlx::query("select pg_advisory_xact_lock($1)")
-                .bind(POSITION_LOCK)
-                .execute(&self.pool),
-        )
-        .await?;
+        bounded("waiting out committing transactions", db::wait_out_commits(&self.pool)).await?;
         let mut from = match self.position {
             Some(p) => {
-                let pruned_through: i64 = bounded(
-                    "reading how far the outbox was pruned",
-                    sqlx::query_scalar("select pruned_through from realtime.settings").fetch_one(&self.pool),
-                )
-                .await?;
+                let Position(pruned_through) =
+                    bounded("reading how far the outbox was pruned", db::pruned_through(&self.pool)).await?;
                 if p.0 < pruned_through {
                     // Down for longer than the retention: changes after our
                     // position are gone. Say so to every client, go on from
@@ -221,8 +212,7 @@ impl Feed {
             }
             None => {
                 // First session: live from the end of the outbox.
-                let end: i64 = sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
-                    .fetch_one(&self.pool)
+                let Position(end) = db::outbox_end(&self.pool)
                     .await
                     .context("reading the end of the outbox")?;
                 self.set_position(Position(end));
@@ -232,14 +222,9 @@ impl Feed {
             }
         };
         loop {
-            let page: Vec<String> = bounded(
+            let page = bounded(
                 "catching up from the outbox",
-                sqlx::query_scalar(
-                    "select realtime.payload(c) from realtime.changes c where c.position > $1 order by c.position limit $2",
-                )
-                .bind(from.0)
-                .bind(CATCH_UP_PAGE)
-                .fetch_all(&self.pool),
+                db::changes_after(&self.pool, from, CATCH_UP_PAGE),
             )
             .await?;
             let mut changes = Vec::with_capacity(page.len());
@@ -300,11 +285,9 @@ impl Feed {
 
     /// Reads a change too large for a NOTIFY payload back from the outbox.
     async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
-        let doc: String = bounded(
+        let doc = bounded(
             &format!("reading change {position} from the outbox"),
-            sqlx::query_scalar("select realtime.payload(c) from realtime.changes c where c.position = $1")
-                .bind(position.0)
-                .fetch_one(&self.pool),
+            db::change_document(&self.pool, position),
         )
         .await?;
         match Notification::parse(&doc)? {

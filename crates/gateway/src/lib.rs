@@ -8,11 +8,10 @@
 pub mod app;
 pub mod auth;
 pub mod authz;
-pub mod capture;
 pub mod change;
 pub mod config;
+pub mod db;
 pub mod feed;
-pub mod history;
 pub mod http;
 pub mod hub;
 pub mod monitor;

@@ -15,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::change::now_us;
 use crate::config::{ProfilerSettings, Settings};
+use crate::db;
 use crate::state::AppState;
 use crate::telemetry::clock::{ClockOffsetEstimator, ClockSample};
 use crate::telemetry::regression::{RegressionDetector, Severity, WindowStats, dominant_stage};
@@ -28,7 +29,6 @@ const CLOCK_WINDOW: Duration = Duration::from_secs(60);
 /// preparation; the minimum-round-trip filter keeps the clean one.
 const CLOCK_QUERIES: usize = 2;
 const CLOCK_TIMEOUT: Duration = Duration::from_secs(2);
-const CLOCK_QUERY: &str = "select (extract(epoch from clock_timestamp()) * 1000000)::bigint";
 
 /// Runs until shutdown.
 pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
@@ -83,7 +83,7 @@ async fn sample_clock(pool: &PgPool, estimator: &mut ClockOffsetEstimator) -> Re
     let mut conn = pool.acquire().await?;
     for _ in 0..CLOCK_QUERIES {
         let sent_us = now_us();
-        let db_us: i64 = sqlx::query_scalar(CLOCK_QUERY).fetch_one(&mut *conn).await?;
+        let db_us = db::clock_now_us(&mut conn).await?;
         let received_us = now_us();
         estimator.add(ClockSample {
             sent_us,

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::config::Auth;
+use crate::db;
 use crate::state::AppState;
 use crate::telemetry::Counters;
 
@@ -279,13 +280,7 @@ impl Probe {
         let pool = self.state.pool.clone();
         let instance = self.state.instance_id.clone();
         InFlight(tokio::spawn(async move {
-            let upsert = sqlx::query(
-                "insert into realtime.probe (instance, seq) values ($1, $2) \
-                 on conflict (instance) do update set seq = excluded.seq, sent_at = clock_timestamp()",
-            )
-            .bind(&instance)
-            .bind(seq as i64)
-            .execute(&pool);
+            let upsert = db::commit_probe(&pool, &instance, seq as i64);
             let result = match tokio::time::timeout(COMMIT_TIMEOUT, upsert).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(error)) => Err(error.to_string()),
@@ -293,9 +288,7 @@ impl Probe {
             };
             if seq == 1 && result.is_ok() {
                 // Rows of instances gone for a day (one row per process).
-                let _ = sqlx::query("delete from realtime.probe where sent_at < now() - interval '1 day'")
-                    .execute(&pool)
-                    .await;
+                let _ = db::forget_old_probes(&pool).await;
             }
             (seq, result)
         }))

@@ -16,6 +16,7 @@ use super::heartbeat::Heartbeat;
 use super::{CLOSE_LINGER, SLOW_CLOSE_GRACE};
 use crate::change::{Notification, Position, now_us};
 use crate::config::Settings;
+use crate::db::HistoryRead;
 use crate::hub::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
@@ -469,16 +470,9 @@ async fn replay(
         // Try Again Later: the client resumes from the same position.
         CloseReason::new(1013, "history unavailable right now; reconnect and resume")
     };
-    let mut tx = state.pool.begin().await.map_err(unavailable)?;
-    sqlx::query("set transaction isolation level repeatable read, read only")
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    let pruned_through: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    if since.0 < pruned_through {
+    let mut history = HistoryRead::begin(&state.pool).await.map_err(unavailable)?;
+    let pruned_through = history.pruned_through().await.map_err(unavailable)?;
+    if since < pruned_through {
         let reset = protocol::reset_message(room, "history_expired");
         return sink
             .feed(Message::Text(reset.into()))
@@ -487,18 +481,10 @@ async fn replay(
     }
     let mut from = since;
     loop {
-        let page: Vec<String> = sqlx::query_scalar(
-            "select realtime.payload(c) from realtime.changes c \
-             where c.position > $1 and c.position <= $2 and $3 = any (c.rooms) \
-             order by c.position limit $4",
-        )
-        .bind(from.0)
-        .bind(upto.0)
-        .bind(&**room)
-        .bind(REPLAY_PAGE)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let page = history
+            .room_page(room, from, upto, REPLAY_PAGE)
+            .await
+            .map_err(unavailable)?;
         for doc in &page {
             let Ok(Notification::Change(change)) = Notification::parse(doc) else {
                 continue;

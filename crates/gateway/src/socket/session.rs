@@ -338,7 +338,7 @@ impl Session {
     /// handed it out (this one will catch up); one ahead of the database
     /// never came from us.
     async fn check_position_exists(&self, since: Position) -> Result<(), ProtocolError> {
-        let query = sqlx::query_scalar("select last_value from realtime.position_seq").fetch_one(&self.state.pool);
+        let query = crate::db::latest_position(&self.state.pool);
         let latest: Result<i64, String> = match tokio::time::timeout(Duration::from_secs(5), query).await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err("timed out".into()),

@@ -287,18 +287,14 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
     // Only one instance prunes at a time: while another holds the lock, no-op.
     let mut other = pool.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(ws_gateway::history::PRUNE_LOCK)
+        .bind(ws_gateway::db::PRUNE_LOCK)
         .execute(&mut *other)
         .await
         .unwrap();
-    let skipped = ws_gateway::history::prune(&pool, Duration::from_secs(86_400))
-        .await
-        .unwrap();
+    let skipped = ws_gateway::db::prune(&pool, Duration::from_secs(86_400)).await.unwrap();
     assert_eq!(skipped, None);
     other.rollback().await.unwrap();
-    let pruned = ws_gateway::history::prune(&pool, Duration::from_secs(86_400))
-        .await
-        .unwrap();
+    let pruned = ws_gateway::db::prune(&pool, Duration::from_secs(86_400)).await.unwrap();
     assert!(pruned.unwrap() >= 5, "{pruned:?}");
     let pruned_through: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
         .fetch_one(&pool)

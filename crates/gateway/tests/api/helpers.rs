@@ -159,7 +159,7 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
         .connect(&url)
         .await
         .expect("connecting to the test database");
-    ws_gateway::capture::migrate(&pool, "realtime_changes")
+    ws_gateway::db::migrate(&pool, "realtime_changes")
         .await
         .expect("migrate");
     ws_gateway_demo::load_schema(&pool).await.expect("demo schema");

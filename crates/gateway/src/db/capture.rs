@@ -1,5 +1,5 @@
-//! The database side of the pipeline, seen from Rust: applying the `realtime`
-//! migrations (migrations/) and tracking tables. The capture itself is SQL.
+//! Applying the `realtime` migrations (crates/gateway/migrations/) and
+//! tracking tables. The capture itself is SQL.
 
 use anyhow::Context;
 use sqlx::PgPool;

@@ -1,0 +1,23 @@
+//! Every query on the `realtime` schema, in one place: applying the
+//! migrations and tracking tables (`capture`), reading the outbox for the
+//! source's catch-up and the sockets' replays (`outbox`), pruning it
+//! (`history`), `realtime.authorize` (`authorize`), the probe's row
+//! (`probe`), and the database clock (`clock`). The capture itself is SQL
+//! (`crates/gateway/migrations/`); callers here decide timeouts and what a
+//! failure means.
+
+mod authorize;
+mod capture;
+mod clock;
+mod history;
+mod outbox;
+mod probe;
+
+pub use authorize::{authorize, authorize_exists};
+pub use capture::{POSITION_LOCK, database_channel, migrate, track, untrack};
+pub use clock::clock_now_us;
+pub use history::{PRUNE_LOCK, prune, run_pruner};
+pub use outbox::{
+    HistoryRead, change_document, changes_after, latest_position, outbox_end, pruned_through, wait_out_commits,
+};
+pub use probe::{commit_probe, forget_old_probes};
