@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::change::Position;
 use crate::config::{Auth, Settings};
 use crate::db;
-use crate::feed::Feed;
 use crate::http;
 use crate::hub::{CloseReason, Hub};
+use crate::source::{Feed, NotifySource};
 use crate::state::AppState;
 use crate::telemetry::Telemetry;
 
@@ -51,7 +51,7 @@ async fn reload_on_hangup(state: Arc<AppState>) -> anyhow::Result<()> {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
-    feed: Feed,
+    feed: Feed<NotifySource>,
 }
 
 impl Application {
@@ -100,13 +100,8 @@ impl Application {
         }
         let telemetry = Arc::new(Telemetry::default());
         let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
-        let feed = Feed::new(
-            database_url.expose().to_owned(),
-            settings.channel.clone(),
-            pool.clone(),
-            Arc::clone(&hub),
-            Arc::clone(&telemetry),
-        );
+        let source = NotifySource::new(database_url.expose().to_owned(), settings.channel.clone(), pool.clone());
+        let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
         let state = Arc::new(AppState::new(settings, hub, telemetry, pool));
         Ok(Application { listener, state, feed })
     }

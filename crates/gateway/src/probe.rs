@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use ws_gateway_client::Backoff;
 
 use crate::config::Auth;
 use crate::db;
@@ -109,7 +110,7 @@ pub async fn run(state: Arc<AppState>, gateway: SocketAddr) -> anyhow::Result<()
         pending: VecDeque::new(),
         failing: false,
     };
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, HEALTHY_AFTER);
     let mut reported = false;
     loop {
         let Some(interval) = probe.state.settings().history.probe_interval else {
@@ -125,28 +126,27 @@ pub async fn run(state: Arc<AppState>, gateway: SocketAddr) -> anyhow::Result<()
         };
         match end {
             SessionEnd::Shutdown => return Ok(()),
-            SessionEnd::Reconfigured => backoff = BACKOFF_FIRST,
+            SessionEnd::Reconfigured => backoff.reset(),
             SessionEnd::Disconnected(error) => {
                 Counters::add(&probe.state.telemetry.counters.probe_reconnects, 1);
-                if started.elapsed() >= HEALTHY_AFTER {
-                    backoff = BACKOFF_FIRST;
+                if backoff.was_healthy(started) {
                     reported = false;
                 }
+                let delay = backoff.next_delay(started);
                 if reported {
                     tracing::debug!(error = format!("{error:#}"), "probe socket still down");
                 } else if !probe.state.shutdown.is_cancelled() {
                     tracing::warn!(
                         error = format!("{error:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
+                        retry_in_ms = delay.as_millis() as u64,
                         "probe lost its WebSocket; reconnecting"
                     );
                     reported = true;
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_CAP);
             }
         }
     }

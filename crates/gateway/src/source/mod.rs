@@ -1,0 +1,42 @@
+//! Capture sources: where committed changes come from, the first stage of
+//! the data path after the database (capture SQL -> **source** -> hub ->
+//! sockets).
+//!
+//! A [`Source`] runs sessions. A session connects, catches up after the last
+//! position the feed dispatched, then follows live, handing commit-ordered
+//! changes to the [`Dispatcher`]; it ends with an error when its connection
+//! is lost, or cleanly on shutdown. The [`Feed`] does what every source
+//! shares: it runs sessions with capped backoff, keeps the position, drops
+//! what was dispatched already, queues changes into the hub, and says
+//! whether the feed is live, catching up or down (`/healthz` `feed`).
+//!
+//! `notify` (SPEC section 2, today's only source) is LISTEN plus outbox
+//! catch-up. A logical-replication source (`GATEWAY_SOURCE=wal`, SPEC
+//! section 8) plugs in as a second implementation of [`Source`]: its
+//! positions are outbox positions too, so nothing after the dispatcher
+//! changes.
+
+mod feed;
+mod listen;
+mod notify;
+
+use tokio_util::sync::CancellationToken;
+
+pub use feed::{Dispatcher, Feed};
+pub use notify::NotifySource;
+
+/// A capture source (see the module documentation).
+pub trait Source: Send {
+    /// The source's name in logs: `notify`, `wal`.
+    fn name(&self) -> &'static str;
+
+    /// One session: connect, catch up after [`Dispatcher::position`], then
+    /// follow live, handing changes to `out` in commit order and saying when
+    /// it is catching up and when live. Returns `Ok` only on shutdown; an
+    /// error ends the session, and the feed starts another after a backoff.
+    fn session(
+        &mut self,
+        out: &mut Dispatcher,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
