@@ -6,7 +6,8 @@
 //! `data/` (the cluster), `server.log`, and the server's unix socket. A `dir`
 //! that already holds a `PG_VERSION` file is taken as the data directory
 //! itself. PostgreSQL refuses to run as root, so as root every server command
-//! runs as the `postgres` user through `runuser`.
+//! runs as the `postgres` user through `runuser`. Every cluster runs with
+//! `wal_level = logical`, so a logical-replication source works on it.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::{Read, Seek, SeekFrom};
@@ -20,6 +21,10 @@ use sqlx::{Connection, PgConnection};
 /// start; `postgresql.conf` includes it, so `pg_ctl` needs no `-o` quoting.
 const SETTINGS_FILE: &str = "ws_gateway.conf";
 const INCLUDE_LINE: &str = "include_if_exists = 'ws_gateway.conf'";
+/// Every cluster runs with `wal_level = logical` and this many replication
+/// slots and WAL senders, so that a logical-replication capture source
+/// (`GATEWAY_SOURCE=wal`) works on any of them, and tests can create slots.
+const REPLICATION_SLOTS: u32 = 10;
 /// How long `pg_ctl` may wait for a start or a stop.
 const PG_CTL_TIMEOUT_S: &str = "60";
 /// Attempts at a start on a freshly picked port when another process takes the
@@ -328,7 +333,10 @@ impl PrivateCluster {
              unix_socket_directories = '{socket_dir}'\n\
              fsync = {durability}\n\
              synchronous_commit = on\n\
-             full_page_writes = {durability}\n",
+             full_page_writes = {durability}\n\
+             wal_level = logical\n\
+             max_replication_slots = {REPLICATION_SLOTS}\n\
+             max_wal_senders = {REPLICATION_SLOTS}\n",
             port = self.port,
             max_connections = opts.max_connections,
             socket_dir = socket_dir.replace('\'', "''"),
@@ -727,6 +735,17 @@ mod tests {
         assert_eq!(max_connections, "300");
         let (fsync,): (String,) = sqlx::query_as("show fsync").fetch_one(&mut conn).await.unwrap();
         assert_eq!(fsync, "off");
+        for (setting, expected) in [
+            ("wal_level", "logical"),
+            ("max_replication_slots", "10"),
+            ("max_wal_senders", "10"),
+        ] {
+            let (value,): (String,) = sqlx::query_as(&format!("show {setting}"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(value, expected, "{setting}");
+        }
 
         conn.close().await.unwrap();
         let mut expected = 1;
