@@ -8,8 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 
@@ -253,45 +251,26 @@ pub fn http_authority(url: &str) -> Result<String> {
     Ok(authority.to_owned())
 }
 
-/// A minimal HTTP/1.1 GET (the bench needs no HTTP client crate).
+/// GETs `http://{addr}{path}`: the status and the body.
 async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let io = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), io)
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client with a timeout")
+    });
+    let response = client
+        .get(format!("http://{addr}{path}"))
+        .send()
         .await
-        .map_err(|_| anyhow!("GET {path} timed out"))?
         .with_context(|| format!("GET http://{addr}{path}"))?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status: u16 = response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("not an HTTP response from {addr}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let status = response.status().as_u16();
+    let body = response
+        .text()
+        .await
+        .with_context(|| format!("reading GET http://{addr}{path}"))?;
     Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest.get(size + 2..).unwrap_or("");
-    }
-    out
 }
 
 fn tail(path: &std::path::Path) -> String {
@@ -311,10 +290,5 @@ mod tests {
         assert_eq!(http_authority("localhost:9").unwrap(), "localhost:9");
         assert!(http_authority("https://h:1").is_err());
         assert!(http_authority("http://nohost").is_err());
-    }
-
-    #[test]
-    fn dechunks_bodies() {
-        assert_eq!(dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), "hello!");
     }
 }

@@ -2,6 +2,8 @@
 //! `untrack`, `latency`, and the tools: `bench`, `demo` (what `make run`
 //! starts) and `dev-db` for the test set-up. Thin: the libraries do the work.
 
+mod latency;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -137,7 +139,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { data_dir, rate } => run_demo(data_dir, rate).await,
         Command::Bench(args) => ws_gateway_bench::run(args).await,
-        Command::Latency { url } => ws_gateway::telemetry::print_latency(&url).await,
+        Command::Latency { url } => latency::print_latency(&url).await,
         Command::DevDb { action, dir } => {
             if action == "start" {
                 let options = ClusterOptions {

@@ -17,7 +17,6 @@ use crate::change::now_us;
 pub mod clock;
 mod histogram;
 pub mod regression;
-mod report;
 pub mod stages;
 mod tally;
 pub mod timeline;
@@ -25,7 +24,6 @@ pub mod timeline;
 pub use histogram::{
     Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram, new_histogram,
 };
-pub use report::print_latency;
 pub use stages::{Profile, Stage, Stages, profile_window};
 pub use tally::Tally;
 

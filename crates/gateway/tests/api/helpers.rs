@@ -272,39 +272,26 @@ where
     }
 }
 
-/// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
+/// GETs `path` from the gateway at `address`: the status and the body.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(address).await.expect("connect for GET");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+    // No idle connections: a pooled one would belong to the runtime of the
+    // test that opened it, and tests sharing a process each have their own.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(DEADLINE)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("an HTTP client")
+    });
+    let response = client
+        .get(format!("http://{address}{path}"))
+        .send()
         .await
-        .expect("GET answered in time")
-        .unwrap();
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status: u16 = response[9..12].parse().expect("status code");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response.status().as_u16();
+    let body = response.text().await.expect("a readable body");
     (status, body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-    out
 }
 
 pub async fn http_get_json(address: std::net::SocketAddr, path: &str) -> (u16, Value) {

@@ -91,6 +91,59 @@ async fn the_probe_measures_commit_to_receive_through_the_real_path() {
     app.stop().await.expect("a clean stop");
 }
 
+/// `ws-gateway latency` against a running gateway prints the table of both
+/// windows and every source, with the probe's numbers filled in; a gateway
+/// that is not there is a clear error.
+#[tokio::test]
+async fn the_latency_command_prints_the_running_gateways_percentiles() {
+    let app = spawn_probed().await;
+    wait_for_probes(&app, 3).await;
+    let output = tokio::process::Command::new(crate::helpers::gateway_binary())
+        .args(["latency", "--url", &format!("http://{}/", app.address)])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("feed live"), "{stdout}");
+    for label in [
+        "last minute",
+        "last hour",
+        "probe (commit",
+        "send (commit",
+        "ack (commit",
+    ] {
+        assert!(stdout.contains(label), "{label}: {stdout}");
+    }
+    let probe_row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("probe"))
+        .expect("a probe row");
+    let count: u64 = probe_row
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("a count");
+    assert!(count >= 3 && !probe_row.contains('–'), "{probe_row}");
+
+    let port = crate::fault_kit::free_port().await;
+    let output = tokio::process::Command::new(crate::helpers::gateway_binary())
+        .args(["latency", "--url", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach ws-gateway") && stderr.contains("is it running"),
+        "{stderr}"
+    );
+    app.stop().await.expect("a clean stop");
+}
+
 #[tokio::test]
 async fn the_probe_is_not_counted_as_client_traffic() {
     let app = spawn_probed().await;

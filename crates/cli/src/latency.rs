@@ -1,13 +1,11 @@
 //! `ws-gateway latency`: asks a running gateway's `/latency` for the probe
 //! and real traffic, over the last minute and the last hour, and prints one
-//! table. Plain HTTP/1.1 over a TCP socket: the gateway serves no TLS.
+//! table. Plain HTTP (reqwest): the gateway serves no TLS.
 
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -74,97 +72,62 @@ fn row(label: &str, body: &Value) -> String {
     )
 }
 
-/// `http://host[:port][/prefix]`.
-#[derive(Debug, PartialEq, Eq)]
+/// `http://host[:port][/prefix]`: where the gateway's HTTP side is.
+#[derive(Debug)]
 struct BaseUrl {
-    /// `host:port`, as `TcpStream::connect` takes it.
+    /// The URL without a trailing slash; paths are appended to it.
+    base: String,
+    /// `host:port`, for messages.
     address: String,
-    host_header: String,
-    prefix: String,
+    client: reqwest::Client,
 }
 
 impl BaseUrl {
     fn parse(url: &str) -> anyhow::Result<BaseUrl> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("--url {url:?}: expected http://host:port (the gateway serves plain HTTP)"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if authority.is_empty() {
-            bail!("--url {url:?}: no host");
+        if !url.starts_with("http://") {
+            bail!("--url {url:?}: expected http://host:port (the gateway serves plain HTTP)");
         }
-        let has_port = match authority.rfind(']') {
-            Some(bracket) => authority[bracket..].contains(':'),
-            None => authority.contains(':'),
+        let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?;
+        let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) else {
+            bail!("--url {url:?}: no host");
         };
-        let address = if has_port {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
         Ok(BaseUrl {
-            address,
-            host_header: authority.to_owned(),
-            prefix: path.trim_end_matches('/').to_owned(),
+            base: format!("{}{}", parsed.origin().ascii_serialization(), parsed.path())
+                .trim_end_matches('/')
+                .to_owned(),
+            address: format!("{host}:{port}"),
+            client,
         })
     }
 
+    /// GETs `path` (with its query): the status and the body as JSON
+    /// (`null` when it is not JSON).
     async fn get_json(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let (status, body) = tokio::time::timeout(TIMEOUT, self.get(path))
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
             .await
-            .map_err(|_| anyhow!("no answer from {} within {TIMEOUT:?}", self.address))??;
-        let json = serde_json::from_str(&body).unwrap_or(Value::Null);
-        Ok((status, json))
+            .map_err(|e| {
+                if e.is_timeout() {
+                    anyhow!("no answer from {} within {TIMEOUT:?}", self.address)
+                } else {
+                    anyhow!(e).context(format!(
+                        "cannot reach ws-gateway at {}: is it running? (--url sets where)",
+                        self.address
+                    ))
+                }
+            })?;
+        let status = response.status().as_u16();
+        let body = response.text().await.context("reading the answer")?;
+        Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
     }
-
-    async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = TcpStream::connect(&self.address).await.with_context(|| {
-            format!(
-                "cannot reach ws-gateway at {}: is it running? (--url sets where)",
-                self.address
-            )
-        })?;
-        let request = format!(
-            "GET {}{path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            self.prefix, self.host_header
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        parse_response(&String::from_utf8_lossy(&response))
-    }
-}
-
-/// Status and body of an HTTP/1.1 response (plain or chunked).
-fn parse_response(response: &str) -> anyhow::Result<(u16, String)> {
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP response"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("not an HTTP response"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_owned()));
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    Ok((status, out))
 }
 
 #[cfg(test)]
@@ -175,22 +138,14 @@ mod tests {
     fn urls() {
         let b = BaseUrl::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!(b.address, "127.0.0.1:8080");
-        assert_eq!(b.prefix, "");
+        assert_eq!(b.base, "http://127.0.0.1:8080");
         let b = BaseUrl::parse("http://gw.internal/realtime/").unwrap();
         assert_eq!(b.address, "gw.internal:80");
-        assert_eq!(b.prefix, "/realtime");
+        assert_eq!(b.base, "http://gw.internal/realtime");
         assert_eq!(BaseUrl::parse("http://[::1]").unwrap().address, "[::1]:80");
         assert_eq!(BaseUrl::parse("http://[::1]:9000").unwrap().address, "[::1]:9000");
         assert!(BaseUrl::parse("https://x").is_err());
         assert!(BaseUrl::parse("http://").is_err());
-    }
-
-    #[test]
-    fn responses() {
-        let plain = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain).unwrap(), (200, "{}".to_owned()));
-        let chunked = "HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (400, "abcde".to_owned()));
     }
 
     #[test]
