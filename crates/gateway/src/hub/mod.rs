@@ -18,7 +18,7 @@ use crate::pipeline::encode::Unit;
 mod close;
 mod subscriber;
 
-pub use close::CloseReason;
+pub use close::{CloseKind, CloseReason, DROPPED};
 pub use subscriber::{Outbound, QueueReceiver, ReplayRange, Subscriber};
 
 /// A room name as clients and templates spell it: `project:42`.
@@ -507,6 +507,6 @@ mod tests {
         assert!(delivered < 5, "{delivered}");
         assert!(slow.is_closing());
         let reason = slow.close_reason().unwrap();
-        assert_eq!(reason.code, CloseReason::SLOW_CONSUMER);
+        assert_eq!(reason.kind, CloseKind::SlowConsumer);
     }
 }

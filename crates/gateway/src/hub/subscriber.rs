@@ -9,7 +9,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
 use super::Room;
-use super::close::CloseReason;
+use super::close::{CloseKind, CloseReason};
 use crate::change::Position;
 use crate::pipeline::encode::Unit;
 
@@ -161,7 +161,7 @@ impl Subscriber {
         if queued > self.queue_limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.close(CloseReason::new(
-                CloseReason::SLOW_CONSUMER,
+                CloseKind::SlowConsumer,
                 "slow consumer: send queue full; resume from your last position",
             ));
             return false;
@@ -234,7 +234,7 @@ mod tests {
             .expect("the close woke the send task")
             .unwrap();
         assert!(ended);
-        assert_eq!(reason.code, CloseReason::GOING_AWAY);
+        assert_eq!(reason.kind, CloseKind::Shutdown);
         assert!(!sub.push_control("after the close".into()));
     }
 
@@ -242,7 +242,7 @@ mod tests {
     async fn recv_gives_nothing_once_closed_even_with_items_queued() {
         let (sub, mut rx) = Subscriber::new(1, 1 << 20);
         assert!(sub.push_control("one".into()));
-        sub.close(CloseReason::new(1000, "bye"));
+        sub.close(CloseReason::new(CloseKind::Client, "bye"));
         assert!(rx.recv().await.is_none(), "a close goes before what waits");
         assert!(rx.try_recv().is_some(), "what was queued stays for the drain");
     }

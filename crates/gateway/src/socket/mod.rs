@@ -10,7 +10,7 @@ use axum::extract::ws::WebSocket;
 use futures_util::StreamExt;
 
 use crate::auth::Identity;
-use crate::hub::{CloseReason, Subscriber};
+use crate::hub::{CloseKind, CloseReason, DROPPED, Subscriber};
 use crate::pipeline::encode::Encoding;
 use crate::protocol;
 use crate::state::{AppState, ConnectionHandle, Liveness};
@@ -82,7 +82,7 @@ pub fn serve(
                 }
                 () = &mut receive => {
                     // The client closed or broke the protocol: answer its close.
-                    subscriber.close(CloseReason::new(1000, ""));
+                    subscriber.close(CloseReason::new(CloseKind::Client, ""));
                     let _ = tokio::time::timeout(CLOSE_LINGER, &mut send).await;
                 }
             }
@@ -90,30 +90,11 @@ pub fn serve(
         session.leave_all();
         state.unregister_connection(connection_id);
         let reason = subscriber.close_reason();
-        if reason.as_ref().is_some_and(|r| r.code == CloseReason::SLOW_CONSUMER) {
+        if reason.as_ref().is_some_and(|r| r.kind == CloseKind::SlowConsumer) {
             Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
         }
-        let kind = close_kind(reason.as_ref());
+        let kind = reason.map_or(DROPPED, |r| r.kind.label());
         state.closes.count(kind);
         tracing::debug!(connection_id, kind, "connection closed");
-    }
-}
-
-/// The `reason` label of `ws_gateway_closes_total`.
-fn close_kind(reason: Option<&CloseReason>) -> &'static str {
-    let Some(reason) = reason else {
-        return "dropped";
-    };
-    match reason.code {
-        CloseReason::SLOW_CONSUMER => "slow_consumer",
-        CloseReason::TOKEN_EXPIRED => "token_expired",
-        CloseReason::TOO_BIG => "message_too_big",
-        CloseReason::GOING_AWAY => "shutdown",
-        1000 if reason.reason.starts_with("idle") => "idle",
-        1000 => "client",
-        CloseReason::POLICY if reason.reason.starts_with("heartbeat") => "heartbeat_timeout",
-        CloseReason::POLICY if reason.reason.starts_with("rate") => "rate_limited",
-        CloseReason::POLICY => "misbehaving",
-        _ => "error",
     }
 }

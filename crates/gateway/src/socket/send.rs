@@ -17,7 +17,7 @@ use super::{CLOSE_LINGER, SLOW_CLOSE_GRACE};
 use crate::change::{Notification, Position, now_us};
 use crate::config::Settings;
 use crate::db::HistoryRead;
-use crate::hub::{CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
+use crate::hub::{CloseKind, CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
 use crate::state::AppState;
@@ -115,13 +115,13 @@ pub(super) async fn send_loop(
                 let silent = Duration::from_micros((now - liveness.last_heard_us.load(Ordering::Relaxed)).max(0) as u64);
                 if silent > settings.heartbeat.connection_timeout {
                     break CloseReason::new(
-                        CloseReason::POLICY,
+                        CloseKind::HeartbeatTimeout,
                         format!("heartbeat timeout: nothing heard for {} ms", silent.as_millis()),
                     );
                 }
                 let quiet = Duration::from_micros((now - liveness.last_message_us.load(Ordering::Relaxed)).max(0) as u64);
                 if liveness.subscriptions.load(Ordering::Relaxed) == 0 && quiet > settings.heartbeat.max_idle {
-                    break CloseReason::new(1000, format!("idle: no subscription and no message for {} ms", quiet.as_millis()));
+                    break CloseReason::new(CloseKind::Idle, format!("idle: no subscription and no message for {} ms", quiet.as_millis()));
                 }
                 if Instant::now() >= next_ping {
                     if liveness.ping_outstanding.swap(true, Ordering::Relaxed) {
@@ -147,7 +147,7 @@ pub(super) async fn send_loop(
     // Recorded on the subscriber (closes from here, like the heartbeat's,
     // were decided locally), which also stops anything more being queued.
     subscriber.close(close.clone());
-    if close.code != CloseReason::SLOW_CONSUMER {
+    if close.kind != CloseKind::SlowConsumer {
         // What was queued before the close (the errors that explain it, the
         // last changes) goes first; a slow consumer's queue is what it could
         // not take, and it resumes from its position instead.
@@ -167,8 +167,8 @@ pub(super) async fn send_loop(
         .await;
     }
     let frame = CloseFrame {
-        code: close.code,
-        reason: close.reason.into(),
+        code: close.code(),
+        reason: close.reason.into_owned().into(),
     };
     let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
 }
@@ -326,7 +326,10 @@ impl Writer {
                     tokio::time::timeout(REPLAY_TIMEOUT, Box::pin(replay(sink, state, &room, since, upto)))
                         .await
                         .unwrap_or_else(|_| {
-                            Err(CloseReason::new(1013, "history read timed out; reconnect and resume"))
+                            Err(CloseReason::new(
+                                CloseKind::HistoryUnavailable,
+                                "history read timed out; reconnect and resume",
+                            ))
                         })?;
                     match self.next_ready(queue) {
                         Some(next) => {
@@ -418,7 +421,7 @@ impl Writer {
             self.local.messages += 1;
             sink.feed(message)
                 .await
-                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+                .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
             frames += 1;
             if frames >= MAX_FRAMES_PER_WRITE {
                 return Ok(());
@@ -468,7 +471,10 @@ async fn replay(
     let unavailable = |e: sqlx::Error| {
         tracing::warn!(error = %e, room = %room, "history read failed");
         // Try Again Later: the client resumes from the same position.
-        CloseReason::new(1013, "history unavailable right now; reconnect and resume")
+        CloseReason::new(
+            CloseKind::HistoryUnavailable,
+            "history unavailable right now; reconnect and resume",
+        )
     };
     let mut history = HistoryRead::begin(&state.pool).await.map_err(unavailable)?;
     let pruned_through = history.pruned_through().await.map_err(unavailable)?;
@@ -477,7 +483,7 @@ async fn replay(
         return sink
             .feed(Message::Text(reset.into()))
             .await
-            .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")));
+            .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")));
     }
     let mut from = since;
     loop {
@@ -492,7 +498,7 @@ async fn replay(
             from = change.position;
             sink.feed(Message::Text(change.message_for(room).into()))
                 .await
-                .map_err(|e| CloseReason::new(1011, format!("write failed: {e}")))?;
+                .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
         }
         if (page.len() as i64) < REPLAY_PAGE {
             return Ok(());

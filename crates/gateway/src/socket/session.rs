@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::limits::{ErrorBudget, RateLimit, Verdict};
 use crate::auth::Identity;
 use crate::change::{Position, now_us};
-use crate::hub::{CloseReason, Joined, Room, Subscriber};
+use crate::hub::{CloseKind, CloseReason, Joined, Room, Subscriber};
 use crate::protocol::{self, ClientMessage, ProtocolError, codes};
 use crate::state::AppState;
 use crate::state::Liveness;
@@ -87,7 +87,7 @@ impl Session {
                 } => {
                     self.state.refusals.count("token_expired");
                     self.subscriber.close(CloseReason::new(
-                        CloseReason::TOKEN_EXPIRED,
+                        CloseKind::TokenExpired,
                         "token expired: reconnect with a fresh token (or send {\"type\":\"auth\"} before exp)",
                     ));
                     return;
@@ -159,7 +159,7 @@ impl Session {
             Verdict::Close => {
                 self.state.refusals.count("rate_limit_close");
                 self.subscriber
-                    .close(CloseReason::new(CloseReason::POLICY, "rate limit exceeded"));
+                    .close(CloseReason::new(CloseKind::RateLimited, "rate limit exceeded"));
                 false
             }
         }
@@ -173,7 +173,7 @@ impl Session {
                 Counters::add(&self.state.telemetry.counters.client_errors, 1);
                 self.state.refusals.count("message_too_big_close");
                 self.subscriber.close(CloseReason::new(
-                    CloseReason::TOO_BIG,
+                    CloseKind::MessageTooBig,
                     format!("inbound message too big: {capacity}"),
                 ));
             }
@@ -188,7 +188,7 @@ impl Session {
         if self.errors.spend(Instant::now()) {
             self.state.refusals.count("error_budget_close");
             self.subscriber.close(CloseReason::new(
-                CloseReason::POLICY,
+                CloseKind::Misbehaving,
                 format!("more than {ERROR_BUDGET} refused messages in {ERROR_WINDOW:?}"),
             ));
         }
