@@ -11,13 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
+use ws_gateway_client::{Event, SubscriberConfig};
 
 use crate::helpers::{DEADLINE, eventually, http_get_json};
 
@@ -116,39 +114,36 @@ pub struct Received {
     pub connections: usize,
     pub closes: Vec<(Option<u16>, String)>,
     pub resets: usize,
+    /// Changes the client dropped because their position was not after the
+    /// room's last one: a gateway that keeps its promise sends none.
+    pub repeats: u64,
 }
 
-/// A client that behaves like a well-written application: it remembers the
-/// last position of each room, and on any disconnect reconnects (to the next
-/// of `urls`) and resubscribes `since` it.
+/// A client that behaves like a well-written application: the Rust client's
+/// resuming subscriber ([`ws_gateway_client::Subscriber`]), which remembers
+/// the last position of each room and on any disconnect reconnects (to the
+/// next of `urls`) and resubscribes `since` it. What it delivers is recorded
+/// for the checks below, with what it dropped as repeats.
 pub struct Subscriber {
     pub received: Arc<Mutex<Received>>,
-    stop: Arc<AtomicBool>,
     task: JoinHandle<()>,
-    /// Close the socket after this many changes and move to the next URL
-    /// (0: only on disconnect).
+    /// Deliberate moves to the next URL (after `hop_every` changes).
     pub hops: Arc<AtomicUsize>,
 }
 
 impl Subscriber {
+    /// `hop_every`: close the socket after this many changes and move to
+    /// the next URL (0: only on disconnect).
     pub fn start(urls: Vec<String>, rooms: Vec<String>, hop_every: usize) -> Subscriber {
         let received = Arc::new(Mutex::new(Received::default()));
-        let stop = Arc::new(AtomicBool::new(false));
         let hops = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(run_subscriber(
-            urls,
-            rooms,
-            hop_every,
-            Arc::clone(&received),
-            Arc::clone(&stop),
-            Arc::clone(&hops),
-        ));
-        Subscriber {
-            received,
-            stop,
-            task,
-            hops,
-        }
+        let mut config = SubscriberConfig::new(urls, rooms);
+        config.min_delay = Duration::from_millis(50);
+        config.max_delay = Duration::from_secs(1);
+        config.connect_timeout = Duration::from_secs(2);
+        let client = ws_gateway_client::Subscriber::start(config);
+        let task = tokio::spawn(record(client, hop_every, Arc::clone(&received), Arc::clone(&hops)));
+        Subscriber { received, task, hops }
     }
 
     pub async fn wait_started(&self, rooms: usize) {
@@ -161,101 +156,42 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         self.task.abort();
     }
 }
 
-async fn run_subscriber(
-    urls: Vec<String>,
-    rooms: Vec<String>,
+/// Records what `client` delivers; moves it on every `hop_every` changes.
+async fn record(
+    mut client: ws_gateway_client::Subscriber,
     hop_every: usize,
     received: Arc<Mutex<Received>>,
-    stop: Arc<AtomicBool>,
     hops: Arc<AtomicUsize>,
 ) {
-    let mut attempt = 0usize;
-    let mut last: HashMap<String, String> = HashMap::new();
-    while !stop.load(Ordering::Relaxed) {
-        let url = &urls[attempt % urls.len()];
-        attempt += 1;
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str())).await
-        else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        received.lock().unwrap().connections += 1;
-        for room in &rooms {
-            let mut message = json!({"type": "subscribe", "room": room});
-            if let Some(since) = last.get(room) {
-                message["since"] = json!(since);
+    let mut since_hop = 0usize;
+    while let Some(event) = client.next().await {
+        let mut r = received.lock().unwrap();
+        r.repeats = client.repeats();
+        match event {
+            Event::Connected { .. } => {
+                r.connections += 1;
+                since_hop = 0;
             }
-            if ws.send(Message::text(message.to_string())).await.is_err() {
-                break;
+            Event::Subscribed { room, position, .. } => {
+                r.start.entry(room).or_insert(position);
             }
-        }
-        let mut since_hop = 0usize;
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
-            let message = match next {
-                Err(_) => continue,
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(_))) | Ok(None) => break,
-            };
-            let text = match message {
-                Message::Text(text) => text,
-                Message::Close(frame) => {
-                    let close = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string()));
-                    received
-                        .lock()
-                        .unwrap()
-                        .closes
-                        .push(close.unwrap_or((None, String::new())));
-                    break;
-                }
-                _ => continue,
-            };
-            let value: Value = serde_json::from_str(&text).expect("JSON from the gateway");
-            let changes = match value["type"].as_str() {
-                Some("change") => vec![value],
-                Some("batch") => value["changes"].as_array().unwrap().clone(),
-                Some("subscribed") => {
-                    let room = value["room"].as_str().unwrap().to_owned();
-                    let position: i64 = value["position"].as_str().unwrap().parse().unwrap();
-                    let mut r = received.lock().unwrap();
-                    r.start.entry(room.clone()).or_insert(position);
-                    last.entry(room).or_insert_with(|| position.to_string());
-                    continue;
-                }
-                Some("reset") => {
-                    received.lock().unwrap().resets += 1;
-                    continue;
-                }
-                Some("welcome") | Some("unsubscribed") => continue,
-                _ => panic!("unexpected message {value}"),
-            };
-            {
-                let mut r = received.lock().unwrap();
-                for change in changes {
-                    let room = change["room"].as_str().unwrap().to_owned();
-                    let position = change["position"].as_str().unwrap();
-                    r.positions
-                        .entry(room.clone())
-                        .or_default()
-                        .push(position.parse().unwrap());
-                    last.insert(room, position.to_owned());
-                    since_hop += 1;
+            Event::Change { room, position, .. } => {
+                r.positions.entry(room).or_default().push(position);
+                since_hop += 1;
+                if hop_every > 0 && since_hop >= hop_every {
+                    since_hop = 0;
+                    hops.fetch_add(1, Ordering::Relaxed);
+                    client.reconnect();
                 }
             }
-            if hop_every > 0 && since_hop >= hop_every {
-                hops.fetch_add(1, Ordering::Relaxed);
-                let _ = ws.close(None).await;
-                break;
-            }
+            Event::Reset { .. } => r.resets += 1,
+            Event::Closed { code, reason } => r.closes.push((code, reason)),
+            Event::Refused { code, message } => panic!("the gateway refused the subscriber: {code}: {message}"),
+            Event::Lost { error } => assert!(!error.starts_with("not JSON"), "{error}"),
         }
     }
 }
@@ -292,6 +228,10 @@ pub async fn assert_received_everything(pool: &PgPool, subscriber: &Subscriber, 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = subscriber.received.lock().unwrap();
+    assert_eq!(
+        r.repeats, 0,
+        "the gateway sent changes again (dropped by the client as repeats)"
+    );
     for room in rooms {
         let got = r.positions.get(room).cloned().unwrap_or_default();
         let want = &expected[room];
