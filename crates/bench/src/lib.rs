@@ -45,7 +45,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let interrupt = CancellationToken::new();
     let on_signal = interrupt.clone();
     let signals = tokio::spawn(async move {
-        ws_gateway::app::shutdown_signal().await;
+        ws_gateway::shutdown_signal().await;
         on_signal.cancel();
     });
     let result = if args.writers_only {

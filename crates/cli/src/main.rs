@@ -13,9 +13,9 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
-use ws_gateway::app::{Application, shutdown_signal};
 use ws_gateway::config::{Secret, Settings};
 use ws_gateway::db;
+use ws_gateway::{Application, shutdown_signal};
 use ws_gateway_demo as demo;
 
 #[derive(Parser)]

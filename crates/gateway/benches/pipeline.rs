@@ -10,8 +10,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use serde_json::value::RawValue;
 use ws_gateway::change::{Change, Op, Position};
 use ws_gateway::config::Settings;
-use ws_gateway::hub::{Hub, Subscriber};
-use ws_gateway::pipeline::encode::{Encoding, Unit, brotli, gzip};
+use ws_gateway::{Encoding, Unit, brotli, gzip};
+use ws_gateway::{Hub, Subscriber};
 
 /// A ConstructTrack daily log row of about `bytes` bytes of JSON.
 fn daily_log(id: i64, bytes: usize) -> Change {

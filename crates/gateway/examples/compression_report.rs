@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::value::RawValue;
 use ws_gateway::change::{Change, Op, Position};
-use ws_gateway::pipeline::encode::{Unit, brotli, gzip};
+use ws_gateway::{Unit, brotli, gzip};
 
 /// A daily log (notes) or task row of about `bytes` bytes, worded like the
 /// demo writer's.

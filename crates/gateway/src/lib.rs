@@ -1,23 +1,44 @@
 //! ws-gateway: committed PostgreSQL changes, pushed to WebSocket rooms.
 //!
-//! The data path reads top to bottom: `capture` (the SQL side) -> `feed`
-//! (LISTEN and catch-up) -> `hub` (fan-out) -> `socket` (one task pair per
-//! client), with `http`, `config`, `telemetry` beside it. `state` is the
+//! The data path reads top to bottom: the capture SQL (`migrations/`, applied
+//! by `db`) -> `source` (LISTEN and outbox catch-up, behind the `Source`
+//! seam) -> `hub` (rooms, per-connection queues, recent window) through
+//! `pipeline` (dedup, batch, encode) -> `socket` (one task pair per client).
+//! Beside it: `http` (upgrade, health, metrics, dashboard), `telemetry` and
+//! its `monitor`, the `probe`, `config`, `auth`/`authz`. `state` is the
 //! shared state below every handler; `app` assembles and supervises it all.
+//!
+//! Modules are private; the public surface is what the `ws-gateway` binary,
+//! the tools and the tests need, listed below.
 
-pub mod app;
-pub mod auth;
-pub mod authz;
+mod app;
+mod auth;
+mod authz;
 pub mod change;
 pub mod config;
 pub mod db;
-pub mod http;
-pub mod hub;
-pub mod monitor;
-pub mod pipeline;
-pub mod probe;
-pub mod protocol;
-pub mod socket;
-pub mod source;
-pub mod state;
-pub mod telemetry;
+mod http;
+mod hub;
+mod monitor;
+mod pipeline;
+mod probe;
+mod protocol;
+mod socket;
+mod source;
+mod state;
+mod telemetry;
+
+/// The daemon: `Application::build(settings)`, then `run_until_stopped()`;
+/// `main` and the tests start it the same way.
+pub use app::{Application, shutdown_signal};
+/// What a running gateway shares; tests reload settings through it.
+pub use state::AppState;
+
+/// For the fuzz tests: the client protocol's decoder and the token check.
+pub use auth::Authenticator;
+pub use protocol::{ClientMessage, MAX_ROOM_BYTES, decode};
+
+/// For the criterion benches and the compression report: the fan-out and
+/// encoding stages of the hot path.
+pub use hub::{Hub, Subscriber};
+pub use pipeline::encode::{Encoding, Unit, brotli, gzip};

@@ -25,26 +25,26 @@ pub struct AppState {
     /// Bumped after each reload: hot loops keep their copy of the settings
     /// and re-read them only when this moves (see [`SettingsCache`]).
     settings_version: AtomicU64,
-    pub hub: Arc<Hub>,
-    pub telemetry: Arc<Telemetry>,
-    pub pool: PgPool,
-    pub auth: Authenticator,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) pool: PgPool,
+    pub(crate) auth: Authenticator,
     /// Cancelled once, on shutdown; every loop selects on it.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to finish.
-    pub connections: TaskTracker,
+    pub(crate) connections: TaskTracker,
     /// Distinguishes this instance's connection ids from other instances'.
-    pub instance_id: String,
-    pub next_connection_id: AtomicU64,
-    pub active_connections: AtomicUsize,
+    pub(crate) instance_id: String,
+    pub(crate) next_connection_id: AtomicU64,
+    pub(crate) active_connections: AtomicUsize,
     /// Every open connection's liveness, for `/healthz` `connectionPool`.
     connections_live: Mutex<HashMap<u64, ConnectionHandle>>,
     /// Refusals by code (error codes, HTTP refusals) and closes by code.
-    pub refusals: Tally,
-    pub closes: Tally,
+    pub(crate) refusals: Tally,
+    pub(crate) closes: Tally,
     /// `realtime.authorize`, cached.
-    pub authorizer: Authorizer,
-    pub started_at: std::time::Instant,
+    pub(crate) authorizer: Authorizer,
+    pub(crate) started_at: std::time::Instant,
 }
 
 impl AppState {
@@ -163,6 +163,11 @@ impl AppState {
         tracing::info!(features = ?next.features, "configuration reloaded");
         *self.settings.write().expect("settings lock") = Arc::new(next);
         self.settings_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether the built-in probe is subscribed to its room right now.
+    pub fn probe_live(&self) -> bool {
+        self.telemetry.probe_live()
     }
 
     /// A copy of the settings that follows reloads, for a loop that reads

@@ -3,10 +3,10 @@
 //! message. Bounded (a few thousand cases each) so it runs in `make test`.
 
 use proptest::prelude::*;
-use ws_gateway::auth::Authenticator;
+use ws_gateway::Authenticator;
 use ws_gateway::change::Notification;
 use ws_gateway::config::Auth;
-use ws_gateway::protocol::{ClientMessage, MAX_ROOM_BYTES, decode};
+use ws_gateway::{ClientMessage, MAX_ROOM_BYTES, decode};
 
 const SECRET: &str = "fuzzing-secret-that-is-at-least-32-bytes";
 

@@ -13,11 +13,15 @@ mod history;
 mod outbox;
 mod probe;
 
-pub use authorize::{authorize, authorize_exists};
+// What an operator's commands, the tools and the tests use.
 pub use capture::{POSITION_LOCK, database_channel, migrate, track, untrack};
-pub use clock::clock_now_us;
-pub use history::{PRUNE_LOCK, prune, run_pruner};
-pub use outbox::{
+pub use history::{PRUNE_LOCK, prune};
+
+// What the daemon's own parts use.
+pub(crate) use authorize::{authorize, authorize_exists};
+pub(crate) use clock::clock_now_us;
+pub(crate) use history::run_pruner;
+pub(crate) use outbox::{
     HistoryRead, change_document, changes_after, latest_position, outbox_end, pruned_through, wait_out_commits,
 };
-pub use probe::{commit_probe, forget_old_probes};
+pub(crate) use probe::{commit_probe, forget_old_probes};

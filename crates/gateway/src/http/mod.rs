@@ -23,8 +23,6 @@ mod latency;
 mod metrics;
 mod stats;
 
-pub use latency::parse_window;
-
 /// Socket buffer sizes, chosen for memory per idle connection: tungstenite's
 /// 128 KiB read buffer default would be resident on every socket.
 const READ_BUFFER_BYTES: usize = 512;

@@ -43,10 +43,6 @@ impl Dedup {
         self.last.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.last.is_empty()
-    }
-
     /// A fingerprint of what a client would see of the change (operation and
     /// row), computed once per change, shared by its rooms.
     pub fn content_of(&self, change: &Change) -> u64 {

@@ -21,9 +21,7 @@ pub mod stages;
 mod tally;
 pub mod timeline;
 
-pub use histogram::{
-    Cumulative, FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram, new_histogram,
-};
+pub use histogram::{FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram};
 pub use stages::{Profile, Stage, Stages, profile_window};
 pub use tally::Tally;
 

@@ -19,8 +19,4 @@ impl Tally {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         self.counts.lock().expect("tally lock").clone()
     }
-
-    pub fn get(&self, code: &str) -> u64 {
-        self.counts.lock().expect("tally lock").get(code).copied().unwrap_or(0)
-    }
 }

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use ws_gateway::app::Application;
+use ws_gateway::Application;
 use ws_gateway::config::Settings;
 
 /// How long any awaited condition may take before the test fails.

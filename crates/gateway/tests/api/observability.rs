@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use ws_gateway::app::Application;
+use ws_gateway::Application;
 use ws_gateway::config::{Auth, Settings};
 
 use crate::helpers::{TestApp, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
@@ -345,7 +345,7 @@ async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     off.history.probe_interval = None;
     state.apply(off);
     eventually("the probe leaves its socket", || async {
-        (!state.telemetry.probe_live()).then_some(())
+        (!state.probe_live()).then_some(())
     })
     .await;
 
@@ -355,7 +355,7 @@ async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     let before = metric(&app, "ws_gateway_probes_received_total").await;
     eventually("the probe back, measuring", || async {
         let received = metric(&app, "ws_gateway_probes_received_total").await;
-        (state.telemetry.probe_live() && received >= before + 3.0).then_some(())
+        (state.probe_live() && received >= before + 3.0).then_some(())
     })
     .await;
     app.stop().await.expect("a clean stop");
