@@ -2,21 +2,17 @@
 //! `untrack`, `latency`, and the tools: `bench`, `demo` (what `make run`
 //! starts) and `dev-db` for the test set-up. Thin: the libraries do the work.
 
+mod demo;
+mod dev_db;
 mod latency;
+mod schema;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
-
-use pg_private::{ClusterOptions, PrivateCluster, StopMode};
-use ws_gateway::config::{Secret, Settings};
-use ws_gateway::db;
-use ws_gateway::{Application, shutdown_signal};
-use ws_gateway_demo as demo;
 
 #[derive(Parser)]
 #[command(
@@ -99,127 +95,18 @@ fn init_tracing() {
         .init();
 }
 
-fn settings() -> anyhow::Result<Settings> {
-    Ok(Settings::from_env()?)
-}
-
-async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let url = settings
-        .database_url
-        .as_ref()
-        .map(Secret::expose)
-        .context("DATABASE_URL is not set")?;
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .context("connecting to DATABASE_URL")
-}
-
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve => serve(settings()?, CancellationToken::new()).await,
-        Command::Migrate => {
-            let settings = settings()?;
-            db::migrate(&pool(&settings).await?, &settings.channel).await?;
-            println!("realtime schema is up to date (channel {})", settings.channel);
-            Ok(())
-        }
-        Command::Track { table, rooms } => {
-            let settings = settings()?;
-            db::track(&pool(&settings).await?, &table, &rooms).await?;
-            println!("tracking {table} into rooms {}", rooms.join(", "));
-            Ok(())
-        }
-        Command::Untrack { table } => {
-            let settings = settings()?;
-            db::untrack(&pool(&settings).await?, &table).await?;
-            println!("no longer tracking {table}");
-            Ok(())
-        }
-        Command::Demo { data_dir, rate } => run_demo(data_dir, rate).await,
+        Command::Serve => serve::serve(schema::settings()?, CancellationToken::new()).await,
+        Command::Migrate => schema::migrate().await,
+        Command::Track { table, rooms } => schema::track(&table, &rooms).await,
+        Command::Untrack { table } => schema::untrack(&table).await,
+        Command::Demo { data_dir, rate } => demo::run(data_dir, rate).await,
         Command::Bench(args) => ws_gateway_bench::run(args).await,
         Command::Latency { url } => latency::print_latency(&url).await,
-        Command::DevDb { action, dir } => {
-            if action == "start" {
-                let options = ClusterOptions {
-                    fast_unsafe: true,
-                    ..ClusterOptions::default()
-                };
-                let cluster = PrivateCluster::start(&dir, options).await?;
-                println!("{}", cluster.url("postgres"));
-                cluster.detach();
-            } else {
-                stop_cluster_dir(&dir).await?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Runs the daemon until ctrl-c or SIGTERM; `extra` stops it too.
-async fn serve(settings: Settings, extra: CancellationToken) -> anyhow::Result<()> {
-    let app = Application::build(settings).await?;
-    let token = app.shutdown_token();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            () = extra.cancelled() => {}
-        }
-        token.cancel();
-    });
-    app.run_until_stopped().await
-}
-
-async fn run_demo(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
-    let mut settings = Settings::from_env_with_defaults(&[("GATEWAY_AUTH", "none")])?;
-    let cluster = if settings.database_url.is_none() {
-        let cluster = PrivateCluster::start(&data_dir, ClusterOptions::default())
-            .await
-            .with_context(|| format!("starting the private PostgreSQL in {}", data_dir.display()))?;
-        let url = cluster.create_database("constructtrack").await?;
-        settings.database_url = Some(url.into());
-        Some(cluster)
-    } else {
-        None
-    };
-    let url = settings.database_url.clone().expect("set above");
-    let pool = PgPoolOptions::new().max_connections(4).connect(url.expose()).await?;
-    db::migrate(&pool, &settings.channel).await?;
-    demo::load_schema(&pool).await?;
-
-    let settings_url = settings.redacted_database_url();
-    let app = Application::build(settings).await?;
-    let address = app.local_addr();
-    let token = app.shutdown_token();
-    let writer = tokio::spawn(demo::run_writer(
-        pool,
-        demo::WriterOptions {
-            changes_per_second: rate,
+        Command::DevDb { action, dir } => match action.as_str() {
+            "start" => dev_db::start(&dir).await,
+            _ => dev_db::stop(&dir).await,
         },
-        token.clone(),
-    ));
-    println!();
-    println!("  ws-gateway demo is running");
-    println!("  dashboard:  http://{address}/");
-    println!("  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})");
-    println!("  health:     http://{address}/healthz");
-    println!("  database:   {}", settings_url.as_deref().unwrap_or("(DATABASE_URL)"));
-    println!("  ctrl-c stops it all");
-    println!();
-    let signal_token = token.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal_token.cancel();
-    });
-    let result = app.run_until_stopped().await;
-    let _ = writer.await;
-    if let Some(cluster) = cluster {
-        cluster.stop(StopMode::Fast).await?;
     }
-    result
-}
-
-async fn stop_cluster_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    pg_private::stop_dir(dir, StopMode::Immediate).await
 }

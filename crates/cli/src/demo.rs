@@ -1,0 +1,61 @@
+//! `ws-gateway demo` (what `make run` starts): a private PostgreSQL under
+//! `.data` unless DATABASE_URL is set, the demo ConstructTrack schema and
+//! writer, and the gateway; prints where to look.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use pg_private::{ClusterOptions, PrivateCluster, StopMode};
+use sqlx::postgres::PgPoolOptions;
+use ws_gateway::config::Settings;
+use ws_gateway::{Application, db, shutdown_signal};
+use ws_gateway_demo as demo;
+
+pub async fn run(data_dir: PathBuf, rate: f64) -> anyhow::Result<()> {
+    let mut settings = Settings::from_env_with_defaults(&[("GATEWAY_AUTH", "none")])?;
+    let cluster = if settings.database_url.is_none() {
+        let cluster = PrivateCluster::start(&data_dir, ClusterOptions::default())
+            .await
+            .with_context(|| format!("starting the private PostgreSQL in {}", data_dir.display()))?;
+        let url = cluster.create_database("constructtrack").await?;
+        settings.database_url = Some(url.into());
+        Some(cluster)
+    } else {
+        None
+    };
+    let url = settings.database_url.clone().expect("set above");
+    let pool = PgPoolOptions::new().max_connections(4).connect(url.expose()).await?;
+    db::migrate(&pool, &settings.channel).await?;
+    demo::load_schema(&pool).await?;
+
+    let settings_url = settings.redacted_database_url();
+    let app = Application::build(settings).await?;
+    let address = app.local_addr();
+    let token = app.shutdown_token();
+    let writer = tokio::spawn(demo::run_writer(
+        pool,
+        demo::WriterOptions {
+            changes_per_second: rate,
+        },
+        token.clone(),
+    ));
+    println!();
+    println!("  ws-gateway demo is running");
+    println!("  dashboard:  http://{address}/");
+    println!("  websocket:  ws://{address}/ws   (try {{\"type\":\"subscribe\",\"room\":\"project:1\"}})");
+    println!("  health:     http://{address}/healthz");
+    println!("  database:   {}", settings_url.as_deref().unwrap_or("(DATABASE_URL)"));
+    println!("  ctrl-c stops it all");
+    println!();
+    let signal_token = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_token.cancel();
+    });
+    let result = app.run_until_stopped().await;
+    let _ = writer.await;
+    if let Some(cluster) = cluster {
+        cluster.stop(StopMode::Fast).await?;
+    }
+    result
+}
