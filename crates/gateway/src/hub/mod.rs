@@ -1,9 +1,10 @@
-//! Fan-out: which connections are subscribed to which rooms, and the bounded
-//! send queue of each connection. The feed hands committed changes to
-//! [`Hub::dispatch_group`], which runs them through the pipeline (dedup,
-//! batching, encoding) and queues each room's units, built once, to members.
+//! Fan-out: which connections are subscribed to which rooms. The source
+//! hands committed changes to [`Hub::dispatch_group`], which runs them
+//! through the pipeline (dedup, batching, encoding) and queues each room's
+//! units, built once, to its members' queues (`subscriber.rs`); the last
+//! changes stay in the recent window (`recent.rs`) for resumes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -16,10 +17,13 @@ use crate::pipeline::dedup::{self, Dedup};
 use crate::pipeline::encode::Unit;
 
 mod close;
+mod recent;
 mod subscriber;
 
 pub use close::{CloseKind, CloseReason, DROPPED};
 pub use subscriber::{Outbound, QueueReceiver, ReplayRange, Subscriber};
+
+use recent::Recent;
 
 /// A room name as clients and templates spell it: `project:42`.
 pub type Room = Arc<str>;
@@ -32,44 +36,16 @@ struct Member {
     floor: Position,
 }
 
-/// How much recent history the hub keeps in memory, so that most resumes
-/// (a client that blipped, or moved from another instance) are served
-/// without a database read.
-const RECENT_CHANGES: usize = 10_000;
-const RECENT_BYTES: usize = 32 << 20;
-
 struct HubState {
     rooms: HashMap<Room, Vec<Member>>,
     /// The last position dispatched: every change after it reaches every
     /// current member of its rooms.
     position: Position,
-    /// Every change dispatched after `recent_floor`, oldest first.
-    recent: VecDeque<Arc<Change>>,
-    recent_floor: Position,
-    recent_bytes: usize,
+    /// The last changes dispatched, for resumes and acks.
+    recent: Recent,
     dedup: Dedup,
     pipeline: PipelineSettings,
     features: Features,
-}
-
-impl HubState {
-    fn remember(&mut self, change: Arc<Change>) {
-        self.recent_bytes += change.size();
-        self.recent.push_back(change);
-        while self.recent.len() > RECENT_CHANGES || self.recent_bytes > RECENT_BYTES {
-            let Some(old) = self.recent.pop_front() else {
-                break;
-            };
-            self.recent_bytes -= old.size();
-            self.recent_floor = old.position;
-        }
-    }
-
-    fn forget_recent(&mut self, floor: Position) {
-        self.recent.clear();
-        self.recent_bytes = 0;
-        self.recent_floor = floor;
-    }
 }
 
 /// Rooms and their members. One lock, held by the single feed task while it
@@ -123,9 +99,7 @@ impl Hub {
             state: Mutex::new(HubState {
                 rooms: HashMap::new(),
                 position: start,
-                recent: VecDeque::new(),
-                recent_floor: start,
-                recent_bytes: 0,
+                recent: Recent::new(start),
                 dedup: Dedup::new(dedup::DEFAULT_CAPACITY),
                 pipeline,
                 features,
@@ -148,8 +122,7 @@ impl Hub {
     /// The commit time of a recently dispatched change (for acks).
     pub fn committed_at(&self, position: Position) -> Option<i64> {
         let state = self.lock();
-        let index = state.recent.binary_search_by_key(&position, |c| c.position).ok()?;
-        Some(state.recent[index].committed_at_us)
+        state.recent.committed_at(position)
     }
 
     /// Entries the dedup stage remembers.
@@ -186,7 +159,7 @@ impl Hub {
         let mut state = self.lock();
         if to > state.position {
             state.position = to;
-            state.forget_recent(to);
+            state.recent.forget(to);
         }
     }
 
@@ -226,10 +199,10 @@ impl Hub {
         sub.push_control(msg);
         let replay = match since.filter(|s| *s < live) {
             None => Replay::None,
-            Some(since) if since >= state.recent_floor => {
+            Some(since) if state.recent.covers(since) => {
                 // Memory holds every change after `since`: queue the room's
                 // share of it now, ahead of any live change.
-                for change in state.recent.iter().filter(|c| c.position > since) {
+                for change in state.recent.after(since) {
                     if change.rooms.iter().any(|r| r == room) {
                         sub.push_control(change.message_for(room));
                     }
@@ -349,7 +322,7 @@ impl Hub {
             .fetch_add(done.deduplicated as u64, Ordering::Relaxed);
         for change in changes {
             state.position = state.position.max(change.position);
-            state.remember(change);
+            state.recent.remember(change);
         }
         done
     }
