@@ -152,11 +152,17 @@ impl Subscriber {
 
     /// Queues an item. A full queue means the client cannot keep up: it is
     /// closed as a slow consumer rather than slowing anyone else down.
+    ///
+    /// The bound is on what waits, not on what one item weighs: an item
+    /// counts for at most half the bound ([`Subscriber::charge`]), so a row
+    /// of any size (a 20 MB row against 8 MiB) goes to a reader that reads,
+    /// and what queues behind it while it is written is still bounded.
+    /// (The item's bytes are shared by every member of its room.)
     pub fn push(&self, item: Outbound) -> bool {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
-        let len = item.queued_size();
+        let len = self.charge(item.queued_size());
         let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if queued > self.queue_limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -186,9 +192,14 @@ impl Subscriber {
         self.queue.lock().expect("queue lock").items.pop_front()
     }
 
-    /// The send task reports bytes it has written.
+    /// What an item of `bytes` counts against the bound.
+    fn charge(&self, bytes: usize) -> usize {
+        bytes.min(self.queue_limit / 2)
+    }
+
+    /// The send task reports an item of `bytes` it has taken from the queue.
     pub fn sent(&self, bytes: usize) {
-        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.queued_bytes.fetch_sub(self.charge(bytes), Ordering::Relaxed);
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -245,6 +256,23 @@ mod tests {
         sub.close(CloseReason::new(CloseKind::Client, "bye"));
         assert!(rx.recv().await.is_none(), "a close goes before what waits");
         assert!(rx.try_recv().is_some(), "what was queued stays for the drain");
+    }
+
+    #[test]
+    fn an_item_larger_than_the_bound_counts_for_half_of_it() {
+        let (sub, mut rx) = Subscriber::new(1, 100);
+        assert!(sub.push_control("x".repeat(1000)), "a row of any size");
+        assert_eq!(sub.queued_bytes(), 50);
+        assert!(
+            sub.push_control("y".repeat(40)),
+            "what waits behind it, within the bound"
+        );
+        assert!(!sub.push_control("z".repeat(20)), "past the bound");
+        assert_eq!(sub.close_reason().unwrap().kind, CloseKind::SlowConsumer);
+        while let Some(item) = rx.try_recv() {
+            sub.sent(item.queued_size());
+        }
+        assert_eq!(sub.queued_bytes(), 0, "taking items gives back what they counted");
     }
 
     #[test]
