@@ -3,7 +3,7 @@
 //! room's history for a socket's replay. Documents come back as the capture
 //! trigger's JSON (`realtime.payload`), parsed by `crate::change`.
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 use super::POSITION_LOCK;
 use crate::change::Position;
@@ -60,47 +60,61 @@ pub async fn latest_position(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// A room's history read in one snapshot (repeatable read, read only), so
-/// the pruning horizon and the pages agree.
-pub struct HistoryRead {
-    tx: Transaction<'static, Postgres>,
+/// One page of a room's history in `(after, upto]`, read in one statement
+/// (one snapshot) that holds no connection once it returns: the pruning
+/// horizon in that snapshot, and up to `max_rows` documents in position
+/// order whose stored sizes add up to at most `max_bytes` (always at least
+/// one, so a row larger than the budget is a page of its own).
+///
+/// The budget counts `pg_column_size` (the stored, possibly compressed,
+/// size), which needs no detoasting: only the rows of the page are read in
+/// full.
+pub async fn room_page(
+    pool: &PgPool,
+    room: &str,
+    after: Position,
+    upto: Position,
+    max_rows: i64,
+    max_bytes: i64,
+) -> Result<RoomPage, sqlx::Error> {
+    let (pruned, positions, documents): (i64, Vec<i64>, Vec<String>) = sqlx::query_as(
+        "with page as (
+             select c.position,
+                    sum(pg_column_size(c.row)) over (order by c.position) - pg_column_size(c.row) as before
+               from realtime.changes c
+              where c.position > $1 and c.position <= $2 and $3 = any (c.rooms)
+              order by c.position
+              limit $4
+         ),
+         chosen as (select position from page where before < $5)
+         select (select pruned_through from realtime.settings),
+                array(select position from chosen order by position),
+                array(select realtime.payload(c)
+                        from chosen p join realtime.changes c using (position)
+                       order by c.position)",
+    )
+    .bind(after.0)
+    .bind(upto.0)
+    .bind(room)
+    .bind(max_rows)
+    .bind(max_bytes)
+    .fetch_one(pool)
+    .await?;
+    Ok(RoomPage {
+        pruned_through: Position(pruned),
+        last: positions.last().copied().map(Position),
+        documents,
+    })
 }
 
-impl HistoryRead {
-    pub async fn begin(pool: &PgPool) -> Result<HistoryRead, sqlx::Error> {
-        let mut tx = pool.begin().await?;
-        sqlx::query("set transaction isolation level repeatable read, read only")
-            .execute(&mut *tx)
-            .await?;
-        Ok(HistoryRead { tx })
-    }
-
-    /// How far the outbox was pruned, in this snapshot.
-    pub async fn pruned_through(&mut self) -> Result<Position, sqlx::Error> {
-        let pruned: i64 = sqlx::query_scalar("select pruned_through from realtime.settings")
-            .fetch_one(&mut *self.tx)
-            .await?;
-        Ok(Position(pruned))
-    }
-
-    /// Up to `limit` documents of `room` in `(after, upto]`, in position order.
-    pub async fn room_page(
-        &mut self,
-        room: &str,
-        after: Position,
-        upto: Position,
-        limit: i64,
-    ) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
-            "select realtime.payload(c) from realtime.changes c \
-             where c.position > $1 and c.position <= $2 and $3 = any (c.rooms) \
-             order by c.position limit $4",
-        )
-        .bind(after.0)
-        .bind(upto.0)
-        .bind(room)
-        .bind(limit)
-        .fetch_all(&mut *self.tx)
-        .await
-    }
+/// What [`room_page`] read.
+#[derive(Debug)]
+pub struct RoomPage {
+    /// How far the outbox was pruned, in the page's snapshot.
+    pub pruned_through: Position,
+    /// The position of the page's last row; None when the range holds no
+    /// more of the room's changes.
+    pub last: Option<Position>,
+    /// The rows' documents, in position order.
+    pub documents: Vec<String>,
 }

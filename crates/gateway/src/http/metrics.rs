@@ -184,6 +184,17 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     for (name, help, value) in counters {
         x.single(name, "counter", help, value);
     }
+    x.family(
+        "replayed_changes_total",
+        "counter",
+        "Changes sent by resumes' replays, by where their page was read (the recent window, or the outbox).",
+    );
+    for (source, value) in [
+        ("memory", Counters::get(&c.replayed_from_memory)),
+        ("outbox", Counters::get(&c.replayed_from_outbox)),
+    ] {
+        x.sample("replayed_changes_total", &format!("source=\"{source}\""), value);
+    }
     for (name, help, per_encoding) in [
         (
             "bytes_out_raw_total",

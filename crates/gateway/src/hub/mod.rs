@@ -24,6 +24,7 @@ pub use close::{CloseKind, CloseReason, DROPPED};
 pub use subscriber::{Outbound, QueueReceiver, ReplayRange, Subscriber};
 
 use recent::Recent;
+pub use recent::{MemoryPage, PageLimits};
 
 /// A room name as clients and templates spell it: `project:42`.
 pub type Room = Arc<str>;
@@ -76,8 +77,9 @@ pub struct Dispatched {
 /// What a subscribe did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Joined {
-    /// Live after this position. A `since` older than it was replayed from
-    /// memory (already queued) or from the outbox (a replay is queued).
+    /// Live after this position. For a `since` older than it, a replay of
+    /// the gap is queued ahead of the live changes; `replay` says where it
+    /// starts reading (memory, or the outbox).
     Live {
         position: Position,
         replay: Replay,
@@ -199,29 +201,34 @@ impl Hub {
         sub.push_control(msg);
         let replay = match since.filter(|s| *s < live) {
             None => Replay::None,
-            Some(since) if state.recent.covers(since) => {
-                // Memory holds every change after `since`: queue the room's
-                // share of it now, ahead of any live change.
-                for change in state.recent.after(since) {
-                    if change.rooms.iter().any(|r| r == room) {
-                        sub.push_control(change.message_for(room));
-                    }
-                }
-                Replay::Memory
-            }
             Some(since) => {
+                // A cursor, not a copy: the send loop reads the gap page by
+                // page as the socket drains (from memory while it still
+                // holds it, else from the outbox), ahead of every live
+                // change queued after it. What the client is owed never
+                // counts against its queue's bound.
                 sub.push(Outbound::Replay(Box::new(ReplayRange {
                     room: Room::from(room),
                     since,
                     upto: live,
                 })));
-                Replay::Outbox
+                if state.recent.covers(since) {
+                    Replay::Memory
+                } else {
+                    Replay::Outbox
+                }
             }
         };
         Joined::Live {
             position: floor,
             replay,
         }
+    }
+
+    /// The next page of a replay of `room`'s `(after, upto]` from memory;
+    /// None when memory no longer holds all of it (read the outbox).
+    pub fn replay_page(&self, room: &str, after: Position, upto: Position, limits: PageLimits) -> Option<MemoryPage> {
+        self.lock().recent.page(room, after, upto, limits)
     }
 
     /// Removes `sub` from `room`; false when it was not a member.
@@ -450,11 +457,21 @@ mod tests {
         ));
         hub.dispatch(change(6, &["even"]));
         let got = drain(&mut rx);
-        let positions: Vec<_> = got[1..]
-            .iter()
-            .map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap()["position"].clone())
-            .collect();
-        assert_eq!(positions, ["2", "4", "6"]);
+        // The gap is a cursor in the queue, ahead of the live change; its
+        // pages come from memory.
+        assert_eq!(got[1], "replay even 1..5");
+        assert!(got[2].contains("\"position\":\"6\""), "{got:?}");
+        let limits = PageLimits {
+            changes: 1,
+            bytes: 1 << 20,
+        };
+        let first = hub.replay_page("even", Position(1), Position(5), limits).unwrap();
+        assert_eq!(first.changes[0].position, Position(2));
+        let second = hub.replay_page("even", first.through, Position(5), limits).unwrap();
+        assert_eq!(second.changes[0].position, Position(4));
+        let last = hub.replay_page("even", second.through, Position(5), limits).unwrap();
+        assert!(last.changes.is_empty());
+        assert_eq!(last.through, Position(5), "the page reached the end of the range");
         // A jump (pruned history) empties memory: older resumes read the outbox.
         hub.advance(Position(100));
         let (b, _rx) = Subscriber::new(2, 1 << 20);

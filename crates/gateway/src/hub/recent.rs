@@ -11,6 +11,27 @@ use crate::change::{Change, Position};
 /// How much recent history is kept.
 const RECENT_CHANGES: usize = 10_000;
 const RECENT_BYTES: usize = 32 << 20;
+/// Most entries one replay page looks at under the hub's lock.
+const SCAN_LIMIT: usize = 4096;
+
+/// How large one replay page may be: whichever bound is reached first (a
+/// single change larger than `bytes` is a page of its own).
+#[derive(Debug, Clone, Copy)]
+pub struct PageLimits {
+    pub changes: usize,
+    pub bytes: usize,
+}
+
+/// One page of a room's history, from memory.
+#[derive(Debug)]
+pub struct MemoryPage {
+    /// The room's changes in the page, oldest first (possibly none: the
+    /// scanned stretch held nothing for the room).
+    pub changes: Vec<Arc<Change>>,
+    /// Everything up to this position has been looked at: the next page
+    /// starts after it.
+    pub through: Position,
+}
 
 pub(super) struct Recent {
     /// Every change dispatched after `floor`, oldest first.
@@ -53,9 +74,36 @@ impl Recent {
         since >= self.floor
     }
 
-    /// The changes after `since`, oldest first.
-    pub(super) fn after(&self, since: Position) -> impl Iterator<Item = &Arc<Change>> {
-        self.changes.iter().filter(move |c| c.position > since)
+    /// The next page of `room`'s changes in `(after, upto]`, or None when
+    /// memory no longer holds everything after `after` (the outbox does).
+    /// A page ends at `limits`; it looks at no more than [`SCAN_LIMIT`]
+    /// entries, so the hub's lock is held briefly whatever the gap.
+    pub(super) fn page(&self, room: &str, after: Position, upto: Position, limits: PageLimits) -> Option<MemoryPage> {
+        if !self.covers(after) {
+            return None;
+        }
+        let start = self.changes.partition_point(|c| c.position <= after);
+        let mut page = MemoryPage {
+            changes: Vec::new(),
+            through: upto,
+        };
+        let mut bytes = 0;
+        for (scanned, change) in self.changes.range(start..).enumerate() {
+            if change.position > upto {
+                break;
+            }
+            let full = page.changes.len() >= limits.changes || (bytes > 0 && bytes + change.size() > limits.bytes);
+            if full || scanned >= SCAN_LIMIT {
+                // Stop before this one: the next page starts with it.
+                page.through = Position(change.position.0 - 1);
+                return Some(page);
+            }
+            if change.rooms.iter().any(|r| r == room) {
+                bytes += change.size();
+                page.changes.push(Arc::clone(change));
+            }
+        }
+        Some(page)
     }
 
     /// The commit time of the change at `position`, if it is here.

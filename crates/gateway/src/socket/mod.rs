@@ -18,6 +18,7 @@ use crate::telemetry::Counters;
 
 pub mod heartbeat;
 pub mod limits;
+mod replay;
 mod send;
 mod session;
 

@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::heartbeat::Heartbeat;
+use super::replay::{Page, ReplayCursor};
 use super::{CLOSE_LINGER, SLOW_CLOSE_GRACE};
-use crate::change::{Notification, Position, now_us};
+use crate::change::now_us;
 use crate::config::Settings;
-use crate::db::HistoryRead;
-use crate::hub::{CloseKind, CloseReason, Outbound, QueueReceiver, ReplayRange, Room, Subscriber};
+use crate::hub::{CloseKind, CloseReason, Outbound, QueueReceiver, Subscriber};
 use crate::pipeline::encode::{Encoding, Unit, merge};
 use crate::protocol;
 use crate::state::AppState;
@@ -28,11 +28,6 @@ use crate::telemetry::stages::Stage;
 /// Most frames written between two flushes: a socket that fell behind
 /// catches up in large writes, and still yields to other tasks.
 const MAX_FRAMES_PER_WRITE: usize = 256;
-/// The longest a replay from the outbox may take before the client is told
-/// to come back (1013) rather than have its live changes wait behind it.
-const REPLAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Outbox rows read per replay query.
-const REPLAY_PAGE: i64 = 500;
 
 /// Writes queued items to the socket, flushing once per drained batch; sends
 /// pings; closes the socket when asked to.
@@ -61,6 +56,7 @@ pub(super) async fn send_loop(
         encoding,
         latencies: Vec::new(),
         carry: None,
+        replay: None,
         local: LocalTelemetry::default(),
     };
     // The loop waits on two things: its queue (which also wakes it for a
@@ -80,8 +76,8 @@ pub(super) async fn send_loop(
         }
         tokio::select! {
             biased;
-            item = next_item(&mut writer.carry, &mut queue, subscriber) => {
-                let Some(item) = item else {
+            work = next_work(writer.replay.is_some(), &mut writer.carry, &mut queue, subscriber) => {
+                let Some(item) = work else {
                     break queue.closed().await;
                 };
                 let write_started = std::time::Instant::now();
@@ -151,11 +147,18 @@ pub(super) async fn send_loop(
         // What was queued before the close (the errors that explain it, the
         // last changes) goes first; a slow consumer's queue is what it could
         // not take, and it resumes from its position instead.
+        // Not past an unfinished replay: what was queued after it is later
+        // than the rest of the replay, and the client would see a gap.
         let settings = state.settings();
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(item) = writer.carry.take().or_else(|| queue.try_recv()) {
+            while writer.replay.is_none()
+                && let Some(item) = writer.carry.take().or_else(|| queue.try_recv())
+            {
+                if matches!(item, Outbound::Replay(_)) {
+                    break;
+                }
                 if writer
-                    .write_ready(&mut sink, item, &mut queue, subscriber, state, &settings)
+                    .write_ready(&mut sink, Work::Item(item), &mut queue, subscriber, state, &settings)
                     .await
                     .is_err()
                 {
@@ -196,19 +199,32 @@ fn deadlines(settings: &Settings, liveness: &Liveness) -> Instant {
     Instant::now() + Duration::from_micros(left.max(0) as u64 + 1000)
 }
 
-/// The next queued item: one held back by the last merge, else the queue's.
-/// `None` once a close has been requested: a close goes before what waits.
-async fn next_item(
+/// What the send loop writes next.
+enum Work {
+    Item(Outbound),
+    /// The next page of the replay in progress.
+    ReplayPage,
+}
+
+/// The next thing to write: the replay in progress (everything queued is
+/// later than it), else an item held back by the last merge, else the
+/// queue's. `None` once a close has been requested: a close goes before
+/// what waits.
+async fn next_work(
+    replaying: bool,
     carry: &mut Option<Outbound>,
     queue: &mut QueueReceiver,
     subscriber: &Subscriber,
-) -> Option<Outbound> {
+) -> Option<Work> {
     if subscriber.is_closing() {
         return None;
     }
+    if replaying {
+        return Some(Work::ReplayPage);
+    }
     match carry.take() {
-        Some(item) => Some(item),
-        None => queue.recv().await,
+        Some(item) => Some(Work::Item(item)),
+        None => queue.recv().await.map(Work::Item),
     }
 }
 
@@ -219,6 +235,9 @@ struct Writer {
     latencies: Vec<i64>,
     /// An item taken from the queue that did not fit the last merge.
     carry: Option<Outbound>,
+    /// The resume being replayed, a page per write: nothing queued goes out
+    /// before it ends. Boxed: most connections never replay.
+    replay: Option<Box<ReplayCursor>>,
     /// Measurements gathered here and published together: publishing takes
     /// shared locks and touches counters every connection shares, which at
     /// one socket write per delivery cost more than the write itself.
@@ -304,40 +323,30 @@ impl Writer {
     /// While the socket was busy, changes waiting for it are merged into
     /// batches of up to the batch size (plain-text clients; compressed units
     /// go as they are, to keep their shared compressed bytes).
+    ///
+    /// A replay writes one page and returns, so the page is flushed (the
+    /// socket has taken it) before the next is read.
     async fn write_ready(
         &mut self,
         sink: &mut SplitSink<WebSocket, Message>,
-        first: Outbound,
+        first: Work,
         queue: &mut QueueReceiver,
         subscriber: &Subscriber,
         state: &AppState,
         settings: &Settings,
     ) -> Result<(), CloseReason> {
-        let mut item = first;
+        let mut item = match first {
+            Work::ReplayPage => return self.write_replay_page(sink, state).await,
+            Work::Item(item) => item,
+        };
         let mut frames = 0;
         loop {
             subscriber.sent(item.queued_size());
             let message = match item {
                 Outbound::Control(text) => Message::Text(*text),
                 Outbound::Replay(range) => {
-                    let ReplayRange { room, since, upto } = *range;
-                    // Boxed: rare, and its database future is large; unboxed it would
-                    // sit in every connection's task.
-                    tokio::time::timeout(REPLAY_TIMEOUT, Box::pin(replay(sink, state, &room, since, upto)))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(CloseReason::new(
-                                CloseKind::HistoryUnavailable,
-                                "history read timed out; reconnect and resume",
-                            ))
-                        })?;
-                    match self.next_ready(queue) {
-                        Some(next) => {
-                            item = next;
-                            continue;
-                        }
-                        None => return Ok(()),
-                    }
+                    self.replay = Some(Box::new(ReplayCursor::new(*range)));
+                    return self.write_replay_page(sink, state).await;
                 }
                 Outbound::Changes(unit) => {
                     let mergeable =
@@ -433,6 +442,54 @@ impl Writer {
         }
     }
 
+    /// Feeds the replay's next page to the socket (the caller flushes), or
+    /// `reset` when part of the gap was pruned; ends the replay when nothing
+    /// more is owed.
+    async fn write_replay_page(
+        &mut self,
+        sink: &mut SplitSink<WebSocket, Message>,
+        state: &AppState,
+    ) -> Result<(), CloseReason> {
+        // The cursor stays in place until the replay is done: a close on the
+        // way (a failed read, a failed write) then drains nothing queued
+        // behind it.
+        let Writer { replay, local, .. } = self;
+        let Some(cursor) = replay.as_mut() else {
+            return Ok(());
+        };
+        // Boxed: its database future is large; unboxed it would sit in
+        // every connection's task.
+        let page = Box::pin(cursor.next_page(state)).await.map_err(|error| {
+            tracing::warn!(%error, room = %cursor.room(), "replay page failed; the client will resume");
+            // Try Again Later: the client resumes from its last position.
+            CloseReason::new(
+                CloseKind::HistoryUnavailable,
+                "history unavailable right now; reconnect and resume",
+            )
+        })?;
+        let (changes, reset) = match page {
+            Page::Pruned => (
+                Vec::new(),
+                Some(protocol::reset_message(cursor.room(), "history_expired")),
+            ),
+            Page::Changes(changes) => (changes, None),
+        };
+        // Formatted one at a time as the socket takes them.
+        let texts = changes.iter().map(|c| c.message_for(cursor.room())).chain(reset);
+        for text in texts {
+            local.touch();
+            local.messages += 1;
+            local.bytes += text.len() as u64;
+            sink.feed(Message::Text(text.into()))
+                .await
+                .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
+        }
+        if cursor.is_done() {
+            *replay = None;
+        }
+        Ok(())
+    }
+
     fn next_ready(&mut self, queue: &mut QueueReceiver) -> Option<Outbound> {
         self.carry.take().or_else(|| queue.try_recv())
     }
@@ -454,54 +511,6 @@ impl Writer {
         let held = self.local.commit_to_send_us.len();
         if held >= PUBLISH_SAMPLES || self.local.due().is_some_and(|due| Instant::now() >= due) {
             self.local.publish(state, connection_id, held >= PUBLISH_FORCE_SAMPLES);
-        }
-    }
-}
-
-/// Sends a room's history `(since, upto]` from the outbox, or `reset` when
-/// part of it has been pruned. Runs in the send loop, so live changes queued
-/// meanwhile wait behind it and follow it in order.
-async fn replay(
-    sink: &mut SplitSink<WebSocket, Message>,
-    state: &AppState,
-    room: &Room,
-    since: Position,
-    upto: Position,
-) -> Result<(), CloseReason> {
-    let unavailable = |e: sqlx::Error| {
-        tracing::warn!(error = %e, room = %room, "history read failed");
-        // Try Again Later: the client resumes from the same position.
-        CloseReason::new(
-            CloseKind::HistoryUnavailable,
-            "history unavailable right now; reconnect and resume",
-        )
-    };
-    let mut history = HistoryRead::begin(&state.pool).await.map_err(unavailable)?;
-    let pruned_through = history.pruned_through().await.map_err(unavailable)?;
-    if since < pruned_through {
-        let reset = protocol::reset_message(room, "history_expired");
-        return sink
-            .feed(Message::Text(reset.into()))
-            .await
-            .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")));
-    }
-    let mut from = since;
-    loop {
-        let page = history
-            .room_page(room, from, upto, REPLAY_PAGE)
-            .await
-            .map_err(unavailable)?;
-        for doc in &page {
-            let Ok(Notification::Change(change)) = Notification::parse(doc) else {
-                continue;
-            };
-            from = change.position;
-            sink.feed(Message::Text(change.message_for(room).into()))
-                .await
-                .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
-        }
-        if (page.len() as i64) < REPLAY_PAGE {
-            return Ok(());
         }
     }
 }

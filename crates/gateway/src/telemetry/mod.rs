@@ -91,6 +91,9 @@ pub struct Counters {
     pub probes_received: AtomicU64,
     pub probe_failures: AtomicU64,
     pub probe_reconnects: AtomicU64,
+    /// Changes sent by resumes' replays, by where their pages were read.
+    pub replayed_from_memory: AtomicU64,
+    pub replayed_from_outbox: AtomicU64,
 }
 
 impl Counters {
