@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway, a real PostgreSQL, real sockets.
 
+mod bystander;
 mod fault_kit;
 mod helpers;
 
@@ -10,3 +11,4 @@ mod observability;
 mod pipeline;
 mod refusals;
 mod security;
+mod streaming;
