@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Position;
 use crate::config::{Auth, Settings};
-use crate::db;
+use crate::db::{self, Pools};
 use crate::http;
 use crate::hub::{CloseReason, Hub};
 use crate::source::{Feed, NotifySource};
@@ -65,12 +65,8 @@ impl Application {
             .expose()
             .parse()
             .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.pool_size)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(connect.application_name("ws-gateway"))
-            .await
-            .context("connecting to DATABASE_URL")?;
+        let pools = Pools::connect(&connect, settings.pool_size).await?;
+        let pool = pools.internal.clone();
 
         if settings.auto_migrate {
             db::migrate(&pool, &settings.channel).await?;
@@ -92,6 +88,7 @@ impl Application {
         }
 
         let listener = bind(settings.listen).with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
+        check_open_file_limit(settings.limits.max_connections);
 
         if matches!(settings.auth, Auth::None) {
             tracing::warn!(
@@ -100,9 +97,13 @@ impl Application {
         }
         let telemetry = Arc::new(Telemetry::default());
         let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
-        let source = NotifySource::new(database_url.expose().to_owned(), settings.channel.clone(), pool.clone());
+        let source = NotifySource::new(
+            database_url.expose().to_owned(),
+            settings.channel.clone(),
+            pools.feed.clone(),
+        );
         let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
-        let state = Arc::new(AppState::new(settings, hub, telemetry, pool));
+        let state = Arc::new(AppState::new(settings, hub, telemetry, pools));
         Ok(Application { listener, state, feed })
     }
 
@@ -137,26 +138,19 @@ impl Application {
         });
         let mut reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&state)));
         let mut pruner_task = tokio::spawn(db::run_pruner(
-            state.pool.clone(),
+            state.pools.internal.clone(),
             state.settings().history.retention,
             shutdown.clone(),
         ));
         let mut probe_task = tokio::spawn(crate::probe::run(Arc::clone(&state), listener.local_addr()?));
         let mut monitor_task = tokio::spawn(crate::monitor::run(Arc::clone(&state)));
         let router = http::router(Arc::clone(&state));
-        // No Nagle: a change is one small frame, written when it is ready;
-        // held back until the previous frame's ACK it would wait out the
-        // client's delayed ACK (up to 40 ms).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let mut http_task = tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .into_future(),
-        );
+        let mut http_task = tokio::spawn(http::serve(
+            listener,
+            router,
+            Arc::clone(&state.client_slots),
+            Arc::clone(&state),
+        ));
 
         let died = tokio::select! {
             () = shutdown.cancelled() => None,
@@ -165,7 +159,7 @@ impl Application {
             result = &mut reload_task => Some(("SIGHUP reload", flatten(result))),
             result = &mut probe_task => Some(("probe", flatten(result))),
             result = &mut monitor_task => Some(("telemetry monitor", flatten(result))),
-            result = &mut http_task => Some(("http server", flatten(result.map(|r| r.map_err(anyhow::Error::from))))),
+            result = &mut http_task => Some(("http server", flatten(result))),
         };
         // A task that returned cleanly because shutdown began did not die.
         let died = died.filter(|(_, result)| !(shutdown.is_cancelled() && result.is_ok()));
@@ -201,7 +195,7 @@ impl Application {
         if !http_task.is_finished() {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await;
         }
-        state.pool.close().await;
+        state.pools.close().await;
         tracing::info!("ws-gateway stopped");
         outcome
     }
@@ -226,6 +220,47 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     socket.listen(4096)
+}
+
+/// Raises the soft limit on open files to the hard limit (as Go's runtime
+/// does), and warns when even that cannot hold `GATEWAY_MAX_CONNECTIONS`:
+/// past it `accept` fails (EMFILE) before the connection limit is reached.
+fn check_open_file_limit(max_connections: usize) {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write `limit`.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        // The database connections, the listener, logs and a margin.
+        let needed = max_connections as u64 + crate::slots::RESERVED_SLOTS as u64 + 64;
+        if limit.rlim_cur < needed {
+            tracing::warn!(
+                open_file_limit = limit.rlim_cur,
+                max_connections,
+                "the open-file limit is below GATEWAY_MAX_CONNECTIONS plus a margin: accept will fail \
+                 (EMFILE) before the connection limit; raise `ulimit -n` (LimitNOFILE= under systemd) \
+                 or lower GATEWAY_MAX_CONNECTIONS"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = max_connections;
 }
 
 /// Resolves on ctrl-c or SIGTERM.

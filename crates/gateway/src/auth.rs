@@ -1,13 +1,24 @@
 //! Who a connection is and which rooms it may read: `GATEWAY_AUTH=none`
 //! (local development, every room) or HS256 JWTs whose `rooms` claim lists
-//! room names and `prefix:*` patterns.
+//! room names and `prefix:*` patterns. [`Authenticator::authenticate`] is
+//! the one entry point: the signature is checked against the keys, then the
+//! claims against SPEC section 4 ([`check_claims`]).
 
 use std::collections::HashSet;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::Number;
 
 use crate::config::Auth;
+
+/// Rooms starting with this are the gateway's own (the probe's): no grant,
+/// not even `*`, and no `realtime.authorize` answer reaches them.
+pub const RESERVED_ROOM_PREFIX: &str = "__";
+
+/// The latest `exp` accepted, 9999-12-31T23:59:59Z: any date a token issuer
+/// may write is held to exactly; later ones are refused as malformed.
+pub const MAX_EXP: u64 = 253_402_300_799;
 
 /// The rooms a connection may subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +29,8 @@ pub enum Grants {
         /// `project:*` is stored as `project:`.
         prefixes: Vec<String>,
     },
+    /// The gateway's own probe: its room alone, which no token grants.
+    Internal(String),
 }
 
 impl Grants {
@@ -37,22 +50,44 @@ impl Grants {
     }
 
     pub fn allows(&self, room: &str) -> bool {
+        if is_reserved_room(room) {
+            return matches!(self, Grants::Internal(own) if own == room);
+        }
         match self {
             Grants::All => true,
             Grants::Rooms { exact, prefixes } => {
                 exact.contains(room) || prefixes.iter().any(|p| room.starts_with(p.as_str()))
             }
+            Grants::Internal(_) => false,
         }
     }
+}
+
+/// Whether `room` is one of the gateway's own.
+pub fn is_reserved_room(room: &str) -> bool {
+    room.starts_with(RESERVED_ROOM_PREFIX)
 }
 
 /// An authenticated connection.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// The token's `sub`: required of every token; None only without
+    /// authentication (`GATEWAY_AUTH=none`).
     pub subject: Option<String>,
     pub grants: Grants,
-    /// Token expiry, seconds since the Unix epoch.
+    /// Token expiry, seconds since the Unix epoch (at most [`MAX_EXP`]).
     pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    /// The built-in probe's identity (it presents a ticket, not a token).
+    pub fn probe(room: String) -> Identity {
+        Identity {
+            subject: Some("ws-gateway-probe".to_owned()),
+            grants: Grants::Internal(room),
+            expires_at: None,
+        }
+    }
 }
 
 /// Why a token was refused; the text goes back to the client.
@@ -62,18 +97,77 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet: its nbf is in the future")]
+    NotYetValid,
+    #[error("token issued in the future (iat): the issuer's clock is ahead of the gateway's")]
+    IssuedInFuture,
     #[error("token signature does not verify")]
     BadSignature,
+    #[error("token has no {0:?} claim: \"sub\" and \"exp\" are required")]
+    MissingClaim(&'static str),
     #[error("malformed token: {0}")]
     Malformed(String),
 }
 
+/// The claims the gateway reads; the times are JSON numbers (NumericDate
+/// may carry a fraction).
 #[derive(Deserialize)]
-struct Claims {
-    sub: Option<String>,
-    exp: u64,
+pub struct Claims {
+    pub sub: Option<String>,
+    pub exp: Option<Number>,
+    pub nbf: Option<Number>,
+    pub iat: Option<Number>,
     #[serde(default)]
-    rooms: Vec<String>,
+    pub rooms: Vec<String>,
+}
+
+/// Checks `claims` at `now` (seconds since the Unix epoch) with `leeway`
+/// seconds of clock skew either way: `sub` and `exp` present, `exp` not
+/// passed (a token is refused on or after `exp` + leeway) and not after year
+/// 9999, `nbf` (if any) reached, `iat` (if any) not ahead of us.
+pub fn check_claims(claims: Claims, now: u64, leeway: u64) -> Result<Identity, AuthError> {
+    let subject = claims
+        .sub
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::MissingClaim("sub"))?;
+    let exp = claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
+    let exp = seconds("exp", &exp)?;
+    if exp > MAX_EXP {
+        return Err(AuthError::Malformed(format!(
+            "exp {exp} is after 9999-12-31T23:59:59Z ({MAX_EXP})"
+        )));
+    }
+    if now >= exp.saturating_add(leeway) {
+        return Err(AuthError::Expired);
+    }
+    if let Some(nbf) = &claims.nbf
+        && seconds("nbf", nbf)? > now.saturating_add(leeway)
+    {
+        return Err(AuthError::NotYetValid);
+    }
+    if let Some(iat) = &claims.iat
+        && seconds("iat", iat)? > now.saturating_add(leeway)
+    {
+        return Err(AuthError::IssuedInFuture);
+    }
+    Ok(Identity {
+        subject: Some(subject),
+        grants: Grants::from_patterns(&claims.rooms),
+        expires_at: Some(exp),
+    })
+}
+
+/// A NumericDate as whole seconds (a fraction is dropped; before 1970 is 0).
+fn seconds(claim: &str, value: &Number) -> Result<u64, AuthError> {
+    if let Some(s) = value.as_u64() {
+        return Ok(s);
+    }
+    match value.as_f64() {
+        Some(s) if s.is_finite() && s < 0.0 => Ok(0),
+        // Beyond u64 saturates, and is then refused as past year 9999.
+        Some(s) if s.is_finite() => Ok(s as u64),
+        _ => Err(AuthError::Malformed(format!("{claim} is not a number of seconds"))),
+    }
 }
 
 pub enum Authenticator {
@@ -82,6 +176,8 @@ pub enum Authenticator {
     Jwt {
         key: DecodingKey,
         validation: Box<Validation>,
+        /// Clock skew tolerated on `exp`, `nbf` and `iat`, seconds.
+        leeway: u64,
     },
 }
 
@@ -90,40 +186,53 @@ impl Authenticator {
         match auth {
             Auth::None => Authenticator::None,
             Auth::Jwt { secret } => {
+                // Only the signature (and the algorithm) is checked by the
+                // library; every claim is `check_claims`'s.
                 let mut validation = Validation::new(Algorithm::HS256);
-                validation.leeway = leeway_s;
-                validation.set_required_spec_claims(&["exp"]);
+                validation.required_spec_claims.clear();
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
                 validation.validate_aud = false;
                 Authenticator::Jwt {
                     key: DecodingKey::from_secret(secret.expose().as_bytes()),
                     validation: Box::new(validation),
+                    leeway: leeway_s,
                 }
             }
         }
     }
 
+    /// The one entry point for every token, at the upgrade and in band.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.authenticate_at(token, now)
+    }
+
+    /// [`Authenticator::authenticate`] at `now` (seconds since the epoch).
+    pub fn authenticate_at(&self, token: Option<&str>, now: u64) -> Result<Identity, AuthError> {
         match self {
             Authenticator::None => Ok(Identity {
                 subject: None,
                 grants: Grants::All,
                 expires_at: None,
             }),
-            Authenticator::Jwt { key, validation } => {
+            Authenticator::Jwt {
+                key,
+                validation,
+                leeway,
+            } => {
                 let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
                 let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
                     use jsonwebtoken::errors::ErrorKind;
                     match e.kind() {
-                        ErrorKind::ExpiredSignature => AuthError::Expired,
                         ErrorKind::InvalidSignature => AuthError::BadSignature,
                         _ => AuthError::Malformed(e.to_string()),
                     }
                 })?;
-                Ok(Identity {
-                    subject: data.claims.sub,
-                    grants: Grants::from_patterns(&data.claims.rooms),
-                    expires_at: Some(data.claims.exp),
-                })
+                check_claims(data.claims, now, *leeway)
             }
         }
     }
@@ -142,6 +251,78 @@ mod tests {
         assert!(grants.allows("task:7"));
         assert!(!grants.allows("tasks"));
         assert_eq!(Grants::from_patterns(&["*".into()]), Grants::All);
+    }
+
+    #[test]
+    fn no_grant_reaches_the_gateways_own_rooms() {
+        for patterns in [vec!["*"], vec!["__*"], vec!["__probe:*"], vec!["__probe:x"]] {
+            let patterns: Vec<String> = patterns.into_iter().map(String::from).collect();
+            let grants = Grants::from_patterns(&patterns);
+            assert!(!grants.allows("__probe:x"), "{patterns:?}");
+        }
+        let probe = Identity::probe("__probe:x".into()).grants;
+        assert!(probe.allows("__probe:x"));
+        assert!(!probe.allows("__probe:y") && !probe.allows("project:1"));
+    }
+
+    fn claims(value: serde_json::Value) -> Claims {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn claims_are_checked_with_the_leeway() {
+        use serde_json::json;
+        let now = 1_800_000_000;
+        let check = |value: serde_json::Value| check_claims(claims(value), now, 5);
+        let ok = check(json!({"sub": "u", "exp": now + 1})).unwrap();
+        assert_eq!((ok.subject.as_deref(), ok.expires_at), (Some("u"), Some(now + 1)));
+        assert_eq!(
+            check(json!({"exp": now + 60})).unwrap_err(),
+            AuthError::MissingClaim("sub")
+        );
+        assert_eq!(
+            check(json!({"sub": "", "exp": now + 60})).unwrap_err(),
+            AuthError::MissingClaim("sub")
+        );
+        assert_eq!(check(json!({"sub": "u"})).unwrap_err(), AuthError::MissingClaim("exp"));
+        // Expired within the leeway: accepted, and held to exp (the session
+        // adds the leeway); past it, refused.
+        assert_eq!(
+            check(json!({"sub": "u", "exp": now - 4})).unwrap().expires_at,
+            Some(now - 4)
+        );
+        assert_eq!(
+            check(json!({"sub": "u", "exp": now - 5})).unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(check(json!({"sub": "u", "exp": -1})).unwrap_err(), AuthError::Expired);
+        // nbf and iat: honoured with the leeway.
+        assert!(check(json!({"sub": "u", "exp": now + 60, "nbf": now + 5, "iat": now + 5})).is_ok());
+        assert_eq!(
+            check(json!({"sub": "u", "exp": now + 60, "nbf": now + 3600})).unwrap_err(),
+            AuthError::NotYetValid
+        );
+        assert_eq!(
+            check(json!({"sub": "u", "exp": now + 60, "iat": now + 60})).unwrap_err(),
+            AuthError::IssuedInFuture
+        );
+        // Any exp up to the end of year 9999, exactly; a fraction is dropped.
+        assert_eq!(
+            check(json!({"sub": "u", "exp": MAX_EXP})).unwrap().expires_at,
+            Some(MAX_EXP)
+        );
+        assert_eq!(
+            check(json!({"sub": "u", "exp": (now + 60) as f64 + 0.5}))
+                .unwrap()
+                .expires_at,
+            Some(now + 60)
+        );
+        for past_9999 in [json!(MAX_EXP + 1), json!(10_000_000_000_000u64), json!(1e300)] {
+            assert!(
+                matches!(check(json!({"sub": "u", "exp": past_9999})).unwrap_err(), AuthError::Malformed(m) if m.contains("9999")),
+                "{past_9999}"
+            );
+        }
     }
 
     #[test]

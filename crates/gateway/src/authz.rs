@@ -11,14 +11,18 @@ use std::time::Duration;
 
 use quick_cache::sync::Cache;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::db;
 
 /// How long "the function does not exist" is believed before asking again.
 const FUNCTION_RECHECK: Duration = Duration::from_secs(30);
-/// The longest an authorization query may take.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one check may take, waiting for its turn and a pooled
+/// connection included: past it the subscribe is answered
+/// `authorization_unavailable` (the client may retry) instead of holding
+/// its connection, and everyone behind it, any longer.
+pub const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a room could not be checked (not: why it was refused).
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +34,15 @@ pub struct Authorizer {
     cache: Cache<(String, String), (bool, Instant)>,
     /// Whether `realtime.authorize` exists, and when that was last checked.
     function: Mutex<Option<(bool, Instant)>>,
+    /// Checks running at once: half the clients' pool, so a slow
+    /// `realtime.authorize` leaves connections for replays. Each connection
+    /// asks one question at a time (its session handles one message at a
+    /// time), so one client holds at most one turn.
+    turns: Semaphore,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Checks that did not finish within [`AUTHORIZE_TIMEOUT`].
+    pub timeouts: AtomicU64,
 }
 
 /// `/healthz` `cache`.
@@ -46,13 +57,17 @@ pub struct CacheStats {
 }
 
 impl Authorizer {
-    pub fn new(pool: PgPool, capacity: usize) -> Authorizer {
+    /// `pool_size`: the connections `pool` has (half of them may be
+    /// taken by checks at once).
+    pub fn new(pool: PgPool, capacity: usize, pool_size: usize) -> Authorizer {
         Authorizer {
             pool,
             cache: Cache::new(capacity.max(1)),
             function: Mutex::new(None),
+            turns: Semaphore::new((pool_size / 2).max(1)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
         }
     }
 
@@ -69,21 +84,38 @@ impl Authorizer {
             return Ok(allowed);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(AUTHORIZE_TIMEOUT, self.ask(subject, room, key, ttl, now)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(AuthzError(format!(
+                    "realtime.authorize did not answer within {AUTHORIZE_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    /// A cache miss: waits for a turn, then asks the database.
+    async fn ask(
+        &self,
+        subject: &str,
+        room: &str,
+        key: (String, String),
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> Result<bool, AuthzError> {
+        let _turn = self.turns.acquire().await.expect("the semaphore is never closed");
         if !self.function_exists(now).await? {
             return Ok(false);
         }
-        let query = db::authorize(&self.pool, subject, room);
-        let allowed = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-            Ok(Ok(answer)) => answer.unwrap_or(false),
-            Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42883") => {
+        let allowed = match db::authorize(&self.pool, subject, room).await {
+            Ok(answer) => answer.unwrap_or(false),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
                 // Dropped since we looked.
                 *self.function.lock().expect("authorize lock") = Some((false, now));
                 false
             }
-            Ok(Err(e)) => return Err(AuthzError(e.to_string())),
-            Err(_) => {
-                return Err(AuthzError("realtime.authorize did not answer in time".into()));
-            }
+            Err(e) => return Err(AuthzError(e.to_string())),
         };
         if let Some(ttl) = ttl {
             self.cache.insert(key, (allowed, now + ttl));

@@ -23,6 +23,7 @@ mod monitor;
 mod pipeline;
 mod probe;
 mod protocol;
+mod slots;
 mod socket;
 mod source;
 mod state;
@@ -33,6 +34,14 @@ mod telemetry;
 pub use app::{Application, shutdown_signal};
 /// What a running gateway shares; tests reload settings through it.
 pub use state::AppState;
+
+/// Log targets held at `debug` whatever the log filter asks for: at
+/// `trace`, tungstenite logs every frame it reads or writes and every
+/// handshake request it sends, so tokens (`?token=`, in-band `auth`) and the
+/// probe's ticket would land in the log. Every log subscriber of the daemon
+/// adds these directives last (an `EnvFilter` lets the most specific
+/// directive for a target win).
+pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
 
 /// For the fuzz tests: the client protocol's decoder and the token check.
 pub use auth::Authenticator;

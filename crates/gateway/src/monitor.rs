@@ -35,7 +35,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = clock_loop(&state.pool, &state.telemetry) => {}
+        () = clock_loop(&state.pools.internal, &state.telemetry) => {}
         () = observe_loop(&state) => {}
     }
     Ok(())

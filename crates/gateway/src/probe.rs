@@ -22,7 +22,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use ws_gateway_client::Backoff;
 
-use crate::config::Auth;
 use crate::db;
 use crate::state::AppState;
 use crate::telemetry::Counters;
@@ -38,8 +37,6 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How often a switched-off probe looks at its setting again (reloads).
 const OFF_RECHECK: Duration = Duration::from_secs(1);
-/// The probe's token lives this long and is renewed at half-life.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The room a gateway instance's probe changes go to.
 pub fn room(instance_id: &str) -> String {
@@ -104,7 +101,7 @@ pub async fn run(state: Arc<AppState>, gateway: SocketAddr) -> anyhow::Result<()
     }
     let mut probe = Probe {
         room: room(&state.instance_id),
-        url: format!("ws://{target}/ws?probe={}", state.telemetry.probe_key()),
+        url: format!("ws://{target}/ws"),
         state,
         seq: 0,
         pending: VecDeque::new(),
@@ -165,7 +162,6 @@ impl Probe {
         self.pending.clear();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut renew_token = Instant::now() + TOKEN_LIFETIME / 2;
         let mut commit: Option<InFlight> = None;
         loop {
             tokio::select! {
@@ -201,26 +197,17 @@ impl Probe {
                     if commit.is_none() {
                         commit = Some(self.commit());
                     }
-                    if Instant::now() >= renew_token {
-                        renew_token = Instant::now() + TOKEN_LIFETIME / 2;
-                        if let Some(token) = self.token() {
-                            let renew = json!({"type": "auth", "token": token}).to_string();
-                            if let Err(error) = ws.send(Message::text(renew)).await {
-                                return SessionEnd::Disconnected(error.into());
-                            }
-                        }
-                    }
                 }
             }
         }
     }
 
-    /// Opens the socket and waits until the probe room is live.
+    /// Opens the socket and waits until the probe room is live. The probe
+    /// needs no token (the gateway may hold no key it could sign one with):
+    /// it presents a single-use ticket, which identifies it, grants it its
+    /// room alone, and keeps it out of the client connection count.
     async fn connect(&self) -> anyhow::Result<Socket> {
-        let url = match self.token() {
-            Some(token) => format!("{}&token={token}", self.url),
-            None => self.url.clone(),
-        };
+        let url = format!("{}?probe={}", self.url, self.state.telemetry.issue_probe_ticket());
         let subscribe = async {
             let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
                 .await
@@ -245,31 +232,6 @@ impl Probe {
             .map_err(|_| anyhow!("probe room not live within {CONNECT_TIMEOUT:?}"))?
     }
 
-    /// A token granting the probe room only, when the gateway checks tokens.
-    fn token(&self) -> Option<String> {
-        let settings = self.state.settings();
-        let Auth::Jwt { secret } = &settings.auth else {
-            return None;
-        };
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            + TOKEN_LIFETIME.as_secs();
-        let claims = json!({"sub": "ws-gateway-probe", "exp": exp, "rooms": [self.room]});
-        match jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()),
-        ) {
-            Ok(token) => Some(token),
-            Err(error) => {
-                tracing::warn!(%error, "cannot mint the probe's token");
-                None
-            }
-        }
-    }
-
     /// Starts committing the next probe row, in a task of its own so the
     /// socket keeps being read (and timed) meanwhile.
     fn commit(&mut self) -> InFlight {
@@ -277,7 +239,7 @@ impl Probe {
         let seq = self.seq;
         self.pending.push_back((seq, Instant::now()));
         Counters::add(&self.state.telemetry.counters.probes_sent, 1);
-        let pool = self.state.pool.clone();
+        let pool = self.state.pools.internal.clone();
         let instance = self.state.instance_id.clone();
         InFlight(tokio::spawn(async move {
             let upsert = db::commit_probe(&pool, &instance, seq as i64);

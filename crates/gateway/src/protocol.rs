@@ -219,6 +219,12 @@ pub fn validate_room(room: &str) -> Result<(), ProtocolError> {
             "room name must not contain spaces or control characters",
         ));
     }
+    if room.contains('*') {
+        return Err(ProtocolError::new(
+            codes::INVALID_ROOM,
+            "room name must not contain '*': patterns are for token grants; subscribe to each room by name",
+        ));
+    }
     Ok(())
 }
 
@@ -289,6 +295,8 @@ mod tests {
         assert_eq!(code(r#"{"type":"subscribe","room":5}"#), codes::INVALID_MESSAGE);
         assert_eq!(code(r#"{"type":"subscribe","room":""}"#), codes::INVALID_ROOM);
         assert_eq!(code(r#"{"type":"subscribe","room":"a b"}"#), codes::INVALID_ROOM);
+        assert_eq!(code(r#"{"type":"subscribe","room":"task:*"}"#), codes::INVALID_ROOM);
+        assert_eq!(code(r#"{"type":"subscribe","room":"*"}"#), codes::INVALID_ROOM);
         let long = format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(201));
         assert_eq!(code(&long), codes::INVALID_ROOM);
         assert_eq!(

@@ -15,7 +15,9 @@ use crate::auth::Authenticator;
 use crate::authz::Authorizer;
 use crate::change::{Position, now_us};
 use crate::config::{Settings, for_reload};
+use crate::db::Pools;
 use crate::hub::{CloseReason, Hub, Subscriber};
+use crate::slots::Slots;
 use crate::telemetry::{Tally, Telemetry};
 
 /// What every task of the gateway shares.
@@ -27,7 +29,11 @@ pub struct AppState {
     settings_version: AtomicU64,
     pub(crate) hub: Arc<Hub>,
     pub(crate) telemetry: Arc<Telemetry>,
+    /// The pool for client-driven work (replays, authorization): bounded,
+    /// every statement time-limited (`pools.clients`).
     pub(crate) pool: PgPool,
+    /// Every pool: the feed's and the probe's are not for clients.
+    pub(crate) pools: Pools,
     pub(crate) auth: Authenticator,
     /// Cancelled once, on shutdown; every loop selects on it.
     pub(crate) shutdown: CancellationToken,
@@ -36,7 +42,11 @@ pub struct AppState {
     /// Distinguishes this instance's connection ids from other instances'.
     pub(crate) instance_id: String,
     pub(crate) next_connection_id: AtomicU64,
+    /// Open WebSocket client connections (the probe's not counted).
     pub(crate) active_connections: AtomicUsize,
+    /// The client port's connection slots: every TCP connection, from
+    /// accept to close (`GATEWAY_MAX_CONNECTIONS`).
+    pub(crate) client_slots: Arc<Slots>,
     /// Every open connection's liveness, for `/healthz` `connectionPool`.
     connections_live: Mutex<HashMap<u64, ConnectionHandle>>,
     /// Refusals by code (error codes, HTTP refusals) and closes by code.
@@ -49,10 +59,12 @@ pub struct AppState {
 
 impl AppState {
     /// The state of a gateway about to start; `instance_id` is made here.
-    pub fn new(settings: Settings, hub: Arc<Hub>, telemetry: Arc<Telemetry>, pool: PgPool) -> AppState {
+    pub fn new(settings: Settings, hub: Arc<Hub>, telemetry: Arc<Telemetry>, pools: Pools) -> AppState {
+        let pool = pools.clients.clone();
+        let max_connections = settings.limits.max_connections;
         AppState {
             auth: Authenticator::new(&settings.auth, settings.history.jwt_leeway.as_secs()),
-            authorizer: Authorizer::new(pool.clone(), settings.cache.capacity),
+            authorizer: Authorizer::new(pool.clone(), settings.cache.capacity, settings.pool_size as usize),
             connections_live: Default::default(),
             refusals: Default::default(),
             closes: Default::default(),
@@ -61,11 +73,13 @@ impl AppState {
             hub,
             telemetry,
             pool,
+            pools,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             instance_id: instance_id(),
             next_connection_id: AtomicU64::new(1),
             active_connections: AtomicUsize::new(0),
+            client_slots: Slots::new(max_connections),
             started_at: std::time::Instant::now(),
         }
     }
@@ -160,6 +174,7 @@ impl AppState {
             tracing::warn!(variable, "changed in the config, but only a restart applies it");
         }
         self.hub.configure(next.pipeline.clone(), next.features);
+        self.client_slots.set_limit(next.limits.max_connections);
         tracing::info!(features = ?next.features, "configuration reloaded");
         *self.settings.write().expect("settings lock") = Arc::new(next);
         self.settings_version.fetch_add(1, Ordering::Release);

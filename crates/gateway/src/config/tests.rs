@@ -69,6 +69,7 @@ fn defaults_parse() {
     assert_eq!(s.regression.crit_pct, 30.0);
     assert_eq!(s.regression.baseline_window, Duration::from_millis(300_000));
     assert_eq!(s.limits.max_connections, 10_000);
+    assert_eq!(s.limits.handshake_timeout, Duration::from_millis(10_000));
     assert_eq!(s.limits.max_subscriptions, 100);
     assert_eq!(s.limits.max_message_bytes, 65_536);
     assert_eq!(s.limits.rate_limit, 100);
@@ -163,6 +164,17 @@ fn refuses_bad_int_with_the_message_operators_see() {
 fn refuses_out_of_range() {
     assert_refused(&[("GATEWAY_BATCH_SIZE", "0")], "GATEWAY_BATCH_SIZE", "0");
     assert_refused(&[("GATEWAY_POOL_SIZE", "65")], "GATEWAY_POOL_SIZE", "65");
+    let err = assert_refused(
+        &[("GATEWAY_HANDSHAKE_TIMEOUT_MS", "50")],
+        "GATEWAY_HANDSHAKE_TIMEOUT_MS",
+        "50",
+    );
+    assert!(err.allowed.contains("from 100 to 300000"), "{err}");
+    assert_refused(
+        &[("GATEWAY_HANDSHAKE_TIMEOUT_MS", "10s")],
+        "GATEWAY_HANDSHAKE_TIMEOUT_MS",
+        "10s",
+    );
     let err = assert_refused(
         &[("GATEWAY_COMPRESSION_LEVEL", "12")],
         "GATEWAY_COMPRESSION_LEVEL",

@@ -33,7 +33,8 @@ pub struct Settings {
     pub auth: Auth,
     /// Whether `serve` applies the embedded migrations before listening.
     pub auto_migrate: bool,
-    /// Connections in the pool beside the dedicated LISTEN connection.
+    /// Connections in the pool for client-driven work (replays,
+    /// authorization); the feed and the probe have pools of their own.
     pub pool_size: u32,
     /// The env file these settings were layered over, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
@@ -180,8 +181,13 @@ pub struct RegressionSettings {
 /// Bounds that keep one client, or many, from exhausting the gateway.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// Open WebSocket connections; more are refused at upgrade.
+    /// Open TCP connections on the client port, upgraded or not; past it a
+    /// few reserved slots answer only `/healthz`, `/metrics` and the probe.
     pub max_connections: usize,
+    /// A connection that has not sent its request headers (or, for any
+    /// request, had it answered) by then is closed; also the longest a
+    /// kept-alive HTTP connection may sit idle.
+    pub handshake_timeout: Duration,
     /// Rooms one connection may be subscribed to at once.
     pub max_subscriptions: usize,
     /// Largest inbound message; larger ones close with 1009.

@@ -53,6 +53,7 @@ pub(super) fn read_pipeline(vars: &Vars<'_>) -> Result<PipelineSettings, ConfigE
 pub(super) fn read_limits(vars: &Vars<'_>) -> Result<Limits, ConfigError> {
     Ok(Limits {
         max_connections: vars.int("GATEWAY_MAX_CONNECTIONS", 10_000, 1..=1_000_000)?,
+        handshake_timeout: vars.millis("GATEWAY_HANDSHAKE_TIMEOUT_MS", 10_000, 100..=300_000)?,
         max_subscriptions: vars.int("GATEWAY_MAX_SUBSCRIPTIONS", 100, 1..=10_000)?,
         max_message_bytes: vars.int("GATEWAY_MAX_MESSAGE_BYTES", 64 << 10, 1 << 10..=16 << 20)?,
         rate_limit: vars.int("GATEWAY_RATE_LIMIT", 100, 1..=100_000)?,

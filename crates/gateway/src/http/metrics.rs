@@ -195,6 +195,45 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ] {
         x.sample("replayed_changes_total", &format!("source=\"{source}\""), value);
     }
+    x.single(
+        "accept_errors_total",
+        "counter",
+        "accept() failures on the client port (EMFILE and the like: the accept loop backs off).",
+        Counters::get(&c.accept_errors),
+    );
+    x.single(
+        "handshake_timeouts_total",
+        "counter",
+        "Connections closed for not sending complete request headers within GATEWAY_HANDSHAKE_TIMEOUT_MS.",
+        Counters::get(&c.handshake_timeouts),
+    );
+    x.single(
+        "tcp_connections",
+        "gauge",
+        "TCP connections open on the client port, upgraded or not (what GATEWAY_MAX_CONNECTIONS limits).",
+        state.client_slots.open(),
+    );
+    x.single(
+        "authorize_timeouts_total",
+        "counter",
+        "realtime.authorize checks that did not answer in time (answered authorization_unavailable).",
+        state.authorizer.timeouts.load(Ordering::Relaxed),
+    );
+    x.family(
+        "db_pool_connections",
+        "gauge",
+        "Database connections by pool (clients: replays and authorization; feed; internal: probe, clock, pruning) and state.",
+    );
+    for (pool, handle) in state.pools.named() {
+        let idle = handle.num_idle() as u32;
+        let open = handle.size();
+        x.sample("db_pool_connections", &format!("pool=\"{pool}\",state=\"idle\""), idle);
+        x.sample(
+            "db_pool_connections",
+            &format!("pool=\"{pool}\",state=\"in_use\""),
+            open.saturating_sub(idle),
+        );
+    }
     for (name, help, per_encoding) in [
         (
             "bytes_out_raw_total",

@@ -7,13 +7,15 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
+use crate::auth::Identity;
 use crate::pipeline::encode::Encoding;
+use crate::slots::Slot;
 use crate::socket;
 use crate::state::AppState;
 use crate::telemetry::Counters;
@@ -21,7 +23,10 @@ use crate::telemetry::Counters;
 mod health;
 mod latency;
 mod metrics;
+mod serve;
 mod stats;
+
+pub use serve::serve;
 
 /// Socket buffer sizes, chosen for memory per idle connection: tungstenite's
 /// 128 KiB read buffer default would be resident on every socket.
@@ -49,7 +54,8 @@ async fn dashboard() -> Html<&'static str> {
 struct UpgradeParams {
     token: Option<String>,
     encoding: Option<String>,
-    /// The built-in probe's key: its connection is not counted as a client.
+    /// The built-in probe's single-use ticket (instead of a token): its
+    /// connection is not counted as a client.
     probe: Option<String>,
 }
 
@@ -60,9 +66,21 @@ fn refuse(state: &AppState, status: StatusCode, code: &str, reason: String) -> R
     (status, reason).into_response()
 }
 
+/// What a connection past `GATEWAY_MAX_CONNECTIONS` gets (503).
+fn connection_limit(state: &AppState) -> Response {
+    let max = state.settings().limits.max_connections;
+    refuse(
+        state,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "connection_limit",
+        format!("connection limit reached ({max}); try another instance or later"),
+    )
+}
+
 async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(params): Query<UpgradeParams>,
+    slot: Option<Extension<Arc<Slot>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -89,26 +107,40 @@ async fn upgrade(
         Ok(encoding) => encoding,
         Err(message) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_encoding", message),
     };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    let token = params.token.as_deref().or(bearer);
-    let identity = match state.auth.authenticate(token) {
-        Ok(identity) => identity,
-        Err(error) => {
-            return refuse(&state, StatusCode::UNAUTHORIZED, "unauthorized", error.to_string());
+    let slot = slot.map(|Extension(slot)| slot);
+    let is_probe = match params.probe.as_deref() {
+        None => false,
+        Some(ticket) if state.telemetry.redeem_probe_ticket(ticket) => true,
+        Some(_) => {
+            return refuse(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "probe ticket not valid".into(),
+            );
         }
     };
-    let is_probe = params.probe.as_deref() == Some(state.telemetry.probe_key());
-    let max = settings.limits.max_connections;
-    if !is_probe && state.active_connections.load(Ordering::Acquire) >= max {
-        return refuse(
-            &state,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection_limit",
-            format!("connection limit reached ({max}); try another instance or later"),
-        );
+    if !is_probe && slot.as_ref().is_some_and(|s| s.over_limit()) {
+        return connection_limit(&state);
+    }
+    let identity = if is_probe {
+        Identity::probe(crate::probe::room(&state.instance_id))
+    } else {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "));
+        let token = params.token.as_deref().or(bearer);
+        match state.auth.authenticate(token) {
+            Ok(identity) => identity,
+            Err(error) => {
+                return refuse(&state, StatusCode::UNAUTHORIZED, "unauthorized", error.to_string());
+            }
+        }
+    };
+    if is_probe && let Some(slot) = &slot {
+        // The probe is not a client: it takes no client's slot.
+        slot.uncount();
     }
 
     // Frames past the configured size get an `error` reply and the
@@ -126,6 +158,8 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             let tracked = Arc::clone(&state);
             state.connections.track_future(async move {
+                // The connection's slot, held until the socket is gone.
+                let _slot = slot;
                 // One call site: each `.await` of a large future takes its
                 // own slot in this task's state, resident per connection.
                 let counters = &tracked.telemetry.counters;

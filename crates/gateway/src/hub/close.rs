@@ -14,6 +14,11 @@ pub enum CloseKind {
     Idle,
     /// The gateway is shutting down: reconnect elsewhere and resume (1001).
     Shutdown,
+    /// A frame RFC 6455 forbids: unmasked, reserved bits or opcodes, a
+    /// fragmented or oversized control frame (1002).
+    ProtocolError,
+    /// A text frame that is not UTF-8 (1007).
+    InvalidUtf8,
     /// Nothing heard for `GATEWAY_CONNECTION_TIMEOUT_MS` (1008).
     HeartbeatTimeout,
     /// Far over `GATEWAY_RATE_LIMIT` (1008).
@@ -38,6 +43,8 @@ impl CloseKind {
         match self {
             CloseKind::Client | CloseKind::Idle => 1000,
             CloseKind::Shutdown => 1001,
+            CloseKind::ProtocolError => 1002,
+            CloseKind::InvalidUtf8 => 1007,
             CloseKind::HeartbeatTimeout | CloseKind::RateLimited | CloseKind::Misbehaving => 1008,
             CloseKind::MessageTooBig => 1009,
             CloseKind::WriteFailed => 1011,
@@ -53,6 +60,8 @@ impl CloseKind {
             CloseKind::Client => "client",
             CloseKind::Idle => "idle",
             CloseKind::Shutdown => "shutdown",
+            CloseKind::ProtocolError => "protocol_error",
+            CloseKind::InvalidUtf8 => "invalid_utf8",
             CloseKind::HeartbeatTimeout => "heartbeat_timeout",
             CloseKind::RateLimited => "rate_limited",
             CloseKind::Misbehaving => "misbehaving",
@@ -107,6 +116,8 @@ mod tests {
             (CloseKind::Client, 1000, "client"),
             (CloseKind::Idle, 1000, "idle"),
             (CloseKind::Shutdown, 1001, "shutdown"),
+            (CloseKind::ProtocolError, 1002, "protocol_error"),
+            (CloseKind::InvalidUtf8, 1007, "invalid_utf8"),
             (CloseKind::HeartbeatTimeout, 1008, "heartbeat_timeout"),
             (CloseKind::RateLimited, 1008, "rate_limited"),
             (CloseKind::Misbehaving, 1008, "misbehaving"),

@@ -28,6 +28,8 @@ const ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// How long a subscribe waits for a gateway that just started to find the
 /// live position before it is refused.
 const FEED_READY_WAIT: Duration = Duration::from_secs(10);
+/// The longest single sleep towards a token's expiry.
+const EXPIRY_STEP: Duration = Duration::from_secs(24 * 3600);
 
 /// The receiving half's state.
 pub(super) struct Session {
@@ -66,12 +68,15 @@ impl Session {
         }
     }
 
-    /// When the token stops being valid (its `exp` plus the leeway).
+    /// When the token stops being valid: its `exp` plus the leeway (a token
+    /// accepted within the leeway after `exp` lives until then, no longer).
+    /// None: never, or too far ahead for the clock to hold.
     fn expires_at(&self) -> Option<Instant> {
         let exp = self.identity.expires_at?;
         let leeway = self.state.settings().history.jwt_leeway;
-        let until = Duration::from_micros((exp as i64 * 1_000_000 - now_us()).max(0) as u64) + leeway;
-        Some(Instant::now() + until)
+        // In microseconds as i128: any exp up to year 9999 fits exactly.
+        let left_us = (i128::from(exp) * 1_000_000 + leeway.as_micros() as i128 - i128::from(now_us())).max(0);
+        Instant::now().checked_add(Duration::from_micros(u64::try_from(left_us).ok()?))
     }
 
     pub(super) async fn receive_loop(&mut self, mut stream: SplitStream<WebSocket>) {
@@ -80,8 +85,16 @@ impl Session {
             let next = tokio::select! {
                 next = stream.next() => next,
                 () = async {
+                    // Far deadlines (a token valid for centuries) are slept
+                    // in steps the timer holds exactly.
                     match expiry {
-                        Some(at) => tokio::time::sleep_until(at).await,
+                        Some(at) => loop {
+                            let step = Instant::now() + EXPIRY_STEP;
+                            if at <= step {
+                                break tokio::time::sleep_until(at).await;
+                            }
+                            tokio::time::sleep_until(step).await;
+                        },
                         None => std::future::pending().await,
                     }
                 } => {
@@ -175,6 +188,22 @@ impl Session {
                 self.subscriber.close(CloseReason::new(
                     CloseKind::MessageTooBig,
                     format!("inbound message too big: {capacity}"),
+                ));
+            }
+            Some(WsError::Protocol(error)) => {
+                Counters::add(&self.state.telemetry.counters.client_errors, 1);
+                self.state.refusals.count("protocol_error_close");
+                self.subscriber.close(CloseReason::new(
+                    CloseKind::ProtocolError,
+                    format!("protocol error: {error}"),
+                ));
+            }
+            Some(WsError::Utf8(_)) => {
+                Counters::add(&self.state.telemetry.counters.client_errors, 1);
+                self.state.refusals.count("invalid_utf8_close");
+                self.subscriber.close(CloseReason::new(
+                    CloseKind::InvalidUtf8,
+                    "a text frame was not valid UTF-8",
                 ));
             }
             _ => tracing::debug!(connection_id = self.subscriber.id, error = %inner, "read failed"),
@@ -271,10 +300,14 @@ impl Session {
         Ok(())
     }
 
-    /// The token grants the room, or `realtime.authorize` does.
+    /// The token grants the room, or `realtime.authorize` does (never for
+    /// the gateway's own `__` rooms).
     async fn may_read(&self, room: &str) -> Result<bool, ProtocolError> {
         if self.identity.grants.allows(room) {
             return Ok(true);
+        }
+        if crate::auth::is_reserved_room(room) {
+            return Ok(false);
         }
         let Some(subject) = self.identity.subject.as_deref() else {
             return Ok(false);

@@ -91,6 +91,10 @@ pub struct Counters {
     pub probes_received: AtomicU64,
     pub probe_failures: AtomicU64,
     pub probe_reconnects: AtomicU64,
+    /// `accept` failures on a listener (EMFILE and the like, which back off).
+    pub accept_errors: AtomicU64,
+    /// Connections closed for not sending their request headers in time.
+    pub handshake_timeouts: AtomicU64,
     /// Changes sent by resumes' replays, by where their pages were read.
     pub replayed_from_memory: AtomicU64,
     pub replayed_from_outbox: AtomicU64,
@@ -127,9 +131,11 @@ pub struct Telemetry {
     alerts: Mutex<AlertLog>,
     profile: Mutex<Option<Profile>>,
     /// The built-in probe is a client of its own gateway, but not one the
-    /// operator counts: it presents this key (`/ws?probe=`), and its
-    /// connection is left out of connections, rooms and commit-to-send.
-    probe_key: String,
+    /// operator counts: it presents a ticket (`/ws?probe=`) issued for one
+    /// connection, and its connection is left out of connections, rooms
+    /// and commit-to-send. Single-use and short-lived, so a ticket that
+    /// ended up in a log or a proxy's access log opens nothing.
+    probe_ticket: Mutex<Option<(String, std::time::Instant)>>,
     probe_connection: AtomicU64,
     probe_live: AtomicBool,
 }
@@ -150,20 +156,33 @@ impl Default for Telemetry {
             )),
             alerts: Mutex::new(AlertLog::default()),
             profile: Mutex::new(None),
-            probe_key: random_key(),
+            probe_ticket: Mutex::new(None),
             probe_connection: AtomicU64::new(0),
             probe_live: AtomicBool::new(false),
         }
     }
 }
 
-/// Unguessable enough that a client cannot pass for the probe by accident.
-fn random_key() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_i64(now_us());
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
+/// How long a probe ticket may wait for its connection.
+const PROBE_TICKET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// 128 bits from the kernel's generator, hex: a probe ticket nobody can guess.
+fn random_ticket() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        // No /dev/urandom: the standard library's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in bytes.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_i64(now_us());
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -212,9 +231,34 @@ impl Telemetry {
         self.commit_to_send.record_held(held_us, wait)
     }
 
-    /// The key the probe presents when it connects.
-    pub fn probe_key(&self) -> &str {
-        &self.probe_key
+    /// A ticket for the probe's next connection (it replaces any earlier
+    /// one not yet used).
+    pub fn issue_probe_ticket(&self) -> String {
+        let ticket = random_ticket();
+        *lock(&self.probe_ticket) = Some((ticket.clone(), std::time::Instant::now()));
+        ticket
+    }
+
+    /// Whether `ticket` is the probe's current one, which it then uses up.
+    /// A wrong one uses nothing up: guessing cannot lock the probe out.
+    pub fn redeem_probe_ticket(&self, ticket: &str) -> bool {
+        let mut current = lock(&self.probe_ticket);
+        let Some((issued, at)) = current.as_ref() else {
+            return false;
+        };
+        // Compared in constant time, for the principle of it.
+        let same = issued.len() == ticket.len()
+            && issued
+                .bytes()
+                .zip(ticket.bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        if !same {
+            return false;
+        }
+        let fresh = at.elapsed() < PROBE_TICKET_LIFETIME;
+        *current = None;
+        fresh
     }
 
     /// Marks `connection_id` as the probe's (the upgrade saw its key).
@@ -331,6 +375,10 @@ mod tests {
         assert_eq!(t.excluding_probe(3), 3);
         t.set_probe_live(true);
         assert_eq!(t.excluding_probe(3), 2);
-        assert_ne!(Telemetry::default().probe_key(), t.probe_key());
+        let ticket = t.issue_probe_ticket();
+        assert_eq!(ticket.len(), 32);
+        assert!(!t.redeem_probe_ticket("not-it"), "a wrong ticket");
+        assert!(t.redeem_probe_ticket(&ticket), "a wrong guess uses nothing up");
+        assert!(!t.redeem_probe_ticket(&ticket), "single use");
     }
 }

@@ -267,6 +267,17 @@ pub async fn free_port() -> u16 {
 
 impl GatewayProcess {
     pub async fn start(database_url: &str, port: u16, extra_env: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::start_with_file_limit(database_url, port, extra_env, None).await
+    }
+
+    /// [`GatewayProcess::start`], with the process's open-file limit (soft
+    /// and hard) set to `open_files`.
+    pub async fn start_with_file_limit(
+        database_url: &str,
+        port: u16,
+        extra_env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> GatewayProcess {
         let log = std::env::temp_dir().join(format!("ws-gateway-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut command = tokio::process::Command::new(crate::helpers::gateway_binary());
@@ -283,6 +294,22 @@ impl GatewayProcess {
             .kill_on_drop(true);
         for (k, v) in extra_env {
             command.env(k, v);
+        }
+        if let Some(limit) = open_files {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let child = command.spawn().expect("starting the gateway binary");
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -6,9 +6,12 @@ mod helpers;
 
 mod delivery;
 mod faults;
+mod handshake;
 mod lifecycle;
 mod observability;
 mod pipeline;
+mod pools;
 mod refusals;
 mod security;
 mod streaming;
+mod tokens;

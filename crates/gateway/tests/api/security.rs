@@ -15,17 +15,17 @@ use ws_gateway::config::{Auth, Settings};
 
 use crate::helpers::{Client, TestApp, eventually, fresh_database, http_get_json, spawn_app_with};
 
-const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
+pub(crate) const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-fn token(sub: &str, rooms: &[&str], exp: u64) -> String {
+pub(crate) fn token(sub: &str, rooms: &[&str], exp: u64) -> String {
     token_signed(sub, rooms, exp, SECRET)
 }
 
-fn token_signed(sub: &str, rooms: &[&str], exp: u64, secret: &str) -> String {
+pub(crate) fn token_signed(sub: &str, rooms: &[&str], exp: u64, secret: &str) -> String {
     let claims = json!({"sub": sub, "exp": exp, "rooms": rooms});
     encode(
         &Header::default(),
@@ -35,7 +35,7 @@ fn token_signed(sub: &str, rooms: &[&str], exp: u64, secret: &str) -> String {
     .unwrap()
 }
 
-fn jwt(settings: &mut Settings) {
+pub(crate) fn jwt(settings: &mut Settings) {
     settings.auth = Auth::Jwt { secret: SECRET.into() };
     settings.history.jwt_leeway = Duration::ZERO;
 }
