@@ -1,5 +1,5 @@
 //! The `ws-gateway` command (SPEC section 6): `serve`, `migrate`, `track`,
-//! `untrack`, `latency`, and the tools: `bench`, `demo` (what `make run`
+//! `untrack`, `source`, `latency`, and the tools: `bench`, `demo` (what `make run`
 //! starts) and `dev-db` for the test set-up. Thin: the libraries do the work.
 
 mod demo;
@@ -7,6 +7,7 @@ mod dev_db;
 mod latency;
 mod schema;
 mod serve;
+mod source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,16 @@ enum Command {
     },
     /// Stop capturing changes of TABLE.
     Untrack { table: String },
+    /// Show the database's capture source, or switch it: `notify` (a trigger
+    /// on each tracked table) or `wal` (logical replication). See the
+    /// README's "Capture sources" for the procedure.
+    Source {
+        #[arg(value_parser = ["notify", "wal"])]
+        target: Option<String>,
+        /// The replication slot for `wal` (default: ws_gateway_<database>).
+        #[arg(long)]
+        slot: Option<String>,
+    },
     /// A private PostgreSQL with the demo ConstructTrack schema, a demo writer
     /// and the gateway: what `make run` starts.
     Demo {
@@ -105,6 +116,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate => schema::migrate().await,
         Command::Track { table, rooms } => schema::track(&table, &rooms).await,
         Command::Untrack { table } => schema::untrack(&table).await,
+        Command::Source { target, slot } => source::source(target.as_deref(), slot.as_deref()).await,
         Command::Demo { data_dir, rate } => demo::run(data_dir, rate).await,
         Command::Bench(args) => ws_gateway_bench::run(args).await,
         Command::Latency { url } => latency::print_latency(&url).await,

@@ -13,11 +13,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Position;
-use crate::config::{Auth, Settings};
+use crate::config::{Auth, CaptureSource, Settings};
 use crate::db::{self, Pools};
 use crate::http;
 use crate::hub::{CloseReason, Hub};
-use crate::source::{Feed, NotifySource};
+use crate::source::{Feed, NotifySource, WalCapture};
 use crate::state::AppState;
 use crate::telemetry::Telemetry;
 
@@ -52,6 +52,9 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     feed: Feed<NotifySource>,
+    /// With `GATEWAY_SOURCE=wal`: this instance's part in capturing (lead,
+    /// or wait to take over).
+    capture: Option<WalCapture>,
 }
 
 impl Application {
@@ -87,6 +90,8 @@ impl Application {
             }
         }
 
+        check_source(&pool, settings.source).await?;
+
         let listener = bind(settings.listen).with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
         check_open_file_limit(settings.limits.max_connections);
 
@@ -103,8 +108,17 @@ impl Application {
             pools.feed.clone(),
         );
         let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
+        let capture = (settings.source == CaptureSource::Wal).then(|| {
+            telemetry.wal.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
+            WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry))
+        });
         let state = Arc::new(AppState::new(settings, hub, telemetry, pools));
-        Ok(Application { listener, state, feed })
+        Ok(Application {
+            listener,
+            state,
+            feed,
+            capture,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -126,11 +140,22 @@ impl Application {
 
     /// Runs until the shutdown token is cancelled or a task dies; says which.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application { listener, state, feed } = self;
+        let Application {
+            listener,
+            state,
+            feed,
+            capture,
+        } = self;
         let shutdown = state.shutdown.clone();
-        tracing::info!(address = %listener.local_addr()?, "ws-gateway listening");
+        tracing::info!(address = %listener.local_addr()?, source = %state.settings().source, "ws-gateway listening");
 
         let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
+        let wal = capture.is_some();
+        let mut capture_task = tokio::spawn(run_or_idle(capture.map(|c| c.run(shutdown.clone())), shutdown.clone()));
+        let mut slot_task = tokio::spawn(run_or_idle(
+            wal.then(|| crate::source::watch_slot(state.pool.clone(), Arc::clone(&state.telemetry), shutdown.clone())),
+            shutdown.clone(),
+        ));
         let closer = Arc::clone(&state);
         tokio::spawn(async move {
             closer.shutdown.cancelled().await;
@@ -155,6 +180,8 @@ impl Application {
         let died = tokio::select! {
             () = shutdown.cancelled() => None,
             result = &mut feed_task => Some(("feed", flatten(result))),
+            result = &mut capture_task => Some(("wal capture", flatten(result))),
+            result = &mut slot_task => Some(("wal slot watch", flatten(result))),
             result = &mut pruner_task => Some(("history pruner", flatten(result))),
             result = &mut reload_task => Some(("SIGHUP reload", flatten(result))),
             result = &mut probe_task => Some(("probe", flatten(result))),
@@ -187,7 +214,7 @@ impl Application {
         if !feed_task.is_finished() {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut feed_task).await;
         }
-        for task in [&mut probe_task, &mut monitor_task] {
+        for task in [&mut probe_task, &mut monitor_task, &mut capture_task, &mut slot_task] {
             if !task.is_finished() {
                 let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
             }
@@ -199,6 +226,47 @@ impl Application {
         tracing::info!("ws-gateway stopped");
         outcome
     }
+}
+
+/// Runs `task` if there is one; else waits for shutdown (so that the
+/// supervisor can treat both the same).
+async fn run_or_idle(
+    task: Option<impl Future<Output = anyhow::Result<()>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match task {
+        Some(task) => task.await,
+        None => {
+            shutdown.cancelled().await;
+            Ok(())
+        }
+    }
+}
+
+/// Refuses to start when `GATEWAY_SOURCE` is not the database's source, or
+/// when the server cannot run the wal source.
+async fn check_source(pool: &sqlx::PgPool, configured: CaptureSource) -> anyhow::Result<()> {
+    let Some(database) = db::source_settings(pool)
+        .await
+        .context("reading the database's capture source")?
+    else {
+        return Ok(());
+    };
+    if database.source != configured.as_str() {
+        return Err(anyhow!(
+            "GATEWAY_SOURCE={configured}, but the database's capture source is {} (realtime.settings.source): \
+             set GATEWAY_SOURCE={}, or switch the database with `ws-gateway source {configured}` \
+             (see the README's \"Capture sources\" for the procedure)",
+            database.source,
+            database.source
+        ));
+    }
+    if configured == CaptureSource::Wal {
+        crate::source::wal_readiness(pool)
+            .await
+            .context("GATEWAY_SOURCE=wal cannot run against this server")?;
+    }
+    Ok(())
 }
 
 fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

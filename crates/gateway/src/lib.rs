@@ -1,8 +1,9 @@
 //! ws-gateway: committed PostgreSQL changes, pushed to WebSocket rooms.
 //!
 //! The data path reads top to bottom: the capture SQL (`migrations/`, applied
-//! by `db`) -> `source` (LISTEN and outbox catch-up, behind the `Source`
-//! seam) -> `hub` (rooms, per-connection queues, recent window) through
+//! by `db`; or, with `GATEWAY_SOURCE=wal`, logical replication written into
+//! the same outbox by `source::wal`) -> `source` (LISTEN and outbox
+//! catch-up, behind the `Source` seam) -> `hub` (rooms, per-connection queues, recent window) through
 //! `pipeline` (dedup, batch, encode) -> `socket` (one task pair per client).
 //! Beside it: `http` (upgrade, health, metrics, dashboard), `telemetry` and
 //! its `monitor`, the `probe`, `config`, `auth`/`authz`. `state` is the
@@ -34,6 +35,8 @@ mod telemetry;
 pub use app::{Application, shutdown_signal};
 /// What a running gateway shares; tests reload settings through it.
 pub use state::AppState;
+/// `ws-gateway source notify|wal`: switching the database's capture source.
+pub use source::{SwitchOutcome, switch_to_notify, switch_to_wal};
 
 /// Log targets held at `debug` whatever the log filter asks for: at
 /// `trace`, tungstenite logs every frame it reads or writes and every

@@ -24,7 +24,7 @@ const INCLUDE_LINE: &str = "include_if_exists = 'ws_gateway.conf'";
 /// Every cluster runs with `wal_level = logical` and this many replication
 /// slots and WAL senders, so that a logical-replication capture source
 /// (`GATEWAY_SOURCE=wal`) works on any of them, and tests can create slots.
-const REPLICATION_SLOTS: u32 = 10;
+const REPLICATION_SLOTS: u32 = 40;
 /// How long `pg_ctl` may wait for a start or a stop.
 const PG_CTL_TIMEOUT_S: &str = "60";
 /// Attempts at a start on a freshly picked port when another process takes the
@@ -737,8 +737,8 @@ mod tests {
         assert_eq!(fsync, "off");
         for (setting, expected) in [
             ("wal_level", "logical"),
-            ("max_replication_slots", "10"),
-            ("max_wal_senders", "10"),
+            ("max_replication_slots", "40"),
+            ("max_wal_senders", "40"),
         ] {
             let (value,): (String,) = sqlx::query_as(&format!("show {setting}"))
                 .fetch_one(&mut conn)

@@ -28,7 +28,7 @@ pub use redact::Secret;
 pub use reload::for_reload;
 pub use sources::{KNOWN_VARIABLES, REMOVED_VARIABLES};
 pub use types::{
-    Auth, CacheSettings, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
+    Auth, CacheSettings, CaptureSource, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
     MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Settings,
 };
 
@@ -116,6 +116,7 @@ impl Settings {
             database_url: vars.optional("DATABASE_URL", parse_database_url)?,
             listen: vars.parse("GATEWAY_LISTEN", ([127, 0, 0, 1], 8080).into(), parse_listen)?,
             channel: vars.parse("GATEWAY_CHANNEL", "realtime_changes".into(), parse_channel)?,
+            source: vars.parse("GATEWAY_SOURCE", CaptureSource::Notify, CaptureSource::parse)?,
             auth: read_auth(&vars)?,
             auto_migrate: vars.flag("GATEWAY_AUTO_MIGRATE", true)?,
             pool_size: vars.int("GATEWAY_POOL_SIZE", 4, 1..=64)?,

@@ -1,7 +1,7 @@
 //! What a reload (SIGHUP) may change: the feature switches and tunables,
 //! for new work, without dropping a connection. What only a restart can
-//! change (the database, the address, the channel, auth, the pool) keeps its
-//! running value.
+//! change (the database, the address, the channel, the source, auth, the
+//! pool) keeps its running value.
 
 use super::Settings;
 
@@ -13,6 +13,7 @@ pub fn for_reload(current: &Settings, fresh: Settings) -> (Settings, Vec<&'stati
         ("DATABASE_URL", next.database_url != current.database_url),
         ("GATEWAY_LISTEN", next.listen != current.listen),
         ("GATEWAY_CHANNEL", next.channel != current.channel),
+        ("GATEWAY_SOURCE", next.source != current.source),
         ("GATEWAY_AUTH/GATEWAY_JWT_SECRET", next.auth != current.auth),
         ("GATEWAY_POOL_SIZE", next.pool_size != current.pool_size),
     ];
@@ -23,6 +24,7 @@ pub fn for_reload(current: &Settings, fresh: Settings) -> (Settings, Vec<&'stati
     next.database_url = current.database_url.clone();
     next.listen = current.listen;
     next.channel = current.channel.clone();
+    next.source = current.source;
     next.auth = current.auth.clone();
     next.pool_size = current.pool_size;
     next.config_file = current.config_file.clone();

@@ -13,6 +13,7 @@ use super::{ConfigError, Settings};
 pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_LISTEN",
     "GATEWAY_CHANNEL",
+    "GATEWAY_SOURCE",
     "GATEWAY_AUTH",
     "GATEWAY_JWT_SECRET",
     "GATEWAY_AUTO_MIGRATE",

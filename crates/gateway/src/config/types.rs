@@ -30,6 +30,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The NOTIFY channel the capture trigger and the feed agree on.
     pub channel: String,
+    /// Where changes are captured; must match the database's
+    /// (`realtime.settings.source`, set by `ws-gateway source`).
+    pub source: CaptureSource,
     pub auth: Auth,
     /// Whether `serve` applies the embedded migrations before listening.
     pub auto_migrate: bool,
@@ -48,6 +51,39 @@ pub struct Settings {
     /// The rollback switch: each optimization can be turned off without a
     /// new build.
     pub features: Features,
+}
+
+/// Where committed changes are captured (SPEC section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureSource {
+    /// A commit-time trigger on each tracked table writes the outbox.
+    Notify,
+    /// Logical replication: one leading instance writes the outbox from a
+    /// replication slot; the writers carry nothing of the gateway.
+    Wal,
+}
+
+impl CaptureSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureSource::Notify => "notify",
+            CaptureSource::Wal => "wal",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<CaptureSource, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "notify" => Ok(CaptureSource::Notify),
+            "wal" => Ok(CaptureSource::Wal),
+            _ => Err("expected notify (a trigger on each tracked table) or wal (logical replication)".to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for CaptureSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How clients prove which rooms they may join.

@@ -2,8 +2,9 @@
 //! migrations and tracking tables (`capture`), reading the outbox for the
 //! source's catch-up and the sockets' replays (`outbox`), pruning it
 //! (`history`), `realtime.authorize` (`authorize`), the probe's row
-//! (`probe`), the database clock (`clock`), and the pools they run on,
-//! by who may use them (`pools`). The capture itself is SQL
+//! (`probe`), the database clock (`clock`), the pools they run on, by
+//! who may use them (`pools`), and the wal source's leader, slot and
+//! switches (`wal`). The capture itself is SQL
 //! (`crates/gateway/migrations/`); callers here decide timeouts and what a
 //! failure means.
 
@@ -14,11 +15,13 @@ mod history;
 mod outbox;
 mod pools;
 mod probe;
+mod wal;
 
 // What an operator's commands, the tools and the tests use.
 pub use capture::{POSITION_LOCK, database_channel, migrate, track, untrack};
 pub use history::{PRUNE_LOCK, prune};
 pub use pools::Pools;
+pub use wal::{LEADER_LOCK, SlotState, SourceSettings, slot_state, source_settings};
 
 // What the daemon's own parts use.
 pub(crate) use authorize::{authorize, authorize_exists};
@@ -28,3 +31,9 @@ pub(crate) use outbox::{
     change_document, changes_after, latest_position, outbox_end, pruned_through, room_page, wait_out_commits,
 };
 pub(crate) use probe::{commit_probe, forget_old_probes};
+pub(crate) use wal::{
+    NOT_DRAINED, Progress, ServerReadiness, WalBatch, begin, commit, commit_drain_marker, create_slot, drop_publication,
+    drop_slot, end_slot_holder, ensure_publication, is_render_error, is_stale_leader, lock_tracked_tables, ping,
+    prepare_leader_session, rollback, server_readiness, set_progress_state, source_settings_on, switch_to_notify,
+    switch_to_wal, take_leadership, wait_for_leadership, wal_write, write_slot_reset,
+};

@@ -117,6 +117,23 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
             "db_round_trip_ms": ms(feed.db_round_trip_us.load(Ordering::Relaxed)),
         },
     });
+    let mut body = body;
+    body["feed"]["source"] = json!(settings.source.as_str());
+    if telemetry.wal.enabled.load(Ordering::Relaxed) {
+        let wal = &telemetry.wal;
+        let bytes = |gauge: &std::sync::atomic::AtomicI64| {
+            let v = gauge.load(Ordering::Relaxed);
+            (v >= 0).then_some(v)
+        };
+        let feed = body["feed"].as_object_mut().expect("feed is an object");
+        // WAL the slot holds back: what a leader has yet to read or confirm.
+        feed.insert("slot_lag_bytes".into(), json!(bytes(&wal.slot_lag_bytes)));
+        feed.insert("slot_retained_bytes".into(), json!(bytes(&wal.slot_retained_bytes)));
+        feed.insert("slot_safe_wal_bytes".into(), json!(bytes(&wal.slot_safe_wal_bytes)));
+        feed.insert("slot_status".into(), json!(wal.slot_health()));
+        feed.insert("slot_resets".into(), json!(wal.slot_resets.load(Ordering::Relaxed)));
+        feed.insert("leader".into(), json!(wal.leader.load(Ordering::Relaxed)));
+    }
     let code = if feed_state == FeedState::Down {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

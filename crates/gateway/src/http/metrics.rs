@@ -301,6 +301,56 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     for (name, help, value) in gauges {
         x.single(name, "gauge", help, value);
     }
+    let wal = &t.wal;
+    if wal.enabled.load(Ordering::Relaxed) {
+        x.single(
+            "wal_leader",
+            "gauge",
+            "1 while this instance leads the wal source (streams the replication slot).",
+            f64::from(u8::from(wal.leader.load(Ordering::Relaxed))),
+        );
+        for (name, help, gauge) in [
+            (
+                "slot_lag_bytes",
+                "WAL written since the replication slot's confirmed position: what the wal leader has yet to capture.",
+                &wal.slot_lag_bytes,
+            ),
+            (
+                "slot_retained_bytes",
+                "WAL the server keeps for the replication slot (from its restart position).",
+                &wal.slot_retained_bytes,
+            ),
+            (
+                "slot_safe_wal_bytes",
+                "WAL that may still be written before the slot is invalidated (max_slot_wal_keep_size).",
+                &wal.slot_safe_wal_bytes,
+            ),
+        ] {
+            let value = gauge.load(Ordering::Relaxed);
+            if value >= 0 {
+                x.single(name, "gauge", help, value);
+            }
+        }
+        for (name, help, counter) in [
+            (
+                "slot_resets_total",
+                "Times the replication slot was found lost and recreated (every room told to reset, history_lost).",
+                &wal.slot_resets,
+            ),
+            (
+                "wal_changes_written_total",
+                "Changes this instance wrote into the outbox as the wal leader.",
+                &wal.changes_written,
+            ),
+            (
+                "wal_batches_written_total",
+                "Outbox transactions this instance committed as the wal leader.",
+                &wal.batches_written,
+            ),
+        ] {
+            x.single(name, "counter", help, counter.load(Ordering::Relaxed));
+        }
+    }
 
     let summary = t.regression_summary();
     x.family(

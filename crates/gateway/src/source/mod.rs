@@ -10,20 +10,23 @@
 //! what was dispatched already, queues changes into the hub, and says
 //! whether the feed is live, catching up or down (`/healthz` `feed`).
 //!
-//! `notify` (SPEC section 2, today's only source) is LISTEN plus outbox
-//! catch-up. A logical-replication source (`GATEWAY_SOURCE=wal`, SPEC
-//! section 8) plugs in as a second implementation of [`Source`]: its
-//! positions are outbox positions too, so nothing after the dispatcher
-//! changes.
+//! `notify` (SPEC section 2) is LISTEN plus outbox catch-up, over the rows
+//! the writers' trigger puts in the outbox. `wal` (SPEC section 8, `wal/`)
+//! puts the same rows there from logical replication instead, written by
+//! one leading instance ([`WalCapture`]); every instance reads them as in
+//! notify mode, since positions are outbox positions in both, so nothing
+//! after the dispatcher changes and a gateway serves across a switch.
 
 mod feed;
 mod listen;
 mod notify;
+mod wal;
 
 use tokio_util::sync::CancellationToken;
 
 pub use feed::{Dispatcher, Feed};
 pub use notify::NotifySource;
+pub use wal::{SwitchOutcome, WalCapture, switch_to_notify, switch_to_wal, wal_readiness, watch_slot};
 
 /// A capture source (see the module documentation).
 pub trait Source: Send {

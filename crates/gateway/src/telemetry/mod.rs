@@ -68,6 +68,89 @@ impl FeedStatus {
     }
 }
 
+/// The wal source (`GATEWAY_SOURCE=wal`), shared with `/healthz` and
+/// `/metrics`: whether this instance leads, and the slot as every instance
+/// sees it. Byte gauges are -1 while unknown.
+pub struct WalStatus {
+    /// Whether this gateway runs the wal source at all.
+    pub enabled: AtomicBool,
+    /// Whether this instance is the leader, streaming the slot.
+    pub leader: AtomicBool,
+    /// WAL written since the slot's confirmed position.
+    pub slot_lag_bytes: AtomicI64,
+    /// WAL the server keeps for the slot (from its restart position).
+    pub slot_retained_bytes: AtomicI64,
+    /// WAL that may still be written before the slot is lost
+    /// (`max_slot_wal_keep_size`); -1 when unbounded or unknown.
+    pub slot_safe_wal_bytes: AtomicI64,
+    /// `pg_replication_slots.wal_status`: [`SlotHealth`] as a number.
+    slot_health: AtomicU8,
+    /// Times the slot was found lost (or missing) and recreated, with every
+    /// room told to reset.
+    pub slot_resets: AtomicU64,
+    /// Changes and outbox transactions the leader wrote (this instance).
+    pub changes_written: AtomicU64,
+    pub batches_written: AtomicU64,
+}
+
+impl Default for WalStatus {
+    fn default() -> Self {
+        WalStatus {
+            enabled: AtomicBool::new(false),
+            leader: AtomicBool::new(false),
+            slot_lag_bytes: AtomicI64::new(-1),
+            slot_retained_bytes: AtomicI64::new(-1),
+            slot_safe_wal_bytes: AtomicI64::new(-1),
+            slot_health: AtomicU8::new(SlotHealth::Unknown as u8),
+            slot_resets: AtomicU64::new(0),
+            changes_written: AtomicU64::new(0),
+            batches_written: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The slot's `wal_status`, and whether it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotHealth {
+    Unknown = 0,
+    Reserved = 1,
+    Extended = 2,
+    /// Past `max_wal_size`, within `max_slot_wal_keep_size`: invalidation is near.
+    Unreserved = 3,
+    Lost = 4,
+    Missing = 5,
+}
+
+impl SlotHealth {
+    pub fn from_wal_status(status: Option<&str>) -> SlotHealth {
+        match status {
+            Some("reserved") => SlotHealth::Reserved,
+            Some("extended") => SlotHealth::Extended,
+            Some("unreserved") => SlotHealth::Unreserved,
+            Some("lost") => SlotHealth::Lost,
+            _ => SlotHealth::Unknown,
+        }
+    }
+}
+
+impl WalStatus {
+    pub fn slot_health(&self) -> SlotHealth {
+        match self.slot_health.load(Ordering::Relaxed) {
+            1 => SlotHealth::Reserved,
+            2 => SlotHealth::Extended,
+            3 => SlotHealth::Unreserved,
+            4 => SlotHealth::Lost,
+            5 => SlotHealth::Missing,
+            _ => SlotHealth::Unknown,
+        }
+    }
+
+    pub fn set_slot_health(&self, health: SlotHealth) {
+        self.slot_health.store(health as u8, Ordering::Relaxed);
+    }
+}
+
 /// Counters, each bumped in one place.
 #[derive(Default)]
 pub struct Counters {
@@ -123,6 +206,7 @@ pub struct Telemetry {
     pub probe: WindowedHistogram,
     pub stages: Stages,
     pub feed: FeedStatus,
+    pub wal: WalStatus,
     pub counters: Counters,
     /// Changes per `batch` frame.
     pub batch_sizes: SizeHistogram,
@@ -148,6 +232,7 @@ impl Default for Telemetry {
             probe: WindowedHistogram::hour(),
             stages: Stages::default(),
             feed: FeedStatus::default(),
+            wal: WalStatus::default(),
             counters: Counters::default(),
             batch_sizes: SizeHistogram::new(&BATCH_SIZE_BOUNDS),
             timeline: Mutex::new(Timeline::new(

@@ -3,11 +3,12 @@
 
 use serde_json::json;
 
-use crate::helpers::{barrier, positions, spawn_app};
+use crate::for_each_source;
+use crate::helpers::{barrier, positions, spawn_app_for};
 
-#[tokio::test]
-async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
-    let app = spawn_app().await;
+for_each_source! {
+async fn insert_update_delete_reach_their_rooms_and_nowhere_else(source) {
+    let app = spawn_app_for(source).await;
     let pool = &app.db.pool;
     let project_1: i64 = sqlx::query_scalar(
         "insert into projects (name, client, city, budget, starts_on, ends_on) \
@@ -23,6 +24,8 @@ async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
     .fetch_one(pool)
     .await
     .unwrap();
+    // The projects' own changes are not what this test is about.
+    app.settle().await;
 
     let mut in_1 = app.connect().await;
     let mut in_2 = app.connect().await;
@@ -97,14 +100,14 @@ async fn insert_update_delete_reach_their_rooms_and_nowhere_else() {
         );
     }
     assert!(elsewhere.changes_until_marker("deleted").await.is_empty());
-}
+}}
 
+for_each_source! {
 /// Two transactions take their ids (and would take sequence-based positions)
 /// in one order and commit in the other. Delivery is commit order, and a
 /// client resuming from between them misses neither.
-#[tokio::test]
-async fn positions_follow_commit_order_not_insert_order() {
-    let app = spawn_app().await;
+async fn positions_follow_commit_order_not_insert_order(source) {
+    let app = spawn_app_for(source).await;
     let pool = &app.db.pool;
     let mut live = app.connect().await;
     let start = live.subscribe("project:77").await;
@@ -143,11 +146,11 @@ async fn positions_follow_commit_order_not_insert_order() {
         "the change that committed second is not skipped"
     );
     assert_eq!(positions(&replayed), [p[1]]);
-}
+}}
 
-#[tokio::test]
-async fn a_100_kb_row_is_delivered_intact() {
-    let app = spawn_app().await;
+for_each_source! {
+async fn a_100_kb_row_is_delivered_intact(source) {
+    let app = spawn_app_for(source).await;
     let mut client = app.connect().await;
     client.subscribe("item:5").await;
     // Varied text so nothing can be mistaken for a truncated repeat.
@@ -163,13 +166,13 @@ async fn a_100_kb_row_is_delivered_intact() {
     assert_eq!(got[0]["row"]["body"].as_str().unwrap().len(), body.len());
     assert_eq!(got[0]["row"]["body"], body);
     assert_eq!(got[0]["key"], json!({"id": 5}));
-}
+}}
 
+for_each_source! {
 /// A client that reconnects with `since` gets what it missed while away,
 /// then the live stream, with nothing twice.
-#[tokio::test]
-async fn a_reconnecting_client_resumes_from_its_position() {
-    let app = spawn_app().await;
+async fn a_reconnecting_client_resumes_from_its_position(source) {
+    let app = spawn_app_for(source).await;
     let pool = &app.db.pool;
     let mut client = app.connect().await;
     client.subscribe("project:5").await;
@@ -202,4 +205,102 @@ async fn a_reconnecting_client_resumes_from_its_position() {
     assert_eq!(ids, [4, 5, 6, 7]);
     let p = positions(&got);
     assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+}}
+
+for_each_source! {
+/// An UPDATE that leaves a large (TOASTed) column unchanged: the WAL record
+/// does not carry it, and the wal source fills it from the old row; the
+/// UPDATE reaches the rooms of the old and the new row, and the DELETE
+/// carries the row as it was.
+async fn an_update_leaving_a_large_column_unchanged_delivers_it_whole(source) {
+    let app = spawn_app_for(source).await;
+    let pool = &app.db.pool;
+    let mut old_room = app.connect().await;
+    let mut new_room = app.connect().await;
+    old_room.subscribe("project:1").await;
+    new_room.subscribe("project:2").await;
+    // Incompressible text, so that it is stored out of line.
+    let body: String = sqlx::query_scalar("select string_agg(md5(i::text), '') from generate_series(1, 3200) i")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    sqlx::query("insert into items (id, project_id, body) values (9, 1, $1)")
+        .bind(&body)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("update items set project_id = 2 where id = 9")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("delete from items where id = 9").execute(pool).await.unwrap();
+    let inserted_and_moved = old_room.changes(2).await;
+    assert_eq!(inserted_and_moved[0]["op"], "INSERT");
+    assert_eq!(inserted_and_moved[1]["op"], "UPDATE");
+    let moved_and_deleted = new_room.changes(2).await;
+    assert_eq!(moved_and_deleted[0]["op"], "UPDATE");
+    assert_eq!(moved_and_deleted[1]["op"], "DELETE");
+    for change in [&inserted_and_moved[1], &moved_and_deleted[0], &moved_and_deleted[1]] {
+        assert_eq!(change["row"]["body"].as_str().map(str::len), Some(body.len()), "{}", change["op"]);
+        assert_eq!(change["row"]["body"], body);
+        assert_eq!(change["row"]["project_id"], 2);
+    }
+    assert_eq!(positions(&inserted_and_moved)[1], positions(&moved_and_deleted)[0]);
+}
+}
+
+/// In wal mode the writers' transactions carry nothing of the gateway: no
+/// trigger of ours on a tracked table, which is in the publication with
+/// REPLICA IDENTITY FULL instead; and back in notify mode it is as before.
+#[tokio::test]
+async fn wal_mode_leaves_no_trigger_on_tracked_tables() {
+    use ws_gateway::config::CaptureSource;
+    let app = spawn_app_for(CaptureSource::Wal).await;
+    let pool = &app.db.pool;
+    let triggers: Vec<String> = sqlx::query_scalar(
+        "select tgrelid::regclass::text from pg_trigger \
+         where tgrelid in (select tbl from realtime.tracked) and not tgisinternal",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(triggers.is_empty(), "triggers on tracked tables in wal mode: {triggers:?}");
+    let (published, full): (i64, i64) = sqlx::query_as(
+        "select count(*) filter (where exists (select 1 from pg_publication_tables p \
+                 where p.pubname = 'ws_gateway' and format('%I.%I', p.schemaname, p.tablename)::regclass = t.tbl)), \
+                count(*) filter (where c.relreplident = 'f') \
+           from realtime.tracked t join pg_class c on c.oid = t.tbl",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let tracked: i64 = sqlx::query_scalar("select count(*) from realtime.tracked")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!((published, full), (tracked, tracked), "every tracked table published, with REPLICA IDENTITY FULL");
+
+    // Tracking another table in wal mode says what it did to it.
+    sqlx::raw_sql("create table extra (id int primary key, note text)")
+        .execute(pool)
+        .await
+        .unwrap();
+    ws_gateway::db::track(pool, "public.extra", &["extra:{id}".to_owned()]).await.unwrap();
+    let mut client = app.connect().await;
+    client.subscribe("extra:1").await;
+    sqlx::query("insert into extra values (1, 'tracked in wal mode')").execute(pool).await.unwrap();
+    assert_eq!(client.changes(1).await[0]["row"]["note"], "tracked in wal mode");
+    let extra_triggers: i64 = sqlx::query_scalar(
+        "select count(*) from pg_trigger where tgrelid = 'public.extra'::regclass and not tgisinternal",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(extra_triggers, 0);
+    ws_gateway::db::untrack(pool, "public.extra").await.unwrap();
+    let identity: String = sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.extra'::regclass")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(identity, "d", "untrack gives the table its REPLICA IDENTITY back");
 }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use ws_gateway::Application;
-use ws_gateway::config::Settings;
+use ws_gateway::config::{CaptureSource, Settings};
 
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -131,6 +131,83 @@ fn newer_source(workspace: &std::path::Path, built: std::time::SystemTime) -> Op
 pub struct TestDb {
     pub url: String,
     pub pool: PgPool,
+    /// The database's capture source.
+    pub source: CaptureSource,
+    /// The replication slot of a database switched to wal: dropped with it,
+    /// so that the shared test server does not run out of slots nor keep
+    /// WAL for it.
+    slot: Option<String>,
+}
+
+impl TestDb {
+    /// Switches the database to `source` (`ws-gateway source`'s library call).
+    pub async fn switch_to(&mut self, source: CaptureSource) {
+        match source {
+            CaptureSource::Wal => {
+                let outcome = ws_gateway::switch_to_wal(&self.pool, None)
+                    .await
+                    .expect("switching the test database to wal");
+                self.slot = outcome.slot.or(self.slot.take());
+            }
+            CaptureSource::Notify => {
+                ws_gateway::switch_to_notify(&self.pool, &self.url, DEADLINE)
+                    .await
+                    .expect("switching the test database to notify");
+            }
+        }
+        self.source = source;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        // Blocking on purpose: the test's runtime cannot run the gateway's
+        // tasks meanwhile, so no leader recreates the slot.
+        let url = self.url.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url)).await
+                else {
+                    return;
+                };
+                for _ in 0..50 {
+                    let _ = sqlx::query(
+                        "select pg_terminate_backend(active_pid) from pg_replication_slots \
+                         where slot_name = $1 and active_pid is not null",
+                    )
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await;
+                    let _ = sqlx::query(
+                        "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+                         where slot_name = $1 and active_pid is null",
+                    )
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await;
+                    let gone = sqlx::query_scalar::<_, bool>(
+                        "select not exists (select 1 from pg_replication_slots where slot_name = $1)",
+                    )
+                    .bind(&slot)
+                    .fetch_one(&mut conn)
+                    .await;
+                    if matches!(gone, Ok(true)) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 pub async fn fresh_database_on(server: &str) -> TestDb {
@@ -172,11 +249,56 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
     .execute(&pool)
     .await
     .expect("test tables");
-    TestDb { url, pool }
+    TestDb {
+        url,
+        pool,
+        source: CaptureSource::Notify,
+        slot: None,
+    }
 }
 
 pub async fn fresh_database() -> TestDb {
     fresh_database_on(&server_url().await).await
+}
+
+/// [`fresh_database`], capturing with `source`.
+pub async fn fresh_database_for(source: CaptureSource) -> TestDb {
+    let mut db = fresh_database().await;
+    if source == CaptureSource::Wal {
+        db.switch_to(source).await;
+    }
+    db
+}
+
+/// [`spawn_app`], capturing with `source`.
+pub async fn spawn_app_for(source: CaptureSource) -> TestApp {
+    let db = fresh_database_for(source).await;
+    spawn_app_with(db, |_| {}).await
+}
+
+/// Runs an async test once per capture source: `for_each_source!(async fn
+/// name(source) { ... })` becomes the tests `name::notify` and `name::wal`.
+#[macro_export]
+macro_rules! for_each_source {
+    ($(#[$meta:meta])* async fn $name:ident($source:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($source: ws_gateway::config::CaptureSource) $body
+
+            #[tokio::test]
+            async fn notify() {
+                run(ws_gateway::config::CaptureSource::Notify).await
+            }
+
+            #[tokio::test]
+            async fn wal() {
+                run(ws_gateway::config::CaptureSource::Wal).await
+            }
+        }
+    };
 }
 
 fn replace_database(url: &str, database: &str) -> String {
@@ -210,6 +332,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::for_tests();
     settings.database_url = Some(db.url.clone().into());
+    settings.source = db.source;
     configure(&mut settings);
     let app = Application::build(settings).await.expect("building the gateway");
     let address = app.local_addr();
@@ -232,6 +355,27 @@ impl TestApp {
 
     pub async fn health(&self) -> (u16, Value) {
         http_get_json(self.address, "/healthz").await
+    }
+
+    /// Waits until every change committed so far has reached this gateway's
+    /// feed (in wal mode a change reaches the outbox a moment after its
+    /// commit): a marker is committed and awaited at the feed's position.
+    pub async fn settle(&self) {
+        let marker = format!("settle-{}", DATABASES.fetch_add(1, Ordering::Relaxed));
+        barrier(&self.db.pool, &marker).await;
+        eventually("the feed to reach the last commit", || async {
+            let position: Option<i64> = sqlx::query_scalar(
+                "select position from realtime.changes where table_name = 'markers' and row->>'note' = $1",
+            )
+            .bind(&marker)
+            .fetch_optional(&self.db.pool)
+            .await
+            .unwrap();
+            let (_, health) = self.health().await;
+            let fed: i64 = health["feed"]["position"].as_str()?.parse().ok()?;
+            position.filter(|p| fed >= *p).map(|_| ())
+        })
+        .await
     }
 
     pub async fn wait_for_feed(&self, state: &str) {
