@@ -209,9 +209,30 @@ pub async fn committed_positions(pool: &PgPool, room: &str, after: i64) -> Vec<i
     .expect("reading the outbox")
 }
 
+/// Waits until everything committed so far is in the outbox: a marker row is
+/// committed and awaited there. In wal mode the leader writes a change a
+/// moment after its commit, in commit order; in notify mode it is at once.
+pub async fn wait_outbox_caught_up(pool: &PgPool) {
+    static MARKERS: AtomicU64 = AtomicU64::new(0);
+    let marker = format!("caught-up-{}", MARKERS.fetch_add(1, Ordering::Relaxed));
+    crate::helpers::barrier(pool, &marker).await;
+    eventually("the outbox to have every commit", || async {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from realtime.changes where table_name = 'markers' and row->>'note' = $1)",
+        )
+        .bind(&marker)
+        .fetch_one(pool)
+        .await
+        .ok()?
+        .then_some(())
+    })
+    .await
+}
+
 /// Waits until `subscriber` has every change committed to its rooms (after
 /// what it started from), then checks it got each exactly once, in order.
 pub async fn assert_received_everything(pool: &PgPool, subscriber: &Subscriber, rooms: &[String]) {
+    wait_outbox_caught_up(pool).await;
     let mut expected = HashMap::new();
     for room in rooms {
         let start = subscriber.received.lock().unwrap().start[room];

@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::fault_kit::{GatewayProcess, Proxy, Subscriber, Workload, assert_received_everything, free_port, room_of};
-use crate::helpers::{eventually, fresh_database, fresh_database_on, scratch_dir, spawn_app_with};
+use crate::for_each_source;
+use crate::helpers::{eventually, fresh_database, fresh_database_for, fresh_database_on, scratch_dir, spawn_app_with};
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
+use ws_gateway::config::CaptureSource;
 
 const ROOMS: i64 = 4;
 const WRITERS: i64 = 4;
@@ -44,27 +46,42 @@ fn connections(subs: &[(Subscriber, Vec<String>)]) -> Vec<usize> {
         .collect()
 }
 
-#[tokio::test]
-async fn killing_the_listen_connection_loses_and_duplicates_nothing() {
+for_each_source! {
+/// The feed's LISTEN connection is killed, again and again, while writers
+/// commit; in wal mode the leader's replication connection and its outbox
+/// connection (which holds the leader lock) are killed in turn as well.
+async fn killing_the_listen_and_replication_connections_loses_and_duplicates_nothing(source) {
     const N: i64 = 2000;
-    let app = spawn_app_with(fresh_database().await, |_| {}).await;
+    let app = spawn_app_with(fresh_database_for(source).await, |_| {}).await;
     let subs = subscribers(&[app.ws_url()], 0);
     wait_started(&subs).await;
     let work = Workload::start(&app.db.url, N, ROOMS, WRITERS);
 
+    let victims: &[&str] = match source {
+        CaptureSource::Notify => &["ws-gateway feed"],
+        CaptureSource::Wal => &["ws-gateway feed", "ws-gateway wal", "ws-gateway wal leader"],
+    };
     let mut kills = 0;
+    let mut feed_kills = 0;
     while kills < 5 {
+        let victim = victims[kills % victims.len()];
         let killed: Option<bool> = sqlx::query_scalar(
             "select pg_terminate_backend(pid) from pg_stat_activity \
-             where application_name = 'ws-gateway feed' and datname = current_database() limit 1",
+             where application_name = $1 and datname = current_database() limit 1",
         )
+        .bind(victim)
         .fetch_optional(&app.db.pool)
         .await
         .unwrap();
         if killed == Some(true) {
             kills += 1;
             // Kill the next session only once it is back, mid-stream.
-            app.wait_for_feed("live").await;
+            if victim == "ws-gateway feed" {
+                feed_kills += 1;
+                app.wait_for_feed("live").await;
+            } else {
+                wait_for_leader_streaming(&app.db.pool).await;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -76,10 +93,26 @@ async fn killing_the_listen_connection_loses_and_duplicates_nothing() {
         "clients stay connected through feed faults"
     );
     let (_, health) = app.health().await;
-    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 5, "{health}");
+    assert!(health["feed"]["reconnects"].as_u64().unwrap() >= feed_kills, "{health}");
+}
 }
 
-async fn postgres_restart(mode: StopMode) {
+/// Waits until a wal leader streams the database's slot again.
+async fn wait_for_leader_streaming(pool: &sqlx::PgPool) {
+    eventually("a wal leader to stream the slot", || async {
+        let streaming: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_replication_slots s join realtime.settings r on r.wal_slot = s.slot_name \
+                             where s.active_pid is not null)",
+        )
+        .fetch_one(pool)
+        .await
+        .ok()?;
+        streaming.then_some(())
+    })
+    .await
+}
+
+async fn postgres_restart(source: CaptureSource, mode: StopMode) {
     const N: i64 = 1500;
     let cluster = PrivateCluster::start(
         &scratch_dir(&format!("restart-{mode:?}")),
@@ -90,7 +123,8 @@ async fn postgres_restart(mode: StopMode) {
     )
     .await
     .unwrap();
-    let db = fresh_database_on(&cluster.url("postgres")).await;
+    let mut db = fresh_database_on(&cluster.url("postgres")).await;
+    db.switch_to(source).await;
     let app = spawn_app_with(db, |_| {}).await;
     let subs = subscribers(&[app.ws_url()], 0);
     wait_started(&subs).await;
@@ -109,14 +143,16 @@ async fn postgres_restart(mode: StopMode) {
     assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 1, "{health}");
 }
 
-#[tokio::test]
-async fn postgres_restart_fast_loses_and_duplicates_nothing() {
-    postgres_restart(StopMode::Fast).await;
+for_each_source! {
+async fn postgres_restart_fast_loses_and_duplicates_nothing(source) {
+    postgres_restart(source, StopMode::Fast).await;
+}
 }
 
-#[tokio::test]
-async fn postgres_restart_immediate_loses_and_duplicates_nothing() {
-    postgres_restart(StopMode::Immediate).await;
+for_each_source! {
+async fn postgres_restart_immediate_loses_and_duplicates_nothing(source) {
+    postgres_restart(source, StopMode::Immediate).await;
+}
 }
 
 /// The gateway's network to the database is cut for 30 s (packets held, no
@@ -232,12 +268,13 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
     assert!(log.contains("SIGTERM"), "{log}");
 }
 
+for_each_source! {
 /// An application session that wrote to a tracked table and sits idle in its
-/// transaction holds nothing the capture needs: everyone else's changes flow.
-#[tokio::test]
-async fn an_idle_transaction_does_not_stall_other_changes() {
+/// transaction holds nothing the capture needs: everyone else's changes flow
+/// (in wal mode too: a transaction is decoded at its commit).
+async fn an_idle_transaction_does_not_stall_other_changes(source) {
     const N: i64 = 1000;
-    let app = spawn_app_with(fresh_database().await, |_| {}).await;
+    let app = spawn_app_with(fresh_database_for(source).await, |_| {}).await;
     let pool = app.db.pool.clone();
     let subs = subscribers(&[app.ws_url()], 0);
     wait_started(&subs).await;
@@ -256,6 +293,65 @@ async fn an_idle_transaction_does_not_stall_other_changes() {
     check_all(&pool, &subs).await;
     let got_it = subs[0].0.received.lock().unwrap().positions[&room_of(1, ROOMS)].len();
     assert_eq!(got_it as i64, N / ROOMS + 1);
+}
+}
+
+for_each_source! {
+/// Two instances, writers committing, and one instance SIGKILLed mid-stream:
+/// in wal mode the leader (the other instance takes the slot over from where
+/// the outbox ends), in notify mode the first. Its clients move to the
+/// survivor; every subscriber gets everything once, in commit order.
+async fn an_instance_killed_under_load_is_taken_over_and_loses_nothing(source) {
+    const N: i64 = 2000;
+    let db = fresh_database_for(source).await;
+    let env = [("GATEWAY_SOURCE", source.as_str())];
+    let a = GatewayProcess::start(&db.url, free_port().await, &env).await;
+    let b = GatewayProcess::start(&db.url, free_port().await, &env).await;
+    let mut instances = [a, b];
+    // In wal mode, the one that leads.
+    let mut victim = 0;
+    if source == CaptureSource::Wal {
+        victim = eventually("one instance to lead", || async {
+            for (i, g) in instances.iter().enumerate() {
+                let (_, health) = crate::helpers::http_get_json(g.address, "/healthz").await;
+                if health["feed"]["leader"] == true {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await;
+    }
+    let urls: Vec<String> = [victim, 1 - victim].iter().map(|&i| instances[i].ws_url()).collect();
+    let subs = subscribers(&urls, 0);
+    wait_started(&subs).await;
+    let work = Workload::start(&db.url, N, ROOMS, WRITERS);
+    work.wait_committed(600).await;
+    instances[victim].signal(libc::SIGKILL);
+    instances[victim].wait_exit().await;
+    work.finish().await;
+    check_all(&db.pool, &subs).await;
+    assert!(
+        connections(&subs).iter().all(|c| *c >= 2),
+        "every client moved to the surviving instance: {:?}",
+        connections(&subs)
+    );
+    if source == CaptureSource::Wal {
+        let (_, health) = crate::helpers::http_get_json(instances[1 - victim].address, "/healthz").await;
+        assert_eq!(health["feed"]["leader"], true, "the survivor took over: {health}");
+    }
+    // The outbox holds every committed row once, in commit order.
+    let (changes, rows, out_of_order): (i64, i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct (row->>'id')), \
+                count(*) filter (where commit_lsn < previous) \
+           from (select row, commit_lsn, lag(commit_lsn) over (order by position) as previous \
+                   from realtime.changes where table_name = 'items') c",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((changes, rows, out_of_order), (N, N, 0));
+}
 }
 
 /// Prunes by age, then: a resume from before the pruned point gets `reset`,
