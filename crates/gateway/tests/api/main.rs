@@ -13,5 +13,6 @@ mod pipeline;
 mod pools;
 mod refusals;
 mod security;
+mod sources;
 mod streaming;
 mod tokens;

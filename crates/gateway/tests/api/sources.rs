@@ -1,0 +1,208 @@
+//! The capture source as a property of the database (SPEC section 8):
+//! switching it with `ws-gateway source`, gateways that disagree with it,
+//! roles that cannot replicate, and the replication slot's lag.
+
+use crate::fault_kit::{GatewayProcess, Subscriber, Workload, assert_received_everything, free_port, room_of};
+use crate::helpers::{DEADLINE, eventually, fresh_database, fresh_database_for, gateway_binary, http_get, spawn_app_with};
+use ws_gateway::config::CaptureSource;
+
+/// `ws-gateway ARGS` against `database_url`: its exit status and output.
+async fn ws_gateway(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(gateway_binary());
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("GATEWAY_AUTH", "none")
+        .env("GATEWAY_LISTEN", "127.0.0.1:0")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = tokio::time::timeout(DEADLINE * 3, command.output())
+        .await
+        .expect("the command ends in time")
+        .expect("running ws-gateway");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// notify -> wal -> notify with the CLI, gateways restarted with the
+/// matching GATEWAY_SOURCE each time, clients connected throughout: every
+/// change reaches every subscriber once, in commit order. The first switch
+/// is made with the writers paused (the documented procedure); the second
+/// while they write, which the switch makes them wait for.
+#[tokio::test]
+async fn switching_notify_wal_notify_loses_nothing_and_clients_resume_across() {
+    const STEP: i64 = 300;
+    let db = fresh_database().await;
+    let port = free_port().await;
+    let rooms: Vec<String> = (0..4).map(|r| room_of(r, 4)).collect();
+    let mut gateway = GatewayProcess::start(&db.url, port, &[]).await;
+    let subs: Vec<Subscriber> = (0..2)
+        .map(|_| Subscriber::start(vec![gateway.ws_url()], rooms.clone(), 0))
+        .collect();
+    for s in &subs {
+        s.wait_started(rooms.len()).await;
+    }
+    Workload::start(&db.url, STEP, 4, 4).finish().await;
+
+    // Writers paused: to wal.
+    let (ok, out) = ws_gateway(&db.url, &["source", "wal"], &[]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("from notify to wal"), "{out}");
+    let (ok, out) = ws_gateway(&db.url, &["source"], &[]).await;
+    assert!(ok && out.contains("wal"), "{out}");
+    // The notify gateway still serves what is in the outbox; a wal one
+    // takes its place (clients reconnect and resume).
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit().await.success(), "{}", gateway.log_text());
+    let mut gateway = GatewayProcess::start(&db.url, port, &[("GATEWAY_SOURCE", "wal")]).await;
+    Workload::start(&db.url, 2 * STEP, 4, 4).finish().await;
+    for s in &subs {
+        assert_received_everything(&db.pool, s, &rooms).await;
+    }
+    let triggers: i64 = sqlx::query_scalar(
+        "select count(*) from pg_trigger where tgrelid = 'public.items'::regclass and not tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "no trigger of ours in wal mode");
+
+    // Writers writing: back to notify, the wal gateway draining the slot.
+    let work = Workload::start(&db.url, 4 * STEP, 4, 4);
+    work.wait_committed(2 * STEP as u64 + 100).await;
+    let (ok, out) = ws_gateway(&db.url, &["source", "notify"], &[]).await;
+    assert!(ok, "{out}\n{}", gateway.log_text());
+    assert!(out.contains("from wal to notify"), "{out}");
+    work.finish().await;
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit().await.success(), "{}", gateway.log_text());
+    let _gateway = GatewayProcess::start(&db.url, port, &[]).await;
+    Workload::start(&db.url, 5 * STEP, 4, 4).finish().await;
+    for s in &subs {
+        assert_received_everything(&db.pool, s, &rooms).await;
+        assert!(s.received.lock().unwrap().connections >= 3, "clients resumed across both restarts");
+    }
+
+    // The outbox: every row once, positions in commit order across both
+    // switches, and nothing of the slot left behind.
+    let (changes, rows): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct (row->>'id')) from realtime.changes where table_name = 'items'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((changes, rows), (5 * STEP, 5 * STEP));
+    let leftovers: i64 = sqlx::query_scalar(
+        "select (select count(*) from pg_replication_slots where database = current_database()) \
+              + (select count(*) from pg_publication)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(leftovers, 0, "the slot and the publication are dropped");
+    let identity: String = sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.items'::regclass")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(identity, "d", "REPLICA IDENTITY is back to what it was");
+}
+
+/// A gateway whose GATEWAY_SOURCE is not the database's refuses to start,
+/// naming both; so does a wal gateway (and the switch) for a role that may
+/// not replicate.
+#[tokio::test]
+async fn a_gateway_that_disagrees_with_the_database_refuses_to_start_naming_both() {
+    let notify_db = fresh_database().await;
+    let (ok, out) = ws_gateway(&notify_db.url, &["serve"], &[("GATEWAY_SOURCE", "wal")]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("GATEWAY_SOURCE=wal") && out.contains("capture source is notify"),
+        "{out}"
+    );
+    let wal_db = fresh_database_for(CaptureSource::Wal).await;
+    let (ok, out) = ws_gateway(&wal_db.url, &["serve"], &[("GATEWAY_SOURCE", "notify")]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("GATEWAY_SOURCE=notify") && out.contains("capture source is wal"),
+        "{out}"
+    );
+    let (ok, out) = ws_gateway(&wal_db.url, &["serve"], &[("GATEWAY_SOURCE", "sideways")]).await;
+    assert!(!ok && out.contains("GATEWAY_SOURCE") && out.contains("notify") && out.contains("wal"), "{out}");
+
+    // A role without REPLICATION.
+    sqlx::raw_sql("drop role if exists ws_gateway_no_replication; create role ws_gateway_no_replication login")
+        .execute(&notify_db.pool)
+        .await
+        .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = notify_db.url.parse().unwrap();
+    let plain_role = options.username("ws_gateway_no_replication");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(plain_role)
+        .await
+        .unwrap();
+    let refused = ws_gateway::switch_to_wal(&pool, None).await.unwrap_err();
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("ws_gateway_no_replication") && message.contains("REPLICATION"),
+        "{message}"
+    );
+}
+
+/// WAL retained while no instance leads is reported, by every instance:
+/// `/healthz` `feed.slot_lag_bytes`, `ws_gateway_slot_lag_bytes`. Once a
+/// leader runs again it captures everything and the lag goes down.
+#[tokio::test]
+async fn slot_lag_is_reported_while_no_leader_runs() {
+    let db = fresh_database_for(CaptureSource::Wal).await;
+    // Holding the leader lock keeps the gateway a follower.
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    sqlx::query("select pg_advisory_lock($1)")
+        .bind(ws_gateway::db::LEADER_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let app = spawn_app_with(db, |_| {}).await;
+    let mut client = app.connect().await;
+    client.subscribe("project:1").await;
+    sqlx::query("insert into items (id, project_id, body) select i, 1, repeat('x', 1000) from generate_series(1, 200) i")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let lag = eventually("slot lag to be reported", || async {
+        let (_, health) = app.health().await;
+        let lag = health["feed"]["slot_lag_bytes"].as_i64()?;
+        (lag > 200_000).then_some(lag)
+    })
+    .await;
+    let (_, health) = app.health().await;
+    assert_eq!(health["feed"]["source"], "wal");
+    assert_eq!(health["feed"]["leader"], false, "{health}");
+    let (_, metrics) = http_get(app.address, "/metrics").await;
+    let reported: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ws_gateway_slot_lag_bytes "))
+        .unwrap_or_else(|| panic!("no ws_gateway_slot_lag_bytes in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(reported > 200_000, "{reported} (healthz said {lag})");
+    assert!(metrics.contains("ws_gateway_wal_leader 0"), "{metrics}");
+
+    // A leader again: everything arrives, and the lag is confirmed away.
+    sqlx::Connection::close(holder).await.unwrap();
+    assert_eq!(client.changes(200).await.len(), 200);
+    eventually("the lag to go down", || async {
+        let (_, health) = app.health().await;
+        let lag = health["feed"]["slot_lag_bytes"].as_i64()?;
+        (health["feed"]["leader"] == true && lag < 100_000).then_some(())
+    })
+    .await;
+}
