@@ -180,6 +180,8 @@ begin
             t, cfg.wal_publication;
     end if;
     execute format('drop trigger if exists realtime_capture on %s', t);
+    -- 0004's TRUNCATE trigger, where it exists: wal mode has no trigger.
+    execute format('drop trigger if exists realtime_truncate on %s', t);
     execute format('drop function if exists %s()', realtime.capture_function(t));
     select relreplident into strict ident from pg_class where oid = t;
     if ident <> 'f' then
@@ -221,6 +223,7 @@ begin
         end if;
     end if;
     execute format('drop trigger if exists realtime_capture on %s', tbl);
+    execute format('drop trigger if exists realtime_truncate on %s', tbl);
     execute format('drop function if exists %s()', realtime.capture_function(tbl));
     delete from realtime.tracked t where t.tbl = untrack.tbl;
 end
@@ -328,12 +331,14 @@ begin
         end if;
         select channel into strict chan from realtime.settings;
         for pos, doc in
-            select c.position, realtime.payload(c) from realtime.changes c
+            -- A row stored larger than a NOTIFY can carry is not rendered.
+            select c.position, case when coalesce(pg_column_size(c.row), 0) < 7900 then realtime.payload(c) end
+              from realtime.changes c
              where c.position between first and first + n - 1 order by c.position
         loop
             -- NOTIFY payloads must stay under 8000 bytes: larger changes
             -- travel as a reference that the gateway reads back.
-            if octet_length(doc) >= 7900 then
+            if doc is null or octet_length(doc) >= 7900 then
                 doc := '{"p":' || pos || ',"ref":true}';
             end if;
             perform pg_notify(chan, doc);

@@ -33,10 +33,10 @@ mod telemetry;
 /// The daemon: `Application::build(settings)`, then `run_until_stopped()`;
 /// `main` and the tests start it the same way.
 pub use app::{Application, shutdown_signal};
-/// What a running gateway shares; tests reload settings through it.
-pub use state::AppState;
 /// `ws-gateway source notify|wal`: switching the database's capture source.
 pub use source::{SwitchOutcome, switch_to_notify, switch_to_wal};
+/// What a running gateway shares; tests reload settings through it.
+pub use state::AppState;
 
 /// Log targets held at `debug` whatever the log filter asks for: at
 /// `trace`, tungstenite logs every frame it reads or writes and every

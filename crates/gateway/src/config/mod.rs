@@ -28,8 +28,8 @@ pub use redact::Secret;
 pub use reload::for_reload;
 pub use sources::{KNOWN_VARIABLES, REMOVED_VARIABLES};
 pub use types::{
-    Auth, CacheSettings, CaptureSource, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
-    MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Settings,
+    Auth, CacheSettings, CaptureSource, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings,
+    Limits, MIN_JWT_SECRET_BYTES, PipelineSettings, Priority, ProfilerSettings, RegressionSettings, Settings,
 };
 
 use redact::{redact_url, shown_value};

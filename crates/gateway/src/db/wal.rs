@@ -105,7 +105,11 @@ pub struct Progress {
 /// delivered at commit, so an outbox row a client saw must be durable), and
 /// lock waits that end, so that a follower notices shutdown.
 pub async fn prepare_leader_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    for setting in ["set synchronous_commit = on", "set lock_timeout = '2s'", "set statement_timeout = 0"] {
+    for setting in [
+        "set synchronous_commit = on",
+        "set lock_timeout = '2s'",
+        "set statement_timeout = 0",
+    ] {
         (&mut *conn).execute(setting).await?;
     }
     Ok(())
@@ -272,7 +276,12 @@ pub struct Written {
 /// `realtime.wal_write`). `safe` renders row by row, so that a row that
 /// cannot be read as its table's row type is written as text instead of
 /// failing the batch.
-pub async fn wal_write(conn: &mut PgConnection, epoch: i64, batch: &WalBatch, safe: bool) -> Result<Written, sqlx::Error> {
+pub async fn wal_write(
+    conn: &mut PgConnection,
+    epoch: i64,
+    batch: &WalBatch,
+    safe: bool,
+) -> Result<Written, sqlx::Error> {
     let (upto_lsn, upto_seq) = match &batch.upto {
         Some((lsn, seq)) => (Some(lsn.as_str()), *seq),
         None => (None, 0),
@@ -392,14 +401,16 @@ pub async fn ensure_publication(conn: &mut PgConnection, publication: &str) -> R
         .fetch_one(&mut *conn)
         .await?;
     if !exists {
-        (&mut *conn).execute(format!("create publication {}", quote_ident(publication)).as_str())
+        (&mut *conn)
+            .execute(format!("create publication {}", quote_ident(publication)).as_str())
             .await?;
     }
     Ok(())
 }
 
 pub async fn drop_publication(conn: &mut PgConnection, publication: &str) -> Result<(), sqlx::Error> {
-    (&mut *conn).execute(format!("drop publication if exists {}", quote_ident(publication)).as_str())
+    (&mut *conn)
+        .execute(format!("drop publication if exists {}", quote_ident(publication)).as_str())
         .await?;
     Ok(())
 }
@@ -421,7 +432,9 @@ pub async fn switch_to_wal(conn: &mut PgConnection, slot: &str, start: &str) -> 
 
 /// `realtime.lock_tracked_tables`, in the caller's transaction.
 pub async fn lock_tracked_tables(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select realtime.lock_tracked_tables()").execute(&mut *conn).await?;
+    sqlx::query("select realtime.lock_tracked_tables()")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

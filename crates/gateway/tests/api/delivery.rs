@@ -264,7 +264,10 @@ async fn wal_mode_leaves_no_trigger_on_tracked_tables() {
     .fetch_all(pool)
     .await
     .unwrap();
-    assert!(triggers.is_empty(), "triggers on tracked tables in wal mode: {triggers:?}");
+    assert!(
+        triggers.is_empty(),
+        "triggers on tracked tables in wal mode: {triggers:?}"
+    );
     let (published, full): (i64, i64) = sqlx::query_as(
         "select count(*) filter (where exists (select 1 from pg_publication_tables p \
                  where p.pubname = 'ws_gateway' and format('%I.%I', p.schemaname, p.tablename)::regclass = t.tbl)), \
@@ -278,17 +281,26 @@ async fn wal_mode_leaves_no_trigger_on_tracked_tables() {
         .fetch_one(pool)
         .await
         .unwrap();
-    assert_eq!((published, full), (tracked, tracked), "every tracked table published, with REPLICA IDENTITY FULL");
+    assert_eq!(
+        (published, full),
+        (tracked, tracked),
+        "every tracked table published, with REPLICA IDENTITY FULL"
+    );
 
     // Tracking another table in wal mode says what it did to it.
     sqlx::raw_sql("create table extra (id int primary key, note text)")
         .execute(pool)
         .await
         .unwrap();
-    ws_gateway::db::track(pool, "public.extra", &["extra:{id}".to_owned()]).await.unwrap();
+    ws_gateway::db::track(pool, "public.extra", &["extra:{id}".to_owned()])
+        .await
+        .unwrap();
     let mut client = app.connect().await;
     client.subscribe("extra:1").await;
-    sqlx::query("insert into extra values (1, 'tracked in wal mode')").execute(pool).await.unwrap();
+    sqlx::query("insert into extra values (1, 'tracked in wal mode')")
+        .execute(pool)
+        .await
+        .unwrap();
     assert_eq!(client.changes(1).await[0]["row"]["note"], "tracked in wal mode");
     let extra_triggers: i64 = sqlx::query_scalar(
         "select count(*) from pg_trigger where tgrelid = 'public.extra'::regclass and not tgisinternal",
@@ -298,9 +310,10 @@ async fn wal_mode_leaves_no_trigger_on_tracked_tables() {
     .unwrap();
     assert_eq!(extra_triggers, 0);
     ws_gateway::db::untrack(pool, "public.extra").await.unwrap();
-    let identity: String = sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.extra'::regclass")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let identity: String =
+        sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.extra'::regclass")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!(identity, "d", "untrack gives the table its REPLICA IDENTITY back");
 }

@@ -114,8 +114,9 @@ async fn wait_for_leader_streaming(pool: &sqlx::PgPool) {
 
 async fn postgres_restart(source: CaptureSource, mode: StopMode) {
     const N: i64 = 1500;
+    let dir = scratch_dir(&format!("restart-{mode:?}"));
     let cluster = PrivateCluster::start(
-        &scratch_dir(&format!("restart-{mode:?}")),
+        &dir,
         ClusterOptions {
             fast_unsafe: true,
             ..ClusterOptions::default()
@@ -141,6 +142,11 @@ async fn postgres_restart(source: CaptureSource, mode: StopMode) {
     );
     let (_, health) = app.health().await;
     assert!(health["feed"]["reconnects"].as_u64().unwrap() >= 1, "{health}");
+    // Each test process has a cluster of its own: leave no data directory
+    // behind (they filled the shared disk).
+    drop(app);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 for_each_source! {

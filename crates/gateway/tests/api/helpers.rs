@@ -140,6 +140,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// The same database for a second instance; the slot stays with `self`.
+    pub fn shared(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            pool: self.pool.clone(),
+            source: self.source,
+            slot: None,
+        }
+    }
+
     /// Switches the database to `source` (`ws-gateway source`'s library call).
     pub async fn switch_to(&mut self, source: CaptureSource) {
         match source {

@@ -3,7 +3,9 @@
 //! roles that cannot replicate, and the replication slot's lag.
 
 use crate::fault_kit::{GatewayProcess, Subscriber, Workload, assert_received_everything, free_port, room_of};
-use crate::helpers::{DEADLINE, eventually, fresh_database, fresh_database_for, gateway_binary, http_get, spawn_app_with};
+use crate::helpers::{
+    DEADLINE, eventually, fresh_database, fresh_database_for, gateway_binary, http_get, spawn_app_with,
+};
 use ws_gateway::config::CaptureSource;
 
 /// `ws-gateway ARGS` against `database_url`: its exit status and output.
@@ -88,7 +90,10 @@ async fn switching_notify_wal_notify_loses_nothing_and_clients_resume_across() {
     Workload::start(&db.url, 5 * STEP, 4, 4).finish().await;
     for s in &subs {
         assert_received_everything(&db.pool, s, &rooms).await;
-        assert!(s.received.lock().unwrap().connections >= 3, "clients resumed across both restarts");
+        assert!(
+            s.received.lock().unwrap().connections >= 3,
+            "clients resumed across both restarts"
+        );
     }
 
     // The outbox: every row once, positions in commit order across both
@@ -108,10 +113,11 @@ async fn switching_notify_wal_notify_loses_nothing_and_clients_resume_across() {
     .await
     .unwrap();
     assert_eq!(leftovers, 0, "the slot and the publication are dropped");
-    let identity: String = sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.items'::regclass")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let identity: String =
+        sqlx::query_scalar("select relreplident::text from pg_class where oid = 'public.items'::regclass")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(identity, "d", "REPLICA IDENTITY is back to what it was");
 }
 
@@ -135,7 +141,10 @@ async fn a_gateway_that_disagrees_with_the_database_refuses_to_start_naming_both
         "{out}"
     );
     let (ok, out) = ws_gateway(&wal_db.url, &["serve"], &[("GATEWAY_SOURCE", "sideways")]).await;
-    assert!(!ok && out.contains("GATEWAY_SOURCE") && out.contains("notify") && out.contains("wal"), "{out}");
+    assert!(
+        !ok && out.contains("GATEWAY_SOURCE") && out.contains("notify") && out.contains("wal"),
+        "{out}"
+    );
 
     // A role without REPLICATION.
     sqlx::raw_sql("drop role if exists ws_gateway_no_replication; create role ws_gateway_no_replication login")
@@ -164,7 +173,9 @@ async fn a_gateway_that_disagrees_with_the_database_refuses_to_start_naming_both
 async fn slot_lag_is_reported_while_no_leader_runs() {
     let db = fresh_database_for(CaptureSource::Wal).await;
     // Holding the leader lock keeps the gateway a follower.
-    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
     sqlx::query("select pg_advisory_lock($1)")
         .bind(ws_gateway::db::LEADER_LOCK)
         .execute(&mut holder)
@@ -173,10 +184,12 @@ async fn slot_lag_is_reported_while_no_leader_runs() {
     let app = spawn_app_with(db, |_| {}).await;
     let mut client = app.connect().await;
     client.subscribe("project:1").await;
-    sqlx::query("insert into items (id, project_id, body) select i, 1, repeat('x', 1000) from generate_series(1, 200) i")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "insert into items (id, project_id, body) select i, 1, repeat('x', 1000) from generate_series(1, 200) i",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
     let lag = eventually("slot lag to be reported", || async {
         let (_, health) = app.health().await;
         let lag = health["feed"]["slot_lag_bytes"].as_i64()?;

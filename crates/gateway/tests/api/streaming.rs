@@ -227,10 +227,7 @@ async fn a_row_far_larger_than_the_send_queue_reaches_every_reader() {
 
     // Another instance on the same database: its memory starts empty, so a
     // resume from before the row reads the outbox.
-    let db = crate::helpers::TestDb {
-        url: app.db.url.clone(),
-        pool: app.db.pool.clone(),
-    };
+    let db = app.db.shared();
     let second = spawn_app_with(db, |s| s.limits.send_queue_bytes = QUEUE_BYTES).await;
     let mut resumed = connect_unlimited(&second.ws_url()).await;
     next_json(&mut resumed).await;

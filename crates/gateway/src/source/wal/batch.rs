@@ -21,6 +21,13 @@ pub enum Concern {
     /// An UPDATE or DELETE without the whole old row (REPLICA IDENTITY not
     /// FULL): the old row's rooms, or a DELETE's row, are incomplete.
     PartialOldRow { table: String },
+    /// A TRUNCATE of tracked tables: its outbox entry (a reset of the
+    /// tables' rooms) comes with the application features (SPEC section
+    /// 10); until then it only moves the progress.
+    Truncated { tables: Vec<String> },
+    /// A `realtime` message (`realtime.publish` in wal mode), not carried
+    /// yet either.
+    Event { bytes: usize },
 }
 
 /// A [`WalBatch`] being filled, with its size.
@@ -52,9 +59,15 @@ impl Batch {
             // Their outbox entries come with the application features
             // (realtime.publish, TRUNCATE): until then they only move the
             // progress, so that they are never replayed.
-            Item::Truncate(_) | Item::Event(_) => {
+            Item::Truncate(relations) => {
                 self.rows.upto = Some((at.commit_lsn.to_string(), at.seq));
-                None
+                Some(Concern::Truncated {
+                    tables: relations.iter().map(|r| format!("{}.{}", r.schema, r.name)).collect(),
+                })
+            }
+            Item::Event(content) => {
+                self.rows.upto = Some((at.commit_lsn.to_string(), at.seq));
+                Some(Concern::Event { bytes: content.len() })
             }
         }
     }

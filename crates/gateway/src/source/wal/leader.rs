@@ -52,12 +52,17 @@ pub(super) async fn session(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
     let options: PgConnectOptions = database_url.parse().context("parsing DATABASE_URL")?;
-    let mut conn = bounded(
-        "connecting the wal leader's connection",
-        options.application_name("ws-gateway wal leader").connect(),
+    // A follower waits in lock calls, and batches can be large: neither is
+    // a slow statement worth a warning.
+    let options = options
+        .application_name("ws-gateway wal leader")
+        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(3600));
+    let mut conn = bounded("connecting the wal leader's connection", options.connect()).await?;
+    bounded(
+        "setting up the wal leader's session",
+        db::prepare_leader_session(&mut conn),
     )
     .await?;
-    bounded("setting up the wal leader's session", db::prepare_leader_session(&mut conn)).await?;
 
     loop {
         let settings = bounded("reading realtime.settings", db::source_settings_on(&mut conn)).await?;
@@ -83,7 +88,9 @@ pub(super) async fn session(
         .slot
         .context("realtime.settings.wal_slot is not set: run `ws-gateway source wal`")?;
     if progress.state == "idle" {
-        bail!("the database's source is wal but the leader's progress is not set up: run `ws-gateway source wal` again");
+        bail!(
+            "the database's source is wal but the leader's progress is not set up: run `ws-gateway source wal` again"
+        );
     }
     telemetry.wal.leader.store(true, Ordering::Relaxed);
     tracing::info!(epoch = progress.epoch, slot = %slot, state = %progress.state, "leading the wal source");
@@ -92,15 +99,22 @@ pub(super) async fn session(
     let state = bounded("reading the replication slot", db::slot_state(&mut conn, &slot)).await?;
     let lost = match &state {
         None => Some("the replication slot is missing".to_owned()),
-        Some(s) if s.wal_status.as_deref() == Some("lost") => Some(
-            "the replication slot was invalidated (it retained more WAL than max_slot_wal_keep_size)".to_owned(),
-        ),
+        Some(s) if s.wal_status.as_deref() == Some("lost") => {
+            Some("the replication slot was invalidated (it retained more WAL than max_slot_wal_keep_size)".to_owned())
+        }
         _ => None,
     };
     let progress = match (lost, progress.state.as_str()) {
         (Some(why), _) => recreate_slot(&mut conn, telemetry, progress.epoch, slot.clone(), why).await?,
         (None, "resetting") => {
-            recreate_slot(&mut conn, telemetry, progress.epoch, slot.clone(), "a slot reset was interrupted".into()).await?
+            recreate_slot(
+                &mut conn,
+                telemetry,
+                progress.epoch,
+                slot.clone(),
+                "a slot reset was interrupted".into(),
+            )
+            .await?
         }
         _ => progress,
     };
@@ -341,7 +355,11 @@ impl Leading {
                 self.pending_confirm_candidate(end_lsn);
             }
             Step::KeepAlive { wal_end } => {
-                if !self.open && self.batch.rows.end_lsn.is_none() && self.batch.is_empty() && !self.transactions.in_transaction() {
+                if !self.open
+                    && self.batch.rows.end_lsn.is_none()
+                    && self.batch.is_empty()
+                    && !self.transactions.in_transaction()
+                {
                     // Nothing is in flight: confirming the server's position
                     // keeps the slot from retaining WAL of other tables.
                     self.client.update_applied_lsn(wal_end);
@@ -357,6 +375,20 @@ impl Leading {
 
     fn warn_once(&mut self, concern: Concern) {
         let (table, message) = match &concern {
+            Concern::Truncated { tables } => {
+                tracing::error!(
+                    tables = ?tables,
+                    "TRUNCATE of tracked tables in wal mode: their subscribers are not told (no reset yet); they keep the rows they had"
+                );
+                return;
+            }
+            Concern::Event { bytes } => {
+                tracing::warn!(
+                    bytes,
+                    "a `realtime` logical message is not carried in wal mode yet: dropped"
+                );
+                return;
+            }
             Concern::UnknownColumns { table, columns } => (
                 table.clone(),
                 format!(
@@ -388,7 +420,12 @@ impl Leading {
                 (Some(until), Some(Ok(last))) => last <= until,
                 _ => false,
             };
-            let written = match timed("writing a batch to the outbox", db::wal_write(&mut self.conn, self.epoch, &self.batch.rows, safe)).await {
+            let written = match timed(
+                "writing a batch to the outbox",
+                db::wal_write(&mut self.conn, self.epoch, &self.batch.rows, safe),
+            )
+            .await
+            {
                 Ok(written) => written,
                 Err(error) => {
                     self.open = false;
@@ -413,9 +450,13 @@ impl Leading {
             }
             self.written_in_open += self.batch.len();
             let wal = &self.telemetry.wal;
-            wal.changes_written.fetch_add(written.written.max(0) as u64, Ordering::Relaxed);
+            wal.changes_written
+                .fetch_add(written.written.max(0) as u64, Ordering::Relaxed);
             if written.skipped > 0 {
-                tracing::debug!(skipped = written.skipped, "changes the outbox had already (a replay) were skipped");
+                tracing::debug!(
+                    skipped = written.skipped,
+                    "changes the outbox had already (a replay) were skipped"
+                );
             }
             self.batch.clear();
         }

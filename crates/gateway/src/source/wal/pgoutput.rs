@@ -347,7 +347,12 @@ mod tests {
         m.extend(tuple(&[Some("1"), Some(r#"{"a": 1}"#), Some("long text")]));
         m.push(b'N');
         m.extend(tuple(&[Some("1"), None, Some("<u>")]));
-        let Message::Update { relation: id, old, mut new } = decode(&Bytes::from(m)).unwrap() else {
+        let Message::Update {
+            relation: id,
+            old,
+            mut new,
+        } = decode(&Bytes::from(m)).unwrap()
+        else {
             panic!("expected an update")
         };
         assert_eq!(id, 16384);
@@ -369,11 +374,7 @@ mod tests {
         let Message::Relation(relation) = decode(&relation_message()).unwrap() else {
             panic!()
         };
-        let mut new = vec![
-            Value::Text(Bytes::from_static(b"2")),
-            Value::Null,
-            Value::Unchanged,
-        ];
+        let mut new = vec![Value::Text(Bytes::from_static(b"2")), Value::Null, Value::Unchanged];
         assert_eq!(fill_unchanged(&relation, &mut new, None), ["body"]);
         assert_eq!(row_json(&relation, &new), r#"{"id":"2","doc":null}"#);
     }
@@ -416,7 +417,10 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_read() {
         assert!(decode(&Bytes::new()).is_err());
-        assert!(decode(&Bytes::from_static(b"S")).is_err(), "stream start: streaming is off");
+        assert!(
+            decode(&Bytes::from_static(b"S")).is_err(),
+            "stream start: streaming is off"
+        );
         let mut m = vec![b'I'];
         m.extend(7u32.to_be_bytes());
         m.push(b'N');

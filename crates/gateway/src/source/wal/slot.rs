@@ -30,7 +30,9 @@ pub async fn watch_slot(pool: PgPool, telemetry: Arc<Telemetry>, shutdown: Cance
         let wal = &telemetry.wal;
         match tokio::time::timeout(TIMEOUT, read(&pool)).await {
             Ok(Ok(Seen::Slot(state))) => {
-                let store = |gauge: &std::sync::atomic::AtomicI64, v: Option<i64>| gauge.store(v.unwrap_or(-1), Ordering::Relaxed);
+                let store = |gauge: &std::sync::atomic::AtomicI64, v: Option<i64>| {
+                    gauge.store(v.unwrap_or(-1), Ordering::Relaxed)
+                };
                 store(&wal.slot_lag_bytes, state.lag_bytes);
                 store(&wal.slot_retained_bytes, state.retained_bytes);
                 store(&wal.slot_safe_wal_bytes, state.safe_wal_bytes);

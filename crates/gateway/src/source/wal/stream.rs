@@ -17,8 +17,7 @@ const BUFFER_EVENTS: usize = 16 * 1024;
 /// Text output the decoder's database side reads back unambiguously
 /// (`json_populate_record` parses each value with its type's input
 /// function): ISO dates, `postgres` intervals, hex bytea, exact floats.
-const OUTPUT_OPTIONS: &str =
-    "-c datestyle=ISO -c intervalstyle=postgres -c bytea_output=hex -c extra_float_digits=1";
+const OUTPUT_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c bytea_output=hex -c extra_float_digits=1";
 
 /// The replication session's configuration, from `DATABASE_URL`.
 pub fn replication_config(
@@ -51,16 +50,18 @@ pub fn replication_config(
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let database = config.get_dbname().unwrap_or(&user).to_owned();
-    Ok(ReplicationConfig::new(host, user, password, database, slot, publication)
-        .with_port(port)
-        .with_start_lsn(start)
-        // Never report less than what is durable, nor more before it is.
-        .with_ack_lsn(start)
-        .with_status_interval(STATUS_INTERVAL)
-        .with_wakeup_interval(STATUS_INTERVAL)
-        .with_buffer_size(BUFFER_EVENTS)
-        .with_options(OUTPUT_OPTIONS)
-        .with_application_name(application_name))
+    Ok(
+        ReplicationConfig::new(host, user, password, database, slot, publication)
+            .with_port(port)
+            .with_start_lsn(start)
+            // Never report less than what is durable, nor more before it is.
+            .with_ack_lsn(start)
+            .with_status_interval(STATUS_INTERVAL)
+            .with_wakeup_interval(STATUS_INTERVAL)
+            .with_buffer_size(BUFFER_EVENTS)
+            .with_options(OUTPUT_OPTIONS)
+            .with_application_name(application_name),
+    )
 }
 
 #[cfg(test)]
@@ -78,7 +79,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (config.host.as_str(), config.port, config.user.as_str(), config.password.as_str()),
+            (
+                config.host.as_str(),
+                config.port,
+                config.user.as_str(),
+                config.password.as_str()
+            ),
             ("db.example", 6543, "gw", "s@cret")
         );
         assert_eq!(config.database, "app");

@@ -65,7 +65,9 @@ pub async fn wal_readiness(pool: &PgPool) -> anyhow::Result<ServerReadiness> {
         );
     }
     if ready.max_wal_senders < 1 {
-        bail!("the database server runs with max_wal_senders=0: GATEWAY_SOURCE=wal needs at least 1 (2 for a fast takeover)");
+        bail!(
+            "the database server runs with max_wal_senders=0: GATEWAY_SOURCE=wal needs at least 1 (2 for a fast takeover)"
+        );
     }
     if ready.server_encoding != "UTF8" {
         bail!(
@@ -81,7 +83,13 @@ pub async fn wal_readiness(pool: &PgPool) -> anyhow::Result<ServerReadiness> {
 pub fn default_slot_name(database: &str) -> String {
     let mut name: String = format!("ws_gateway_{database}")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     name.truncate(63);
     name
@@ -90,7 +98,9 @@ pub fn default_slot_name(database: &str) -> String {
 fn check_slot_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty()
         || name.len() > 63
-        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
         bail!("slot name {name:?} is not allowed: expected 1 to 63 of a-z, 0-9 or _");
     }
@@ -249,7 +259,9 @@ async fn drop_slot_and_publication(pool: &PgPool, slot: &str, publication: &str)
     let deadline = Instant::now() + Duration::from_secs(10);
     while db::slot_state(&mut conn, slot).await?.is_some() {
         if Instant::now() > deadline {
-            bail!("the replication slot {slot} is still in use after 10 s: drop it with pg_drop_replication_slot('{slot}')");
+            bail!(
+                "the replication slot {slot} is still in use after 10 s: drop it with pg_drop_replication_slot('{slot}')"
+            );
         }
         db::end_slot_holder(&mut conn, slot).await?;
         db::drop_slot(&mut conn, slot).await?;
@@ -265,7 +277,10 @@ mod tests {
 
     #[test]
     fn slot_names_are_per_database_and_valid() {
-        assert_eq!(default_slot_name("ConstructTrack-prod"), "ws_gateway_constructtrack_prod");
+        assert_eq!(
+            default_slot_name("ConstructTrack-prod"),
+            "ws_gateway_constructtrack_prod"
+        );
         let long = default_slot_name(&"x".repeat(100));
         assert_eq!(long.len(), 63);
         assert!(check_slot_name(&long).is_ok());

@@ -88,7 +88,11 @@ pub enum Step {
     /// The open transaction carries a switch marker (`realtime.switch`).
     Switch { to: String },
     /// The open transaction committed; `last_seq` is its last item's index.
-    Commit { commit_lsn: Lsn, end_lsn: Lsn, last_seq: i32 },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        last_seq: i32,
+    },
     /// The server's WAL position; nothing of the publication is unsent
     /// before it.
     KeepAlive { wal_end: Lsn },
@@ -284,7 +288,9 @@ mod tests {
         let mut ats = Vec::new();
         for value in ["1", "2"] {
             match t.on_event(data(insert(9, value))).unwrap() {
-                Some(Step::Item { at, committed_at_us, .. }) => {
+                Some(Step::Item {
+                    at, committed_at_us, ..
+                }) => {
                     assert_eq!(committed_at_us, 1 + PG_EPOCH_US);
                     ats.push(at);
                 }
@@ -297,7 +303,14 @@ mod tests {
             prefix: EVENT_PREFIX.into(),
             content: Bytes::from_static(b"{}"),
         };
-        assert!(matches!(t.on_event(event).unwrap(), Some(Step::Item { at: At { seq: 3, .. }, item: Item::Event(_), .. })));
+        assert!(matches!(
+            t.on_event(event).unwrap(),
+            Some(Step::Item {
+                at: At { seq: 3, .. },
+                item: Item::Event(_),
+                ..
+            })
+        ));
         let other_app = ReplicationEvent::Message {
             transactional: true,
             lsn: Lsn(460),
@@ -325,7 +338,11 @@ mod tests {
         };
         assert!(matches!(
             t.on_event(commit).unwrap(),
-            Some(Step::Commit { end_lsn: Lsn(540), last_seq: 3, .. })
+            Some(Step::Commit {
+                end_lsn: Lsn(540),
+                last_seq: 3,
+                ..
+            })
         ));
         assert!(!t.in_transaction());
     }
@@ -346,6 +363,9 @@ mod tests {
             prefix: EVENT_PREFIX.into(),
             content: Bytes::new(),
         };
-        assert!(t.on_event(stray).unwrap().is_none(), "a non-transactional event is not ours");
+        assert!(
+            t.on_event(stray).unwrap().is_none(),
+            "a non-transactional event is not ours"
+        );
     }
 }
