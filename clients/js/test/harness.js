@@ -300,13 +300,14 @@ export function recordingClient(GatewayClient, url, options, rooms) {
   const record = {
     client: null,
     got: new Map(rooms.map((r) => [r, []])),
+    /** When each change in `got` arrived (ms since the epoch). */
+    times: new Map(rooms.map((r) => [r, []])),
     firstPosition: new Map(),
     subscribed: [],
     resets: [],
     errors: [],
     clientErrors: [],
     states: [],
-    lastChangeAt: new Map(),
     subs: new Map(),
   };
   const client = new GatewayClient(url, options);
@@ -317,7 +318,7 @@ export function recordingClient(GatewayClient, url, options, rooms) {
     const sub = client.subscribe(room, {
       onChange(change) {
         record.got.get(room).push(change.position);
-        record.lastChangeAt.set(room, Date.now());
+        record.times.get(room).push(Date.now());
       },
       onSubscribed(info) {
         if (!record.firstPosition.has(room)) record.firstPosition.set(room, info.position);
