@@ -31,6 +31,9 @@ const CLOSE_GRACE_MS = 1000;
  * handing back the same nearly expired token must not spin). */
 const MIN_REFRESH_MS = 500;
 const MAX_REFRESH_MARGIN_MS = 60000;
+/** A socket that has not brought `welcome` by then is given up (a hung
+ * gateway, a proxy that accepted and went silent, a black-holed address). */
+const WELCOME_TIMEOUT_MS = 15000;
 /** Used until `welcome` says otherwise (the gateway's default). */
 const DEFAULT_HEARTBEAT_MS = 25000;
 /** Room names the gateway accepts (protocol.rs validate_room): at most this
@@ -277,6 +280,7 @@ export class GatewayClient {
   /** Bumped by every connect and by close(): an await that comes back to a
    * different value knows it was overtaken. */
   #generation = 0;
+  #onWake = null;
   #stats = { connections: 0, frames: 0, changes: 0, duplicates: 0, acks: 0, pings: 0, tokenRefreshes: 0 };
 
   /**
@@ -312,6 +316,14 @@ export class GatewayClient {
       throw new TypeError("positions must have get(room) and set(room, position)");
     }
     this.#positions = positions ?? null;
+    // In a page: back online, or the tab shown again (after a laptop slept,
+    // a phone changed networks), the connection is checked at once instead
+    // of at the next timer.
+    if (typeof window !== "undefined" && typeof window.addEventListener === "function") {
+      this.#onWake = () => this.#wake();
+      window.addEventListener("online", this.#onWake);
+      globalThis.document?.addEventListener?.("visibilitychange", this.#onWake);
+    }
     // After the constructor returns, so a listener added right away sees
     // "connecting".
     queueMicrotask(() => this.#connect());
@@ -411,6 +423,10 @@ export class GatewayClient {
     if (this.#closed) return;
     this.#closed = true;
     this.#generation++;
+    if (this.#onWake) {
+      window.removeEventListener("online", this.#onWake);
+      globalThis.document?.removeEventListener?.("visibilitychange", this.#onWake);
+    }
     clearTimeout(this.#reconnectTimer);
     this.#reconnectTimer = null;
     for (const record of this.#subs.values()) record.ended = true;
@@ -565,6 +581,10 @@ export class GatewayClient {
     const conn = new Connection(ws, token);
     this.#conn = conn;
     this.#stats.connections++;
+    conn.heartbeatTimer = setTimeout(
+      () => this.#abort(conn, 1006, `no welcome from the gateway within ${WELCOME_TIMEOUT_MS} ms`),
+      WELCOME_TIMEOUT_MS,
+    );
     ws.addEventListener("message", (event) => this.#onFrame(conn, event.data));
     ws.addEventListener("error", (event) => {
       conn.lastError = event?.message ?? event?.error?.message ?? null;
@@ -616,7 +636,8 @@ export class GatewayClient {
     conn.stopTimers();
     this.#enqueue(conn, { close: { code, reason } });
     conn.aborted = true;
-    closeSocket(conn.ws, 1000, reason.slice(0, 100), 0);
+    // A fixed ASCII reason: a browser refuses one over 123 bytes.
+    closeSocket(conn.ws, 1000, "client: reconnecting", 0);
   }
 
   // --- frames, in arrival order ---------------------------------------------
@@ -870,6 +891,26 @@ export class GatewayClient {
   }
 
   // --- liveness --------------------------------------------------------------
+
+  /** The page came back (online, or visible): a connection silent for a
+   * while is pinged with a short deadline; a pending reconnect goes now. */
+  #wake() {
+    if (this.#closed || globalThis.document?.visibilityState === "hidden") return;
+    const conn = this.#conn;
+    if (!conn && this.#reconnectTimer !== null) {
+      clearTimeout(this.#reconnectTimer);
+      this.#reconnectTimer = null;
+      this.#connect();
+      return;
+    }
+    if (conn?.welcomed && !conn.aborted && conn.pingSentAt === null && Date.now() - conn.lastHeard > SUSPECT_PONG_TIMEOUT_MS) {
+      conn.pingSentAt = Date.now();
+      conn.pingTimeout = SUSPECT_PONG_TIMEOUT_MS;
+      conn.send({ type: "ping", id: String(++conn.pings) });
+      this.#stats.pings++;
+      this.#armHeartbeat(conn, SUSPECT_PONG_TIMEOUT_MS);
+    }
+  }
 
   /** Pings after a heartbeat interval of silence; no frame within the next
    * interval means the connection is dead. One timer, re-armed lazily. */

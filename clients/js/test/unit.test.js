@@ -370,6 +370,42 @@ describe("timers", () => {
     await until(() => Socket.instances.length === 2, "a reconnect");
   });
 
+  test("a socket that brings no welcome is given up after 15 s and retried", async () => {
+    mock.timers.enable({ apis: ["setTimeout", "Date"], now: 2_000_000 });
+    const Socket = fakeSocketClass();
+    const events = [];
+    const c = client("ws://gateway.test/ws", { WebSocket: Socket, reconnect: { minDelayMs: 100, maxDelayMs: 100 } });
+    c.on("state", (e) => events.push(e));
+    await turn();
+    assert.equal(Socket.instances.length, 1);
+    mock.timers.tick(14999);
+    assert.equal(events.at(-1).state, "connecting");
+    mock.timers.tick(1);
+    await until(() => events.at(-1).state === "disconnected", "the give-up");
+    assert.equal(events.at(-1).code, 1006);
+    assert.match(events.at(-1).reason, /no welcome/);
+    mock.timers.tick(100);
+    await until(() => Socket.instances.length === 2, "a new attempt");
+  });
+
+  test("in a page, coming back online reconnects at once instead of waiting out the backoff", async () => {
+    const page = new EventTarget();
+    globalThis.window = page;
+    try {
+      const Socket = fakeSocketClass();
+      const c = client("ws://gateway.test/ws", { WebSocket: Socket, reconnect: { minDelayMs: 60000, maxDelayMs: 60000 } });
+      await turn();
+      Socket.last.serverClose(1006, "");
+      await turn();
+      assert.equal(Socket.instances.length, 1, "backing off (up to a minute)");
+      page.dispatchEvent(new Event("online"));
+      await until(() => Socket.instances.length === 2, "the reconnect on online");
+      c.close();
+    } finally {
+      delete globalThis.window;
+    }
+  });
+
   test("a token function is asked on every connect and again before exp, refreshed in band", async () => {
     mock.timers.enable({ apis: ["setTimeout", "Date"], now: Date.now() });
     let issued = 0;
