@@ -651,7 +651,7 @@ export class GatewayClient {
   #enqueue(conn, item) {
     if (item && typeof item.then === "function") item.catch(() => {}); // handled when its turn comes
     conn.inbox.push(item);
-    if (!conn.draining) this.#drain(conn);
+    if (!conn.draining) this.#drain(conn).catch(reportUncaught);
   }
 
   async #drain(conn) {
@@ -672,7 +672,14 @@ export class GatewayClient {
           }
           if (conn.finished) return;
         }
-        this.#handleText(conn, item);
+        try {
+          this.#handleText(conn, item);
+        } catch (error) {
+          // A bug of ours must not stop the stream silently: report it and
+          // start over on a new connection (resuming loses nothing).
+          this.#emitError("internal_error", `handling a frame failed: ${error?.message ?? error}`, error);
+          this.#abort(conn, 4000, "internal error", true);
+        }
       }
     } finally {
       conn.draining = false;
