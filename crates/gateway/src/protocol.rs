@@ -11,8 +11,14 @@ use crate::change::{Position, push_json_str};
 /// Longest room name accepted.
 pub const MAX_ROOM_BYTES: usize = 200;
 
-/// Longest `id` a `ping` may carry (it is echoed back).
+/// Longest `id` a request may carry (it is echoed back).
 pub const MAX_PING_ID_BYTES: usize = 64;
+
+/// The protocol revision `welcome` announces. 2: an `error` that refuses a
+/// request echoes its `id` and, when it named one, its `room`;
+/// `rate_limited` says which message it `dropped`; `reset` says the
+/// `position` the room's stream continues after. Absent (1): none of these.
+pub const PROTOCOL_REVISION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
@@ -36,11 +42,29 @@ pub enum ClientMessage {
     },
 }
 
-/// A refused client message: the `error` frame's code and message.
+/// A refused client message: the `error` frame's code and message, and
+/// what it echoes of the request it refuses, so a client can tell which of
+/// its requests failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
     pub code: &'static str,
     pub message: String,
+    /// The refused request's `id` and `room`, and (for `rate_limited`) its
+    /// `type`.
+    pub request: RequestContext,
+}
+
+/// What identifies a request, read before anything else about it is
+/// checked, so that even a request refused for its own content is named.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// The client's own `id` for the request (a string of at most
+    /// [`MAX_PING_ID_BYTES`]).
+    pub id: Option<String>,
+    /// The `room` it named (subscribe, unsubscribe), as sent.
+    pub room: Option<String>,
+    /// Its `type`, when it is one the gateway knows.
+    pub kind: Option<&'static str>,
 }
 
 impl ProtocolError {
@@ -48,12 +72,39 @@ impl ProtocolError {
         ProtocolError {
             code,
             message: message.into(),
+            request: RequestContext::default(),
         }
     }
 
-    /// The `error` frame.
+    /// The refusal of `request`: its `error` frame names it.
+    pub fn refusing(mut self, request: &RequestContext) -> ProtocolError {
+        self.request = request.clone();
+        self
+    }
+
+    /// The `error` frame. `rate_limited` also says what was dropped.
     pub fn to_message(&self) -> String {
-        error_message(self.code, &self.message)
+        let mut out = String::with_capacity(64 + self.message.len());
+        out.push_str("{\"type\":\"error\",\"code\":");
+        push_json_str(&mut out, self.code);
+        out.push_str(",\"message\":");
+        push_json_str(&mut out, &self.message);
+        if let Some(room) = &self.request.room {
+            out.push_str(",\"room\":");
+            push_json_str(&mut out, room);
+        }
+        if let Some(id) = &self.request.id {
+            out.push_str(",\"id\":");
+            push_json_str(&mut out, id);
+        }
+        if self.code == codes::RATE_LIMITED
+            && let Some(kind) = self.request.kind
+        {
+            out.push_str(",\"dropped\":");
+            push_json_str(&mut out, kind);
+        }
+        out.push('}');
+        out
     }
 }
 
@@ -75,22 +126,13 @@ pub mod codes {
     pub const AUTHORIZATION_UNAVAILABLE: &str = "authorization_unavailable";
 }
 
-pub fn error_message(code: &str, message: &str) -> String {
-    let mut out = String::with_capacity(48 + message.len());
-    out.push_str("{\"type\":\"error\",\"code\":");
-    push_json_str(&mut out, code);
-    out.push_str(",\"message\":");
-    push_json_str(&mut out, message);
-    out.push('}');
-    out
-}
-
 pub fn welcome_message(connection_id: &str, heartbeat_ms: u64, encoding: &str) -> String {
     serde_json::json!({
         "type": "welcome",
         "connection_id": connection_id,
         "heartbeat_ms": heartbeat_ms,
         "encoding": encoding,
+        "protocol": PROTOCOL_REVISION,
     })
     .to_string()
 }
@@ -116,14 +158,65 @@ pub fn pong_message(id: Option<&str>) -> String {
     out
 }
 
-pub fn reset_message(room: &str, reason: &str) -> String {
-    serde_json::json!({"type": "reset", "room": room, "reason": reason}).to_string()
+/// History the room's stream needed is gone; the stream goes on after
+/// `position` (a client resumes from there, not from before the gap).
+pub fn reset_message(room: &str, reason: &str, position: Position) -> String {
+    serde_json::json!({"type": "reset", "room": room, "reason": reason, "position": position.to_string()}).to_string()
 }
+
+/// The message types a client may send.
+const KINDS: [&str; 5] = ["subscribe", "unsubscribe", "ack", "auth", "ping"];
 
 /// Decodes one text frame.
 pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| ProtocolError::new(codes::INVALID_JSON, format!("message is not valid JSON: {e}")))?;
+    decode_request(text).1
+}
+
+/// Decodes one text frame, and says what identifies it (for the reply to
+/// name it, even when it is refused).
+pub fn decode_request(text: &str) -> (RequestContext, Result<ClientMessage, ProtocolError>) {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => {
+            let error = ProtocolError::new(codes::INVALID_JSON, format!("message is not valid JSON: {e}"));
+            return (RequestContext::default(), Err(error));
+        }
+    };
+    let request = context(&value);
+    let result = decode_value(value, &request).map_err(|e| e.refusing(&request));
+    (request, result)
+}
+
+/// The `id`, `room` and known `type` of a request, where they are well formed.
+fn context(value: &Value) -> RequestContext {
+    RequestContext {
+        id: match value.get("id") {
+            Some(Value::String(id)) if id.len() <= MAX_PING_ID_BYTES => Some(id.clone()),
+            _ => None,
+        },
+        room: match value.get("room") {
+            Some(Value::String(room)) => Some(room.clone()),
+            _ => None,
+        },
+        kind: value
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(|kind| KINDS.iter().copied().find(|k| *k == kind)),
+    }
+}
+
+fn decode_value(value: Value, request: &RequestContext) -> Result<ClientMessage, ProtocolError> {
+    match value.get("id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) if id.len() > MAX_PING_ID_BYTES => {
+            return Err(ProtocolError::new(
+                codes::INVALID_MESSAGE,
+                format!("\"id\" is {} bytes; at most {MAX_PING_ID_BYTES} allowed", id.len()),
+            ));
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(ProtocolError::new(codes::INVALID_MESSAGE, "\"id\" must be a string")),
+    }
     let Value::Object(fields) = value else {
         return Err(ProtocolError::new(
             codes::INVALID_MESSAGE,
@@ -161,20 +254,8 @@ pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
                 "auth needs a \"token\" string",
             )),
         },
-        "ping" => match fields.get("id") {
-            None | Some(Value::Null) => Ok(ClientMessage::Ping { id: None }),
-            Some(Value::String(id)) if id.len() <= MAX_PING_ID_BYTES => {
-                Ok(ClientMessage::Ping { id: Some(id.clone()) })
-            }
-            Some(Value::String(id)) => Err(ProtocolError::new(
-                codes::INVALID_MESSAGE,
-                format!("ping \"id\" is {} bytes; at most {MAX_PING_ID_BYTES} allowed", id.len()),
-            )),
-            Some(_) => Err(ProtocolError::new(
-                codes::INVALID_MESSAGE,
-                "ping \"id\" must be a string",
-            )),
-        },
+        // The id was checked above.
+        "ping" => Ok(ClientMessage::Ping { id: request.id.clone() }),
         other => {
             let mut shown: String = other.chars().take(40).collect();
             if shown.len() < other.len() {
@@ -316,5 +397,51 @@ mod tests {
         let v: Value = serde_json::from_str(&msg).unwrap();
         assert_eq!(v["type"], "error");
         assert!(v["message"].as_str().unwrap().contains("room"));
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"a","id":5}"#),
+            codes::INVALID_MESSAGE
+        );
+    }
+
+    /// Protocol revision 2: a refusal names the request it refuses.
+    #[test]
+    fn refusals_echo_the_requests_id_and_room() {
+        let frame = |text: &str| -> Value {
+            let (_, result) = decode_request(text);
+            serde_json::from_str(&result.unwrap_err().to_message()).unwrap()
+        };
+        let refused = frame(r#"{"type":"subscribe","room":"a b","id":"s1"}"#);
+        assert_eq!(refused["code"], codes::INVALID_ROOM);
+        assert_eq!(refused["room"], "a b");
+        assert_eq!(refused["id"], "s1");
+        let refused = frame(r#"{"type":"ack","position":"x","id":"a1"}"#);
+        assert_eq!(
+            (&refused["code"], &refused["id"]),
+            (&Value::from(codes::INVALID_POSITION), &Value::from("a1"))
+        );
+        assert!(refused.get("room").is_none());
+        let no_context = frame("[]");
+        assert!(no_context.get("room").is_none() && no_context.get("id").is_none());
+        // A valid request's context, for refusals decided later.
+        let (request, result) = decode_request(r#"{"type":"subscribe","room":"project:1","id":"7"}"#);
+        assert!(result.is_ok());
+        let later = ProtocolError::new(codes::FORBIDDEN, "no")
+            .refusing(&request)
+            .to_message();
+        let later: Value = serde_json::from_str(&later).unwrap();
+        assert_eq!(
+            (&later["room"], &later["id"]),
+            (&Value::from("project:1"), &Value::from("7"))
+        );
+        assert!(later.get("dropped").is_none(), "only rate_limited says what it dropped");
+        let dropped = ProtocolError::new(codes::RATE_LIMITED, "slow down")
+            .refusing(&request)
+            .to_message();
+        let dropped: Value = serde_json::from_str(&dropped).unwrap();
+        assert_eq!(dropped["dropped"], "subscribe");
+        let (unknown, _) = decode_request(r#"{"type":"dance","room":"r"}"#);
+        assert_eq!(unknown.kind, None, "only known types are echoed as dropped");
+        let reset: Value = serde_json::from_str(&reset_message("r", "history_expired", Position(9))).unwrap();
+        assert_eq!(reset["position"], "9");
     }
 }

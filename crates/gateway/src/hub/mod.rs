@@ -167,10 +167,11 @@ impl Hub {
 
     /// Tells every member of every room that changes may be missing
     /// (`reset`): the feed could not read part of the history.
-    pub fn reset_all(&self, reason: &str) {
+    /// Their streams go on after `continues_after`.
+    pub fn reset_all(&self, reason: &str, continues_after: Position) {
         let state = self.lock();
         for (room, members) in &state.rooms {
-            let message = Utf8Bytes::from(crate::protocol::reset_message(room, reason));
+            let message = Utf8Bytes::from(crate::protocol::reset_message(room, reason, continues_after));
             for member in members {
                 member.subscriber.push(Outbound::Control(Box::new(message.clone())));
             }
@@ -483,6 +484,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// The feed lost history: every member is told, with the position its
+    /// stream goes on after (protocol 2).
+    #[test]
+    fn a_reset_of_every_room_says_where_the_stream_goes_on() {
+        let hub = hub_at(Position(0));
+        let (a, mut rx) = Subscriber::new(1, 1 << 20);
+        hub.subscribe("r", &a, None);
+        hub.reset_all("history_expired", Position(40));
+        let got = drain(&mut rx);
+        let reset: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+        assert_eq!(
+            reset,
+            serde_json::json!({"type": "reset", "room": "r", "reason": "history_expired", "position": "40"})
+        );
     }
 
     #[test]

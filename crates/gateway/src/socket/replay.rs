@@ -62,6 +62,12 @@ impl ReplayCursor {
         &self.room
     }
 
+    /// Where the replay ends and the live stream takes over: after a
+    /// `reset`, the position the room's stream goes on after.
+    pub(crate) fn upto(&self) -> Position {
+        self.upto
+    }
+
     /// Nothing more is owed.
     pub(crate) fn is_done(&self) -> bool {
         self.after >= self.upto

@@ -470,7 +470,9 @@ impl Writer {
         let (changes, reset) = match page {
             Page::Pruned => (
                 Vec::new(),
-                Some(protocol::reset_message(cursor.room(), "history_expired")),
+                // Nothing more of the gap is sent: the stream goes on after
+                // where the subscription went live.
+                Some(protocol::reset_message(cursor.room(), "history_expired", cursor.upto())),
             ),
             Page::Changes(changes) => (changes, None),
         };

@@ -129,14 +129,14 @@ impl Session {
                 Message::Text(text) => {
                     Counters::add(&self.state.telemetry.counters.bytes_received, text.len() as u64);
                     self.liveness.last_message_us.store(now, Ordering::Relaxed);
-                    if self.admit() {
+                    if self.admit(&text) {
                         self.on_text(&text).await;
                     }
                 }
                 Message::Binary(bytes) => {
                     Counters::add(&self.state.telemetry.counters.bytes_received, bytes.len() as u64);
                     self.liveness.last_message_us.store(now, Ordering::Relaxed);
-                    if self.admit() {
+                    if self.admit("") {
                         self.refuse(ProtocolError::new(
                             codes::BINARY_NOT_SUPPORTED,
                             "binary frames are not accepted; send JSON text frames",
@@ -156,17 +156,27 @@ impl Session {
         }
     }
 
-    /// The inbound rate limit (`GATEWAY_RATE_LIMIT` messages/s).
-    fn admit(&mut self) -> bool {
+    /// The inbound rate limit (`GATEWAY_RATE_LIMIT` messages/s). A dropped
+    /// text message is named in the refusal (its `type`, `room` and `id`),
+    /// so the client knows what to send again.
+    fn admit(&mut self, text: &str) -> bool {
         Counters::add(&self.state.telemetry.counters.messages_received, 1);
         match self.rate.check(Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse => {
                 let limit = self.state.settings().limits.rate_limit;
-                self.refuse(ProtocolError::new(
-                    codes::RATE_LIMITED,
-                    format!("more than {limit} messages per second; this one was dropped"),
-                ));
+                let request = if text.len() <= self.state.settings().limits.max_message_bytes {
+                    protocol::decode_request(text).0
+                } else {
+                    Default::default()
+                };
+                self.refuse(
+                    ProtocolError::new(
+                        codes::RATE_LIMITED,
+                        format!("more than {limit} messages per second; this one was dropped"),
+                    )
+                    .refusing(&request),
+                );
                 false
             }
             Verdict::Close => {
@@ -231,10 +241,11 @@ impl Session {
                 format!("message is {} bytes; at most {limit} allowed", text.len()),
             ));
         }
-        let result = match protocol::decode(text) {
+        let (request, decoded) = protocol::decode_request(text);
+        let result = match decoded {
             // Boxed: handling may query the database, and that future is
             // large; unboxed it would sit in every idle connection's task.
-            Ok(message) => Box::pin(self.handle(message)).await,
+            Ok(message) => Box::pin(self.handle(message)).await.map_err(|e| e.refusing(&request)),
             Err(error) => Err(error),
         };
         if let Err(error) = result {

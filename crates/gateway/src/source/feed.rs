@@ -118,7 +118,7 @@ impl Dispatcher {
             pruned_through = pruned_through.0,
             "feed was away longer than GATEWAY_HISTORY_RETENTION: some changes are gone; telling every client to reset"
         );
-        self.hub.reset_all("history_expired");
+        self.hub.reset_all("history_expired", pruned_through);
         self.hub.advance(pruned_through);
         self.set_position(pruned_through);
     }

@@ -406,11 +406,13 @@ async fn retention_prunes_and_old_resumes_are_told_to_reset() {
 
     let app = spawn_app_with(db, |_| {}).await;
     let mut old = app.connect().await;
-    old.subscribe_since("project:1", Some(&before_all.to_string())).await;
+    let live = old.subscribe_since("project:1", Some(&before_all.to_string())).await;
     let reset = old.next_json().await;
     assert_eq!(reset["type"], "reset", "{reset}");
     assert_eq!(reset["reason"], "history_expired");
     assert_eq!(reset["room"], "project:1");
+    // The stream goes on after the position it went live at.
+    assert_eq!(reset["position"], serde_json::json!(live), "{reset}");
 
     let mut recent = app.connect().await;
     recent

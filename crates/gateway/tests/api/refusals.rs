@@ -55,9 +55,26 @@ async fn bad_frames_get_errors_and_everyone_carries_on() {
     assert_eq!(client.next_json().await, json!({"type": "pong"}));
     client.subscribe("project:3").await;
     client
-        .send_json(json!({"type": "subscribe", "room": "project:3"}))
+        .send_json(json!({"type": "subscribe", "room": "project:3", "id": "again"}))
         .await;
-    assert_eq!(client.next_json().await["code"], "already_subscribed");
+    let again = client.next_json().await;
+    assert_eq!(again["code"], "already_subscribed");
+    // Protocol 2: the refusal names the request (room, id); a request
+    // refused for its own content too.
+    assert_eq!((&again["room"], &again["id"]), (&json!("project:3"), &json!("again")));
+    client
+        .send_json(json!({"type": "unsubscribe", "room": "project:404"}))
+        .await;
+    assert_eq!(client.next_json().await["room"], "project:404");
+    client
+        .send_json(json!({"type": "subscribe", "room": "a b", "id": "bad"}))
+        .await;
+    let bad = client.next_json().await;
+    assert_eq!(
+        (&bad["code"], &bad["room"], &bad["id"]),
+        (&json!("invalid_room"), &json!("a b"), &json!("bad"))
+    );
+    assert_eq!(client.welcome["protocol"], 2, "{}", client.welcome);
     sqlx::query("insert into items (id, project_id) values (1, 3)")
         .execute(&app.db.pool)
         .await

@@ -192,9 +192,15 @@ async fn rooms_outside_the_token_are_forbidden() {
     c.subscribe("project:42").await;
     c.subscribe("task:9").await;
     for room in ["task:10", "rfi:1", "projects"] {
-        c.send_json(json!({"type": "subscribe", "room": room})).await;
+        c.send_json(json!({"type": "subscribe", "room": room, "id": format!("s-{room}")}))
+            .await;
         let error = c.next_json().await;
         assert_eq!(error["code"], "forbidden", "{room}: {error}");
+        // The refusal names the request it refuses (protocol 2).
+        assert_eq!(
+            (&error["room"], &error["id"]),
+            (&json!(room), &json!(format!("s-{room}")))
+        );
     }
     by.check(&app).await;
 }
@@ -338,6 +344,7 @@ async fn a_flooding_client_is_rate_limited_then_closed_with_1008() {
     }
     let first_error = c.next_json().await;
     assert_eq!(first_error["code"], "rate_limited", "{first_error}");
+    assert_eq!(first_error["dropped"], "ack", "it says what it dropped: {first_error}");
     let closed = c.closed().await;
     assert_eq!(closed.code, Some(1008), "{closed:?}");
     assert!(closed.reason.contains("rate"), "{closed:?}");
