@@ -1,6 +1,7 @@
 //! HTTP beside the data path, on the same port: the WebSocket upgrade
-//! (`/ws`), `/healthz`, `/metrics`, `/latency`, and the dashboard page (`/`)
-//! with the JSON it polls (`/api/stats`).
+//! (`/ws`), `/healthz`, `/metrics`, `/latency`, the dashboard page (`/`)
+//! with the JSON it polls (`/api/stats`), and the JavaScript client
+//! (`/client.js`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,7 @@ use crate::socket;
 use crate::state::AppState;
 use crate::telemetry::Counters;
 
+mod client_js;
 mod health;
 mod latency;
 mod metrics;
@@ -43,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/latency", get(latency::latency))
         .route("/api/stats", get(stats::stats))
+        .route("/client.js", get(client_js::serve))
         .with_state(state)
 }
 
