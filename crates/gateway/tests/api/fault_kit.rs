@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use ws_gateway_client::{Event, SubscriberConfig};
+use ws_gateway_client::{Client, ClientBuilder, ClientEvent, Subscription, Update};
 
 use crate::helpers::{DEADLINE, eventually, http_get_json};
 
@@ -109,41 +110,78 @@ impl Workload {
 pub struct Received {
     /// Positions in arrival order, per room.
     pub positions: HashMap<String, Vec<i64>>,
+    /// When each change in `positions` arrived.
+    pub times: HashMap<String, Vec<Instant>>,
     /// The first `subscribed` position per room: changes after it are owed.
     pub start: HashMap<String, i64>,
+    /// Every `subscribed`: room, position, resumed, when.
+    pub subscribed: Vec<(String, i64, bool, Instant)>,
     pub connections: usize,
+    /// Every close: code, reason, the client's first retry delay, when.
     pub closes: Vec<(Option<u16>, String)>,
-    pub resets: usize,
+    pub disconnects: Vec<(Option<u16>, String, Duration, Instant)>,
+    pub resets: Vec<(String, String, i64)>,
+    /// Problems the client reported that concern no room.
+    pub errors: Vec<(String, String)>,
     /// Changes the client dropped because their position was not after the
     /// room's last one: a gateway that keeps its promise sends none.
     pub repeats: u64,
 }
 
-/// A client that behaves like a well-written application: the Rust client's
-/// resuming subscriber ([`ws_gateway_client::Subscriber`]), which remembers
-/// the last position of each room and on any disconnect reconnects (to the
-/// next of `urls`) and resubscribes `since` it. What it delivers is recorded
-/// for the checks below, with what it dropped as repeats.
+/// A client that behaves like a well-written application: the Rust client
+/// ([`ws_gateway_client::Client`]), one subscription per room, resuming
+/// each `since` its last position on any disconnect (to the next of
+/// `urls`). What it delivers is recorded for the checks below, with what it
+/// dropped as repeats.
 pub struct Subscriber {
+    pub client: Client,
     pub received: Arc<Mutex<Received>>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     /// Deliberate moves to the next URL (after `hop_every` changes).
     pub hops: Arc<AtomicUsize>,
 }
 
 impl Subscriber {
-    /// `hop_every`: close the socket after this many changes and move to
-    /// the next URL (0: only on disconnect).
+    /// `hop_every`: move to the next URL after this many changes (0: only
+    /// on disconnect).
     pub fn start(urls: Vec<String>, rooms: Vec<String>, hop_every: usize) -> Subscriber {
+        let builder = urls
+            .iter()
+            .skip(1)
+            .fold(Client::builder(&urls[0]), |b, url| b.url(url))
+            .reconnect_delays(Duration::from_millis(50), Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(2));
+        Subscriber::start_with(builder, rooms, hop_every)
+    }
+
+    /// As [`Subscriber::start`], with the client configured by the caller.
+    pub fn start_with(builder: ClientBuilder, rooms: Vec<String>, hop_every: usize) -> Subscriber {
+        let client = builder.start();
         let received = Arc::new(Mutex::new(Received::default()));
         let hops = Arc::new(AtomicUsize::new(0));
-        let mut config = SubscriberConfig::new(urls, rooms);
-        config.min_delay = Duration::from_millis(50);
-        config.max_delay = Duration::from_secs(1);
-        config.connect_timeout = Duration::from_secs(2);
-        let client = ws_gateway_client::Subscriber::start(config);
-        let task = tokio::spawn(record(client, hop_every, Arc::clone(&received), Arc::clone(&hops)));
-        Subscriber { received, task, hops }
+        let since_hop = Arc::new(AtomicUsize::new(0));
+        let mut tasks = vec![tokio::spawn(record_events(
+            client.events(),
+            Arc::clone(&received),
+            Arc::clone(&since_hop),
+        ))];
+        for room in rooms {
+            let subscription = client.subscribe(&room, None).expect("a valid room");
+            tasks.push(tokio::spawn(record_room(
+                subscription,
+                client.clone(),
+                hop_every,
+                Arc::clone(&since_hop),
+                Arc::clone(&received),
+                Arc::clone(&hops),
+            )));
+        }
+        Subscriber {
+            client,
+            received,
+            tasks,
+            hops,
+        }
     }
 
     pub async fn wait_started(&self, rooms: usize) {
@@ -156,42 +194,71 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.task.abort();
+        self.client.close();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
-/// Records what `client` delivers; moves it on every `hop_every` changes.
-async fn record(
-    mut client: ws_gateway_client::Subscriber,
+async fn record_events(
+    events: impl futures_util::Stream<Item = ClientEvent>,
+    received: Arc<Mutex<Received>>,
+    since_hop: Arc<AtomicUsize>,
+) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        let mut r = received.lock().unwrap();
+        match event {
+            ClientEvent::Connected { .. } => {
+                r.connections += 1;
+                since_hop.store(0, Ordering::Relaxed);
+            }
+            ClientEvent::Disconnected {
+                code,
+                reason,
+                reconnect_in: Some(delay),
+            } => {
+                r.closes.push((code, reason.clone()));
+                r.disconnects.push((code, reason, delay, Instant::now()));
+            }
+            ClientEvent::Error { code, message } => r.errors.push((code, message)),
+            _ => {}
+        }
+    }
+}
+
+/// Records what one room's subscription yields; moves the client on every
+/// `hop_every` changes (across its rooms).
+async fn record_room(
+    mut subscription: Subscription,
+    client: Client,
     hop_every: usize,
+    since_hop: Arc<AtomicUsize>,
     received: Arc<Mutex<Received>>,
     hops: Arc<AtomicUsize>,
 ) {
-    let mut since_hop = 0usize;
-    while let Some(event) = client.next().await {
+    let room = subscription.room().to_owned();
+    while let Some(update) = subscription.next().await {
         let mut r = received.lock().unwrap();
-        r.repeats = client.repeats();
-        match event {
-            Event::Connected { .. } => {
-                r.connections += 1;
-                since_hop = 0;
+        r.repeats = client.stats().duplicates;
+        match update {
+            Update::Subscribed { position, resumed } => {
+                r.start.entry(room.clone()).or_insert(position.0);
+                r.subscribed.push((room.clone(), position.0, resumed, Instant::now()));
             }
-            Event::Subscribed { room, position, .. } => {
-                r.start.entry(room).or_insert(position);
-            }
-            Event::Change { room, position, .. } => {
-                r.positions.entry(room).or_default().push(position);
-                since_hop += 1;
-                if hop_every > 0 && since_hop >= hop_every {
-                    since_hop = 0;
+            Update::Change(change) | Update::Event(change) => {
+                r.positions.entry(room.clone()).or_default().push(change.position.0);
+                r.times.entry(room.clone()).or_default().push(Instant::now());
+                if hop_every > 0 && since_hop.fetch_add(1, Ordering::Relaxed) + 1 >= hop_every {
+                    since_hop.store(0, Ordering::Relaxed);
                     hops.fetch_add(1, Ordering::Relaxed);
                     client.reconnect();
                 }
             }
-            Event::Reset { .. } => r.resets += 1,
-            Event::Closed { code, reason } => r.closes.push((code, reason)),
-            Event::Refused { code, message } => panic!("the gateway refused the subscriber: {code}: {message}"),
-            Event::Lost { error } => assert!(!error.starts_with("not JSON"), "{error}"),
+            Update::Reset { reason, position } => r.resets.push((room.clone(), reason, position.0)),
+            Update::Refused { code, message } => panic!("the gateway refused {room}: {code}: {message}"),
+            _ => {}
         }
     }
 }

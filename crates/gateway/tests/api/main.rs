@@ -4,6 +4,7 @@ mod bystander;
 mod fault_kit;
 mod helpers;
 
+mod client;
 mod delivery;
 mod faults;
 mod handshake;
