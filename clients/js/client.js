@@ -194,6 +194,9 @@ class Connection {
     this.welcomedAt = 0;
     this.heartbeatMs = DEFAULT_HEARTBEAT_MS;
     this.encoding = "none";
+    /** The gateway's protocol revision (`welcome`): from 2 on, a refusal
+     * names its room, `rate_limited` what it dropped, `reset` its position. */
+    this.protocol = 1;
     /** Subscribes sent and not yet answered, oldest first: the gateway
      * answers each with `subscribed` or an `error`, in order. */
     this.pendingSubscribes = [];
@@ -359,7 +362,7 @@ export class GatewayClient {
 
   /**
    * Subscribes to `room`. Callbacks: onChange(change) for each change or
-   * event once, in commit order; onReset({reason, room}) when history is
+   * event once, in commit order; onReset({reason, room, position}) when history is
    * gone; onSubscribed({position, resumed, room}) each time the room is
    * live on a connection; onError({code, message, room}) when the gateway
    * refuses the room (the subscription has then ended).
@@ -737,6 +740,7 @@ export class GatewayClient {
     conn.welcomedAt = Date.now();
     if (Number.isFinite(message.heartbeat_ms) && message.heartbeat_ms > 0) conn.heartbeatMs = message.heartbeat_ms;
     if (typeof message.encoding === "string") conn.encoding = message.encoding;
+    if (Number.isInteger(message.protocol)) conn.protocol = message.protocol;
     this.#setState("connected", { connectionId: message.connection_id });
     this.#armHeartbeat(conn, conn.heartbeatMs);
     this.#scheduleRefresh(conn, conn.token);
@@ -808,15 +812,17 @@ export class GatewayClient {
   #onReset(conn, message) {
     const record = this.#subs.get(message.room);
     if (!record || record.conn !== conn || record.ended) return;
-    // What was missed is gone; the stream goes on from where this
-    // connection's subscription went live, so a later resume does not ask
-    // for the lost history again.
-    if (record.liveFrom !== null && (record.big === null || record.liveFrom > record.big)) {
-      record.big = record.liveFrom;
-      record.position = record.liveFrom.toString();
+    // What was missed is gone; the stream goes on after the reset's
+    // position (protocol 2), or else from where this connection's
+    // subscription went live, so a later resume does not ask for the lost
+    // history again.
+    const after = isPosition(message.position) ? BigInt(message.position) : record.liveFrom;
+    if (after !== null && (record.big === null || after > record.big)) {
+      record.big = after;
+      record.position = after.toString();
       this.#persist(record);
     }
-    this.#call(record, "onReset", { reason: message.reason ?? "unknown", room: record.room });
+    this.#call(record, "onReset", { reason: message.reason ?? "unknown", room: record.room, position: record.position });
   }
 
   #onUnsubscribed(conn, message) {
@@ -837,12 +843,17 @@ export class GatewayClient {
   #onError(conn, message) {
     const code = String(message.code ?? "");
     const text = String(message.message ?? "");
-    if (SUBSCRIBE_ERRORS.has(code)) {
-      // The gateway handles one message at a time and answers every
-      // subscribe with `subscribed` or an error, in order: this refusal is
-      // the oldest subscribe's. (A `room` field, if a gateway adds one,
-      // names it outright.)
-      const named = typeof message.room === "string" ? message.room : undefined;
+    const named = typeof message.room === "string" ? message.room : undefined;
+    if (code === "rate_limited") {
+      this.#onRateLimited(conn, message, named, text);
+      return;
+    }
+    // Protocol 2 names the refused subscribe's room; an error without one
+    // is then not a subscribe's (an ack's invalid_position, say).
+    if (SUBSCRIBE_ERRORS.has(code) && (named !== undefined || conn.protocol < 2)) {
+      // Protocol 1: the gateway handles one message at a time and answers
+      // every subscribe with `subscribed` or an error, in order, so this
+      // refusal is the oldest subscribe's.
       const record = this.#takePending(conn, named);
       if (!record) {
         this.#emitError(code, text);
@@ -856,14 +867,7 @@ export class GatewayClient {
         return;
       }
       if (RETRYABLE_SUBSCRIBE_ERRORS.has(code)) {
-        const delay = backoffDelay(record.retries++, this.#reconnect);
-        const timer = setTimeout(() => {
-          conn.retryTimers.delete(timer);
-          if (!record.ended && this.#conn === conn && !conn.aborted && this.#subs.get(record.room) === record) {
-            this.#sendSubscribe(conn, record);
-          }
-        }, delay);
-        conn.retryTimers.add(timer);
+        this.#retrySubscribe(conn, record);
         return;
       }
       this.#endWithError(record, { code, message: text, room: record.room });
@@ -871,7 +875,7 @@ export class GatewayClient {
     }
     if (code === "not_subscribed") {
       for (const [room, count] of conn.pendingUnsubscribes) {
-        if (text.includes(JSON.stringify(room)) || conn.pendingUnsubscribes.size === 1) {
+        if (named !== undefined ? named === room : text.includes(JSON.stringify(room)) || conn.pendingUnsubscribes.size === 1) {
           if (count <= 1) conn.pendingUnsubscribes.delete(room);
           else conn.pendingUnsubscribes.set(room, count - 1);
           return;
@@ -886,15 +890,57 @@ export class GatewayClient {
       this.#armRefresh(conn, Math.max(MIN_REFRESH_MS, 1000));
       return;
     }
-    if (code === "rate_limited") {
-      // The gateway dropped one of our messages and cannot say which (a
-      // subscribe? an ack?): resubscribing on a new connection is the only
-      // answer that cannot lose anything.
-      this.#emitError(code, text);
-      this.#abort(conn, 4000, `rate limited by the gateway (${text})`);
-      return;
-    }
     this.#emitError(code, text);
+  }
+
+  /** Sends `record`'s subscribe again on `conn` after a backoff. */
+  #retrySubscribe(conn, record) {
+    const delay = backoffDelay(record.retries++, this.#reconnect);
+    const timer = setTimeout(() => {
+      conn.retryTimers.delete(timer);
+      if (!record.ended && this.#conn === conn && !conn.aborted && this.#subs.get(record.room) === record) {
+        this.#sendSubscribe(conn, record);
+      }
+    }, delay);
+    conn.retryTimers.add(timer);
+  }
+
+  /** The gateway dropped one of our messages. Protocol 2 says which
+   * (`dropped`, with its `room`): it is sent again (subscribe, unsubscribe,
+   * auth) or let go (ack, ping). Protocol 1 cannot say: resubscribing on a
+   * new connection is the only answer that cannot lose anything. */
+  #onRateLimited(conn, message, room, text) {
+    this.#emitError("rate_limited", text);
+    switch (message.dropped) {
+      case "subscribe": {
+        const record = room === undefined ? null : this.#takePending(conn, room);
+        if (record && !record.ended) this.#retrySubscribe(conn, record);
+        if (record || room !== undefined) return;
+        break;
+      }
+      case "unsubscribe":
+        if (room !== undefined && conn.pendingUnsubscribes.has(room)) {
+          const timer = setTimeout(() => {
+            conn.retryTimers.delete(timer);
+            conn.send({ type: "unsubscribe", room });
+          }, backoffDelay(0, this.#reconnect));
+          conn.retryTimers.add(timer);
+        }
+        return;
+      case "ack":
+        return;
+      case "ping":
+        // No pong will come for it: ask again after an interval.
+        conn.pingSentAt = null;
+        this.#armHeartbeat(conn, conn.heartbeatMs);
+        return;
+      case "auth":
+        this.#armRefresh(conn, Math.max(MIN_REFRESH_MS, 1000));
+        return;
+      default:
+        break;
+    }
+    this.#abort(conn, 4000, `rate limited by the gateway (${text})`);
   }
 
   // --- liveness --------------------------------------------------------------

@@ -80,7 +80,8 @@ export interface SubscribeOptions<Row = Record<string, unknown>, Payload = unkno
   onChange?(change: Delivery<Row, Payload>): void;
   /** The history since the resume point is gone (retention, TRUNCATE):
    * refetch the room's state. The stream goes on after it. */
-  onReset?(info: { reason: string; room: string }): void;
+  /** `position`: where the stream goes on (after it), as `sub.position`. */
+  onReset?(info: { reason: string; room: string; position: string | null }): void;
   /** The room is live on a connection (each connect): everything committed
    * after `position` will be delivered. `resumed`: it continued from an
    * earlier position (what was missed follows). */

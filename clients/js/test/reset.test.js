@@ -52,7 +52,7 @@ test("a resume from pruned history reaches onReset and the stream goes on", { ti
     onSubscribed: (info) => subscribed.push(info),
   });
   await eventually("onReset", () => resets.length === 1);
-  assert.deepEqual(resets[0], { reason: "history_expired", room: ROOM });
+  assert.deepEqual(resets[0], { reason: "history_expired", room: ROOM, position: subscribed[0].position });
   assert.equal(subscribed[0].resumed, true);
   assert.deepEqual(got, [], "nothing of the pruned stretch is delivered after a reset");
   assert.equal(sub.position, subscribed[0].position, "after a reset the subscription goes on from where it went live");

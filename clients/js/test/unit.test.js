@@ -220,7 +220,7 @@ describe("exactly once across seams", () => {
   test("a reset reaches onReset; the stream goes on and a later resume does not ask for the lost history", async () => {
     const { socket, Socket, got, events, subs } = await connected({ since: "5", position: "50" });
     socket.deliver({ type: "reset", room: "project:1", reason: "history_expired" });
-    assert.deepEqual(events.find((e) => e.reset).reset, { reason: "history_expired", room: "project:1" });
+    assert.deepEqual(events.find((e) => e.reset).reset, { reason: "history_expired", room: "project:1", position: "50" });
     assert.equal(subs[0].position, "50");
     socket.deliver(change("project:1", 51));
     assert.deepEqual(got.get("project:1"), ["51"]);
@@ -327,6 +327,57 @@ describe("refusals", () => {
     await until(() => events.some((e) => e.state === "disconnected"), "a disconnect");
     assert.equal(events.filter((e) => e.state === "disconnected").at(-1).code, 4000);
     assert.equal(socket.closedWith.code, 1000, "the client closed it");
+  });
+});
+
+describe("protocol 2 (welcome says protocol: 2)", () => {
+  test("refusals are matched by their room, whatever the order; a roomless one is not a subscribe's", async () => {
+    const Socket = fakeSocketClass();
+    const errors = [];
+    const clientErrors = [];
+    const live = [];
+    const c = client("ws://gateway.test/ws", { WebSocket: Socket });
+    c.on("error", (e) => clientErrors.push(e.code));
+    for (const room of ["project:1", "project:2"]) {
+      c.subscribe(room, { onError: (e) => errors.push(e), onSubscribed: (s) => live.push(s.room) });
+    }
+    await turn();
+    const socket = Socket.last;
+    socket.welcome({ protocol: 2 });
+    socket.deliver({ type: "error", code: "forbidden", message: "no", room: "project:2" });
+    socket.deliver({ type: "error", code: "invalid_position", message: "an ack's" });
+    socket.deliver({ type: "subscribed", room: "project:1", position: "1" });
+    assert.deepEqual(errors, [{ code: "forbidden", message: "no", room: "project:2" }]);
+    assert.deepEqual(live, ["project:1"]);
+    assert.deepEqual(clientErrors, ["invalid_position"]);
+  });
+
+  test("rate_limited says what it dropped: a subscribe is sent again, an ack let go, nothing reconnects", async () => {
+    const Socket = fakeSocketClass();
+    const events = [];
+    const c = client("ws://gateway.test/ws", { WebSocket: Socket, reconnect: { minDelayMs: 20, maxDelayMs: 40 } });
+    c.on("state", (e) => events.push(e.state));
+    c.subscribe("project:1", {});
+    await turn();
+    const socket = Socket.last;
+    socket.welcome({ protocol: 2 });
+    socket.deliver({ type: "error", code: "rate_limited", message: "slow down", dropped: "subscribe", room: "project:1" });
+    socket.deliver({ type: "error", code: "rate_limited", message: "slow down", dropped: "ack" });
+    await until(() => socket.sentOf("subscribe").length === 2, "the dropped subscribe sent again");
+    socket.deliver({ type: "subscribed", room: "project:1", position: "3" });
+    assert.equal(Socket.instances.length, 1, "no reconnect");
+    assert.ok(!events.includes("disconnected"));
+  });
+
+  test("a reset's position moves the room past the gap, also for a live reset", async () => {
+    const { socket, Socket, subs } = await connected({ position: "10", welcome: { protocol: 2 } });
+    socket.deliver(change("project:1", 11));
+    socket.deliver({ type: "reset", room: "project:1", reason: "history_expired", position: "90" });
+    assert.equal(subs[0].position, "90");
+    socket.serverClose(1001, "");
+    await until(() => Socket.instances.length === 2, "a reconnect");
+    Socket.last.welcome({ protocol: 2 });
+    assert.equal(Socket.last.sentOf("subscribe")[0].since, "90");
   });
 });
 
