@@ -61,6 +61,10 @@ enum Command {
         /// Demo changes per second.
         #[arg(long, default_value_t = 5.0)]
         rate: f64,
+        /// Where the project board (a page of the demo application, using
+        /// the gateway's /client.js) is served.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        board_listen: std::net::SocketAddr,
     },
     /// Load-test a gateway (or a private one it starts) and report
     /// commit-to-receive latency, losses and resource use.
@@ -117,7 +121,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Track { table, rooms } => schema::track(&table, &rooms).await,
         Command::Untrack { table } => schema::untrack(&table).await,
         Command::Source { target, slot } => source::source(target.as_deref(), slot.as_deref()).await,
-        Command::Demo { data_dir, rate } => demo::run(data_dir, rate).await,
+        Command::Demo {
+            data_dir,
+            rate,
+            board_listen,
+        } => demo::run(data_dir, rate, board_listen).await,
         Command::Bench(args) => ws_gateway_bench::run(args).await,
         Command::Latency { url } => latency::print_latency(&url).await,
         Command::DevDb { action, dir } => match action.as_str() {

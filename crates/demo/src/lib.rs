@@ -1,8 +1,12 @@
 //! The demo ConstructTrack application: its schema (`constructtrack.sql`)
 //! and a writer that keeps committing realistic site updates, so that `make
-//! run` shows live changes flowing through the gateway without any client.
+//! run` shows live changes flowing through the gateway without any client;
+//! and the project board (`board.rs`), a page of the application that
+//! follows a project live through the JavaScript client.
 //!
 //! Nothing here is used when the gateway serves a real database.
+
+pub mod board;
 
 use std::time::{Duration, Instant};
 
