@@ -14,8 +14,24 @@ cleanup() {
 trap cleanup EXIT
 export TEST_DATABASE_URL="$url"
 
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+
+# The JavaScript client's suite (clients/js): the declarations type-checked,
+# unit tests, the client against this gateway binary under faults, and
+# headless Chromium (the client, the dashboard, the demo board) importing
+# the gateway's own /client.js. Its npm dependencies come from the lockfile
+# (`npm ci`, which .ci/run does).
+if [ ! -d clients/js/node_modules ]; then
+  echo "clients/js/node_modules is missing: run (cd clients/js && npm ci)" >&2
+  exit 1
+fi
+(
+  cd clients/js
+  GATEWAY_BIN="$PWD/../../target/debug/ws-gateway" CLIENT_JS_URL='{gateway}/client.js' npm test
+) || status=$?
+exit "$status"

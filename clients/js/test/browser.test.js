@@ -13,13 +13,11 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import http from "node:http";
 import net from "node:net";
-import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.js";
 import { CLIENT_DIR, Gateway, compare, eventually, freePort, freshDatabase, makeToken, outboxPositions, startWorkload } from "./harness.js";
 
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const ROOMS = ["project:0", "project:1"]; // the workload writes item id to project:{id % 2}
 
 const cleanup = [];
@@ -67,33 +65,6 @@ function appServer(gatewayPort, clientUrl) {
     socket.on("error", () => upstream.destroy());
   });
   return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
-}
-
-async function launchChromium() {
-  if (!fs.existsSync(CHROMIUM)) {
-    throw new Error(`no Chromium at ${CHROMIUM}: install Debian's chromium package (apt-get install chromium), or set CHROMIUM`);
-  }
-  const profile = fs.mkdtempSync(path.join(os.tmpdir(), "ws-gateway-chromium-"));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
-  return {
-    context,
-    async close() {
-      await context.close();
-      fs.rmSync(profile, { recursive: true, force: true });
-    },
-  };
 }
 
 test("in headless Chromium: gzip frames, small and 20 KB rows, a gateway restart; what the page got equals the outbox", { timeout: 120000 }, async () => {
