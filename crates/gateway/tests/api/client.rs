@@ -387,13 +387,13 @@ async fn stall_and_resume(name: &str, rows: i64) -> (Option<u16>, Duration) {
             }
         }
     });
-    let (close_code, close_at, delay) = loop {
+    let (close_code, close_reason, close_at, delay) = loop {
         match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
             Ok(Some(ClientEvent::Disconnected {
                 code,
+                reason,
                 reconnect_in: Some(delay),
-                ..
-            })) => break (code, Instant::now(), delay),
+            })) => break (code, reason, Instant::now(), delay),
             Ok(Some(_)) => continue,
             other => panic!("no disconnect: {other:?}"),
         }
@@ -413,7 +413,7 @@ async fn stall_and_resume(name: &str, rows: i64) -> (Option<u16>, Duration) {
     let got = got.lock().unwrap().clone();
     println!(
         "\nws-gateway-client, {name}: expected {} / delivered {} / duplicates {} (dropped at the seam: {}); \
-         closed {close_code:?} {} ms after it read again, first retry in {} ms; live again {} ms after it read again; {} connections",
+         closed {close_code:?} ({close_reason}) {} ms after it read again, first retry in {} ms; live again {} ms after it read again; {} connections",
         want.len(),
         got.len(),
         got.len() - got.iter().collect::<std::collections::HashSet<_>>().len(),
