@@ -25,10 +25,14 @@ fi
 # unit tests, the client against this gateway binary under faults, and
 # headless Chromium (the client, the dashboard, the demo board) importing
 # the gateway's own /client.js. Its npm dependencies come from the lockfile
-# (`npm ci`, which .ci/run does).
-if [ ! -d clients/js/node_modules ]; then
-  echo "clients/js/node_modules is missing: run (cd clients/js && npm ci)" >&2
-  exit 1
+# (`npm ci`, which .ci/run does; done here too when they are missing or older
+# than the lockfile, so `make test` works from a clean clone).
+if [ ! -f clients/js/node_modules/.package-lock.json ] ||
+  [ clients/js/package-lock.json -nt clients/js/node_modules/.package-lock.json ]; then
+  (cd clients/js && npm ci --no-audit --no-fund) || {
+    echo "clients/js: npm ci failed (Node 20+ and npm, and the npm registry, are needed)" >&2
+    exit 1
+  }
 fi
 (
   cd clients/js

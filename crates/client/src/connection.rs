@@ -67,6 +67,9 @@ pub(crate) enum Command {
 enum End {
     /// Closed or broken; `code` is the close code (`None`: no close frame).
     Lost { code: Option<u16>, reason: String },
+    /// A write failed: the gateway may have closed first (4008 while we
+    /// were held back), its close frame still unread.
+    SendFailed { reason: String },
     /// [`Command::Reconnect`].
     Asked,
     /// `close()`, or every handle dropped.
@@ -124,6 +127,7 @@ impl Task {
                     continue;
                 }
                 End::Lost { code, reason } => (code, reason),
+                End::SendFailed { reason } => (None, reason),
             };
             let at_once = attempt == 0 && code.is_some_and(|c| RECONNECT_AT_ONCE.contains(&c));
             let delay = if at_once {
@@ -264,6 +268,31 @@ fn describe_connect_error(error: tokio_tungstenite::tungstenite::Error) -> Strin
     }
 }
 
+/// After a failed write, what the gateway said last: a close frame it sent
+/// before the socket broke (a 4008 that came while the application held us
+/// back, whose reconnect goes at once) is still in the receive buffer.
+/// Frames before it are dropped: the resume asks for them again.
+async fn close_after_failed_send(ws: &mut Socket, reason: String) -> End {
+    let read_close = async {
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Close(Some(frame))) => return Some((u16::from(frame.code), frame.reason.to_string())),
+                Ok(Message::Close(None)) => return Some((1005, String::new())),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(CLOSE_GRACE, read_close).await {
+        Ok(Some((code, close_reason))) => End::Lost {
+            code: Some(code),
+            reason: close_reason,
+        },
+        _ => End::Lost { code: None, reason },
+    }
+}
+
 /// One connection's timers and state beside [`Rooms`].
 struct Connection<'a> {
     task: &'a mut Task,
@@ -311,7 +340,10 @@ impl<'a> Connection<'a> {
     }
 
     async fn run(mut self, mut ws: Socket) -> End {
-        let end = self.serve(&mut ws).await;
+        let mut end = self.serve(&mut ws).await;
+        if let End::SendFailed { reason } = end {
+            end = close_after_failed_send(&mut ws, reason).await;
+        }
         if let Some(refreshing) = self.refreshing.take() {
             refreshing.abort();
         }
@@ -326,7 +358,7 @@ impl<'a> Connection<'a> {
                 let _ = tokio::time::timeout(CLOSE_GRACE, async { while ws.next().await.is_some() {} }).await;
             }
             // Broken, or judged dead: no waiting for a handshake.
-            End::Lost { code: None, .. } => {
+            End::Lost { code: None, .. } | End::SendFailed { .. } => {
                 let _ = futures_util::FutureExt::now_or_never(ws.close(Some(goodbye)));
             }
             End::Asked | End::Stopped => {
@@ -380,7 +412,7 @@ impl<'a> Connection<'a> {
                 }
                 () = sleep_until(next_timer) => match self.on_timer(ws).await {
                     Ok(outs) => outs,
-                    Err(reason) => return End::Lost { code: None, reason },
+                    Err(end) => return end,
                 },
             };
             for out in outs {
@@ -403,8 +435,7 @@ impl<'a> Connection<'a> {
     }
 
     async fn send(&self, ws: &mut Socket, text: String) -> Result<(), End> {
-        ws.send(Message::text(text)).await.map_err(|e| End::Lost {
-            code: None,
+        ws.send(Message::text(text)).await.map_err(|e| End::SendFailed {
             reason: format!("send failed: {e}"),
         })
     }
@@ -498,7 +529,7 @@ impl<'a> Connection<'a> {
     }
 
     /// Whichever timers are due. `Err`: the connection is dead.
-    async fn on_timer(&mut self, ws: &mut Socket) -> Result<Vec<Out>, String> {
+    async fn on_timer(&mut self, ws: &mut Socket) -> Result<Vec<Out>, End> {
         let now = Instant::now();
         let mut outs = Vec::new();
         if self.refresh_due.is_some_and(|at| at <= now) {
@@ -528,22 +559,23 @@ impl<'a> Connection<'a> {
 
     /// After a heartbeat interval without a frame, a `ping`; no frame within
     /// another interval, and the connection is presumed dead.
-    async fn heartbeat(&mut self, now: Instant, ws: &mut Socket) -> Result<(), String> {
+    async fn heartbeat(&mut self, now: Instant, ws: &mut Socket) -> Result<(), End> {
+        let dead = |reason: String| End::Lost { code: None, reason };
         if !self.welcomed {
-            return Err(format!(
+            return Err(dead(format!(
                 "no welcome from the gateway within {:?}",
                 self.task.options.welcome_timeout
-            ));
+            )));
         }
         let slept = now.duration_since(self.heartbeat_due) > LATE_TIMER;
         if let Some((sent, timeout)) = self.ping {
             if self.last_heard >= sent {
                 self.ping = None;
             } else if now.duration_since(sent) >= timeout {
-                return Err(format!(
+                return Err(dead(format!(
                     "no frame for {:?}, not even a pong: connection presumed dead",
                     now.duration_since(self.last_heard)
-                ));
+                )));
             } else {
                 self.heartbeat_due = sent + timeout;
                 return Ok(());
@@ -558,9 +590,7 @@ impl<'a> Connection<'a> {
             };
             self.pings += 1;
             let ping = serde_json::json!({"type": "ping", "id": self.pings.to_string()}).to_string();
-            ws.send(Message::text(ping))
-                .await
-                .map_err(|e| format!("send failed: {e}"))?;
+            self.send(ws, ping).await?;
             Stats::add(&self.task.stats.pings, 1);
             self.ping = Some((now, timeout));
             self.heartbeat_due = now + timeout;
