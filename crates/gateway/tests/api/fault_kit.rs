@@ -117,6 +117,8 @@ pub struct Received {
     /// Every `subscribed`: room, position, resumed, when.
     pub subscribed: Vec<(String, i64, bool, Instant)>,
     pub connections: usize,
+    /// The URL it is connected to now (`None` between connections).
+    pub url: Option<String>,
     /// Every close: code, reason, the client's first retry delay, when.
     pub closes: Vec<(Option<u16>, String)>,
     pub disconnects: Vec<(Option<u16>, String, Duration, Instant)>,
@@ -139,6 +141,8 @@ pub struct Subscriber {
     tasks: Vec<JoinHandle<()>>,
     /// Deliberate moves to the next URL (after `hop_every` changes).
     pub hops: Arc<AtomicUsize>,
+    /// Changes between hops; 0 stops them.
+    pub hop_every: Arc<AtomicUsize>,
 }
 
 impl Subscriber {
@@ -159,6 +163,7 @@ impl Subscriber {
         let client = builder.start();
         let received = Arc::new(Mutex::new(Received::default()));
         let hops = Arc::new(AtomicUsize::new(0));
+        let hop_every = Arc::new(AtomicUsize::new(hop_every));
         let since_hop = Arc::new(AtomicUsize::new(0));
         let mut tasks = vec![tokio::spawn(record_events(
             client.events(),
@@ -170,7 +175,7 @@ impl Subscriber {
             tasks.push(tokio::spawn(record_room(
                 subscription,
                 client.clone(),
-                hop_every,
+                Arc::clone(&hop_every),
                 Arc::clone(&since_hop),
                 Arc::clone(&received),
                 Arc::clone(&hops),
@@ -181,6 +186,7 @@ impl Subscriber {
             received,
             tasks,
             hops,
+            hop_every,
         }
     }
 
@@ -210,8 +216,9 @@ async fn record_events(
     while let Some(event) = events.next().await {
         let mut r = received.lock().unwrap();
         match event {
-            ClientEvent::Connected { .. } => {
+            ClientEvent::Connected { url, .. } => {
                 r.connections += 1;
+                r.url = Some(url);
                 since_hop.store(0, Ordering::Relaxed);
             }
             ClientEvent::Disconnected {
@@ -219,6 +226,7 @@ async fn record_events(
                 reason,
                 reconnect_in: Some(delay),
             } => {
+                r.url = None;
                 r.closes.push((code, reason.clone()));
                 r.disconnects.push((code, reason, delay, Instant::now()));
             }
@@ -233,7 +241,7 @@ async fn record_events(
 async fn record_room(
     mut subscription: Subscription,
     client: Client,
-    hop_every: usize,
+    hop_every: Arc<AtomicUsize>,
     since_hop: Arc<AtomicUsize>,
     received: Arc<Mutex<Received>>,
     hops: Arc<AtomicUsize>,
@@ -250,6 +258,7 @@ async fn record_room(
             Update::Change(change) | Update::Event(change) => {
                 r.positions.entry(room.clone()).or_default().push(change.position.0);
                 r.times.entry(room.clone()).or_default().push(Instant::now());
+                let hop_every = hop_every.load(Ordering::Relaxed);
                 if hop_every > 0 && since_hop.fetch_add(1, Ordering::Relaxed) + 1 >= hop_every {
                     since_hop.store(0, Ordering::Relaxed);
                     hops.fetch_add(1, Ordering::Relaxed);

@@ -248,6 +248,23 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
     wait_started(&subs).await;
     let work = Workload::start(&db.url, N, ROOMS, WRITERS);
     work.wait_committed(1000).await;
+    // The hops stop, with one subscriber at least on `a` (the first two hop
+    // in step: all three may well be on `b`), so someone is told to go.
+    for (s, _) in &subs {
+        s.hop_every.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    let url_of = |s: &Subscriber| s.received.lock().unwrap().url.clone();
+    eventually("every subscriber connected, hops stopped", || async {
+        subs.iter().all(|(s, _)| url_of(s).is_some()).then_some(())
+    })
+    .await;
+    if !subs.iter().any(|(s, _)| url_of(s) == Some(urls[0].clone())) {
+        subs[2].0.client.reconnect(); // to the next URL: `a`
+        eventually("the third subscriber on a", || async {
+            (url_of(&subs[2].0) == Some(urls[0].clone())).then_some(())
+        })
+        .await;
+    }
     a.signal(libc::SIGTERM);
     let status = a.wait_exit().await;
     assert!(status.success(), "graceful stop exits 0: {status:?}\n{}", a.log_text());
@@ -268,7 +285,10 @@ async fn clients_move_between_instances_and_survive_a_graceful_stop() {
     });
     assert!(
         told_to_go,
-        "clients of the stopped instance were told to reconnect and resume"
+        "clients of the stopped instance were told to reconnect and resume: {:?}",
+        subs.iter()
+            .map(|(s, _)| s.received.lock().unwrap().closes.clone())
+            .collect::<Vec<_>>()
     );
     let log = a.log_text();
     assert!(log.contains("SIGTERM"), "{log}");
