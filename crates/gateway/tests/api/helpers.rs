@@ -114,7 +114,12 @@ fn newer_source(workspace: &std::path::Path, built: std::time::SystemTime) -> Op
         }
         (meta.modified().ok()? > built).then(|| path.to_owned())
     }
-    let mut roots = vec![workspace.join("Cargo.lock"), workspace.join("Cargo.toml")];
+    // The binary embeds the JavaScript client (`GET /client.js`).
+    let mut roots = vec![
+        workspace.join("Cargo.lock"),
+        workspace.join("Cargo.toml"),
+        workspace.join("clients/js/client.js"),
+    ];
     for entry in std::fs::read_dir(workspace.join("crates")).ok()?.flatten() {
         let krate = entry.path();
         for part in ["src", "migrations", "Cargo.toml", "constructtrack.sql"] {
