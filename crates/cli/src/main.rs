@@ -102,15 +102,16 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    // Whatever RUST_LOG asks: these would log tokens at trace level.
-    for directive in ws_gateway::LOG_CAPS {
-        filter = filter.add_directive(directive.parse().expect("a valid directive"));
-    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        // Whatever RUST_LOG asks: tungstenite's trace would log tokens.
+        .with(tracing_subscriber::filter::filter_fn(ws_gateway::may_log))
         .init();
 }
 

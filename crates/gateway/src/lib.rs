@@ -38,13 +38,27 @@ pub use source::{SwitchOutcome, switch_to_notify, switch_to_wal};
 /// What a running gateway shares; tests reload settings through it.
 pub use state::AppState;
 
-/// Log targets held at `debug` whatever the log filter asks for: at
-/// `trace`, tungstenite logs every frame it reads or writes and every
-/// handshake request it sends, so tokens (`?token=`, in-band `auth`) and the
-/// probe's ticket would land in the log. Every log subscriber of the daemon
-/// adds these directives last (an `EnvFilter` lets the most specific
-/// directive for a target win).
-pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+/// Crates whose `trace` events are never written, whatever the log filter
+/// asks for: at `trace`, tungstenite logs every frame it reads or writes
+/// and every handshake request it sends, so tokens (`?token=`, in-band
+/// `auth`) and the probe's ticket would land in the log.
+pub const TRACE_SILENCED: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
+/// Whether a log event may be written: every log subscriber of the daemon
+/// adds this as a filter beside its level filter (`filter_fn(may_log)`).
+/// It only drops [`TRACE_SILENCED`]'s trace events: their debug and higher
+/// follow the level filter, so the default `info` stays quiet.
+pub fn may_log(metadata: &tracing::Metadata<'_>) -> bool {
+    if *metadata.level() != tracing::Level::TRACE {
+        return true;
+    }
+    let target = metadata.target();
+    !TRACE_SILENCED.iter().any(|krate| {
+        target
+            .strip_prefix(krate)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
 
 /// For the fuzz tests: the client protocol's decoder and the token check.
 pub use auth::Authenticator;

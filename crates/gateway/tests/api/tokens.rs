@@ -273,3 +273,35 @@ async fn a_trace_level_log_holds_no_token_and_no_probe_ticket() {
         );
     }
 }
+
+/// The trace cap only silences tungstenite's trace: at the default `info`
+/// (and at `warn`) its debug lines stay out of the log too. Before this,
+/// the cap was an `EnvFilter` directive `tungstenite=debug`, which raised
+/// it to debug whatever `RUST_LOG` said (a line per handshake and close).
+#[tokio::test]
+async fn the_log_cap_does_not_raise_tungstenite_above_the_filter() {
+    let db = fresh_database().await;
+    let mut gateway = GatewayProcess::start(&db.url, free_port().await, &[]).await;
+    for _ in 0..3 {
+        let mut c = Client::connect(&gateway.ws_url()).await;
+        c.subscribe("project:3").await;
+        c.ws.close(None).await.unwrap();
+    }
+    eventually("the probe to round-trip", || async {
+        let (_, metrics) = http_get(gateway.address, "/metrics").await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ws_gateway_probes_received_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    gateway.signal(libc::SIGTERM);
+    gateway.wait_exit().await;
+    let log = gateway.log_text();
+    assert!(log.contains("INFO"), "the log is at info level:\n{log}");
+    assert!(
+        !log.contains("tungstenite"),
+        "tungstenite logged at RUST_LOG=info:\n{log}"
+    );
+}
