@@ -7,7 +7,8 @@
 //! and `writers` with `floor` (database side, on their own thread) ->
 //! `ledger`, `frames`, `latency` (what arrived, and how fast) -> `report`,
 //! `baseline` (what it means). `run` ties a delivery run together;
-//! `writer_cost` is the `--writers-only` mode.
+//! `writer_cost` is the `--writers-only` mode, `soak` the chaos soak
+//! (faults against two instances, an exact count at the end).
 
 mod baseline;
 mod clients;
@@ -21,6 +22,7 @@ mod procfs;
 mod progress;
 mod report;
 mod run;
+mod soak;
 mod table;
 mod target;
 mod writer_cost;
@@ -48,7 +50,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         ws_gateway::shutdown_signal().await;
         on_signal.cancel();
     });
-    let result = if args.writers_only {
+    let result = if args.scenario == plan::Scenario::Soak {
+        match soak::run(&args, interrupt).await {
+            Ok(report) => conclude(report, &baseline),
+            Err(e) => Err(e),
+        }
+    } else if args.writers_only {
         match writer_cost::run(&args, interrupt).await {
             Ok(report) => conclude(report, &baseline),
             Err(e) => Err(e),
@@ -88,6 +95,18 @@ impl Verdict for report::Report {
     }
     fn to_text(&self) -> String {
         report::Report::to_text(self)
+    }
+}
+
+impl Verdict for soak::SoakReport {
+    fn failures(&mut self) -> &mut Vec<String> {
+        &mut self.failures
+    }
+    fn set_passed(&mut self, passed: bool) {
+        self.passed = passed;
+    }
+    fn to_text(&self) -> String {
+        soak::SoakReport::to_text(self)
     }
 }
 

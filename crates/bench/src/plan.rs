@@ -29,6 +29,8 @@ pub struct BenchOptions {
     /// high: 1000 connections, 20 rooms, 1000 commits/s, 30 s.
     /// burst: 1000 connections opened at once, bursts of 500 commits every 2 s, 20 s.
     /// stability: 100 connections, 10 rooms, 100 commits/s, 1 h, a report line every minute.
+    /// soak: 20 resuming subscribers (2 rooms each) of 10 rooms over two gateway instances,
+    ///   100 commits/s, 30 min, a fault every --fault-every; an exact count at the end.
     #[arg(long, value_enum, default_value_t = Scenario::Baseline, verbatim_doc_comment)]
     pub scenario: Scenario,
     /// A running gateway (`http://host:port`) to test instead of starting one;
@@ -109,6 +111,10 @@ pub struct BenchOptions {
     /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Soak: time between faults (LISTEN kill, pool kill, PostgreSQL
+    /// restart, slow readers, SIGTERM of one instance, in turn).
+    #[arg(long, value_parser = parse_duration, default_value = "2m")]
+    pub fault_every: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +124,7 @@ pub enum Scenario {
     High,
     Burst,
     Stability,
+    Soak,
 }
 
 impl Scenario {
@@ -127,6 +134,7 @@ impl Scenario {
             Scenario::High => "high",
             Scenario::Burst => "burst",
             Scenario::Stability => "stability",
+            Scenario::Soak => "soak",
         }
     }
 }
@@ -290,6 +298,16 @@ fn preset(scenario: Scenario) -> Preset {
             burst_size: None,
             connect_all_at_once: false,
             report_every: Some(secs(60)),
+        },
+        Scenario::Soak => Preset {
+            connections: 20,
+            rooms: 10,
+            rate: 100.0,
+            duration: secs(1800),
+            warmup: Duration::ZERO,
+            burst_size: None,
+            connect_all_at_once: false,
+            report_every: None,
         },
     }
 }

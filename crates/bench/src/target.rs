@@ -252,7 +252,7 @@ pub fn http_authority(url: &str) -> Result<String> {
 }
 
 /// GETs `http://{addr}{path}`: the status and the body.
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+pub(crate) async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let client = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
