@@ -63,6 +63,12 @@ pub struct BenchOptions {
     /// Writing before the measured part; delivered and counted, not timed.
     #[arg(long, value_parser = parse_duration)]
     pub warmup: Option<Duration>,
+    /// The capture source of the gateway the bench starts: notify (a trigger
+    /// on the table) or wal (logical replication). The bench switches the
+    /// database to it first (`ws-gateway source`). With --gateway, the
+    /// database must already use it. --writers-only measures both anyway.
+    #[arg(long, value_enum, default_value_t = Source::Notify)]
+    pub source: Source,
     /// Ask the gateway for compressed frames (`?encoding=`).
     #[arg(long, value_enum, default_value_t = Encoding::None)]
     pub encoding: Encoding,
@@ -82,6 +88,10 @@ pub struct BenchOptions {
     /// ws-gateway, each with synchronous_commit on and off.
     #[arg(long, conflicts_with_all = ["gateway", "floor"])]
     pub writers_only: bool,
+    /// With --writers-only: bytes of the wide row's unchanged column in the
+    /// UPDATE shape (TOASTed out of line from about 2 KB).
+    #[arg(long, default_value_t = 102_400)]
+    pub wide_row_bytes: usize,
     /// Concurrent writer connections (default 8 with --writers-only, else 4).
     #[arg(long)]
     pub writers: Option<usize>,
@@ -135,6 +145,22 @@ impl Scenario {
             Scenario::Burst => "burst",
             Scenario::Stability => "stability",
             Scenario::Soak => "soak",
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Notify,
+    Wal,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Notify => "notify",
+            Source::Wal => "wal",
         }
     }
 }
@@ -233,6 +259,7 @@ pub struct Plan {
     pub writers: usize,
     pub encoding: Encoding,
     pub floor: bool,
+    pub source: Source,
     pub connect_concurrency: usize,
     pub report_every: Option<Duration>,
     pub drain_timeout: Duration,
@@ -381,6 +408,7 @@ impl Plan {
             writers,
             encoding: args.encoding,
             floor: args.floor,
+            source: args.source,
             connect_concurrency,
             report_every,
             drain_timeout: args.drain_timeout,

@@ -53,6 +53,13 @@ pub struct RunConfig {
     pub writers: usize,
     pub encoding: String,
     pub floor: bool,
+    /// The capture source: `notify` or `wal` (older reports: notify).
+    #[serde(default = "notify")]
+    pub source: String,
+}
+
+fn notify() -> String {
+    "notify".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -430,6 +437,7 @@ pub mod tests {
                 warmup_s: 2.0,
                 writers: 4,
                 encoding: "none".into(),
+                source: "notify".into(),
                 floor: true,
             },
             target: "private PostgreSQL + gateway".into(),

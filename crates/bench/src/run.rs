@@ -52,6 +52,7 @@ pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<Repor
         needs_gateway: plan.needs_gateway(),
         connections: plan.connections,
         channel: args.channel.clone(),
+        source: args.source,
     })
     .await?;
     let outcome = measure(&plan, args, &mut target, &interrupt).await;
@@ -505,6 +506,7 @@ fn assemble(a: Assembly<'_>) -> Report {
             writers: plan.writers,
             encoding: plan.encoding.as_str().into(),
             floor: plan.floor,
+            source: plan.source.as_str().into(),
         },
         target: a.target.description.clone(),
         writes: Writes {

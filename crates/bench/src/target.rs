@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use pg_private::{ClusterOptions, PrivateCluster, StopMode};
 
+use super::plan::Source;
 use super::procfs;
 
 /// How long a started gateway may take to report its feed live.
@@ -30,6 +31,9 @@ pub struct TargetOptions {
     /// WebSocket clients the gateway must accept.
     pub connections: usize,
     pub channel: String,
+    /// The capture source the database is switched to (a gateway the bench
+    /// starts runs with it; a --gateway must use it already).
+    pub source: Source,
 }
 
 pub struct Target {
@@ -95,6 +99,8 @@ impl Target {
             }
         }
         if opts.needs_gateway {
+            prepare_source(&target.db_url, opts).await?;
+            parts.push(format!("source {}", opts.source.as_str()));
             match &opts.gateway {
                 Some(url) => {
                     let addr = http_authority(url)?;
@@ -134,9 +140,29 @@ impl Target {
         }
     }
 
-    /// Stops the gateway (SIGTERM, then SIGKILL after a timeout) and the
-    /// private PostgreSQL, and removes the scratch directory.
-    pub async fn shutdown(mut self) -> Result<()> {
+    /// Starts a gateway with GATEWAY_SOURCE=wal and no clients, to lead the
+    /// wal source while `--writers-only` measures its writers (the database
+    /// is on wal already).
+    pub async fn start_wal_leader(&mut self, channel: &str) -> Result<()> {
+        let opts = TargetOptions {
+            gateway: None,
+            gateway_pid: None,
+            db: None,
+            needs_gateway: true,
+            connections: 0,
+            channel: channel.to_owned(),
+            source: Source::Wal,
+        };
+        let (child, addr) = start_gateway(&opts, self).await?;
+        self.gateway_pid = child.child.id();
+        self.gateway = Some(child);
+        self.gateway_addr = Some(addr);
+        Ok(())
+    }
+
+    /// Stops a gateway this bench started: SIGTERM, then SIGKILL after a
+    /// timeout.
+    pub async fn stop_gateway(&mut self) -> Result<()> {
         let mut outcome = Ok(());
         if let Some(mut gateway) = self.gateway.take() {
             if let Some(pid) = gateway.child.id() {
@@ -155,6 +181,15 @@ impl Target {
                 }
             }
         }
+        self.gateway_addr = None;
+        self.gateway_pid = None;
+        outcome
+    }
+
+    /// Stops the gateway and the private PostgreSQL, and removes the
+    /// scratch directory.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let mut outcome = self.stop_gateway().await;
         if let Some(cluster) = self.cluster.take()
             && let Err(e) = cluster.stop(StopMode::Fast).await
         {
@@ -176,6 +211,35 @@ impl Drop for Target {
     }
 }
 
+/// Puts the database on `opts.source` before a gateway starts on it, or,
+/// for a running --gateway, checks that it is there.
+async fn prepare_source(db_url: &str, opts: &TargetOptions) -> Result<()> {
+    let pool = super::table::connect(db_url).await?;
+    super::table::ensure_realtime(&pool, &opts.channel).await?;
+    let current = ws_gateway::db::source_settings(&pool)
+        .await?
+        .map(|s| s.source)
+        .unwrap_or_default();
+    let wanted = opts.source.as_str();
+    let outcome = if current == wanted {
+        Ok(())
+    } else if opts.gateway.is_some() {
+        Err(anyhow!(
+            "the database's capture source is {current}, not {wanted}: pass --source {current}, or switch it with `ws-gateway source {wanted}` and restart the gateway"
+        ))
+    } else {
+        match opts.source {
+            Source::Wal => ws_gateway::switch_to_wal(&pool, None).await.map(|_| ()),
+            Source::Notify => ws_gateway::switch_to_notify(&pool, db_url, Duration::from_secs(30))
+                .await
+                .map(|_| ()),
+        }
+        .with_context(|| format!("switching the bench database to --source {wanted}"))
+    };
+    pool.close().await;
+    outcome
+}
+
 async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(GatewayChild, String)> {
     let exe = std::env::current_exe().context("finding this executable to start the gateway")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -192,6 +256,7 @@ async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(Gateway
         .env("GATEWAY_AUTH", "none")
         .env("GATEWAY_LISTEN", &addr)
         .env("GATEWAY_CHANNEL", &opts.channel)
+        .env("GATEWAY_SOURCE", opts.source.as_str())
         .env("GATEWAY_MAX_CONNECTIONS", (opts.connections + 100).to_string())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

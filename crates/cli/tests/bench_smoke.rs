@@ -1,6 +1,7 @@
 //! `ws-gateway bench`, run for real with tiny numbers: each scenario delivers
 //! every change exactly once and writes a well-formed report, the writer-cost
-//! mode reports its six numbers, and a fabricated regression fails the run.
+//! mode reports its numbers, and a fabricated regression fails the run; with
+//! either capture source.
 //! Correctness only, never speed: these run beside everything else.
 //!
 //! Each run gets a fresh database on TEST_DATABASE_URL (what `make test`
@@ -114,6 +115,24 @@ fn bench(name: &str, args: &[&str]) -> Run {
         .map(|text| serde_json::from_str(&text).expect("the report is JSON"));
     let _ = std::fs::remove_file(&json);
     if let (Some((_, name)), Ok(server)) = (&database, std::env::var("TEST_DATABASE_URL")) {
+        // A database with a replication slot (--source wal) cannot be
+        // dropped: its slots go first (each statement on its own: DROP
+        // DATABASE cannot run in the implicit transaction of several).
+        admin(
+            &server,
+            &format!(
+                "do $$ begin
+                   for i in 1 .. 100 loop
+                     perform pg_terminate_backend(active_pid) from pg_replication_slots
+                      where database = '{name}' and active_pid is not null;
+                     perform pg_drop_replication_slot(slot_name) from pg_replication_slots
+                      where database = '{name}' and active_pid is null;
+                     exit when not exists (select 1 from pg_replication_slots where database = '{name}');
+                     perform pg_sleep(0.05);
+                   end loop;
+                 end $$"
+            ),
+        );
         admin(&server, &format!("drop database if exists {name} with (force)"));
     }
     Run { output, report }
@@ -190,6 +209,16 @@ fn high_delivers_everything_once() {
 }
 
 #[test]
+fn high_with_the_wal_source_delivers_everything_once() {
+    let mut args = SMALL.to_vec();
+    args.extend(["--scenario", "high", "--source", "wal"]);
+    let run = bench("high-wal", &args);
+    assert_clean(&run, 1500);
+    assert_eq!(run.report()["config"]["source"], "wal");
+    assert!(run.stdout().contains("source wal"), "{}", run.explain());
+}
+
+#[test]
 fn burst_delivers_everything_once() {
     let mut args = SMALL.to_vec();
     // Bursts of 25 commits every half second.
@@ -212,7 +241,7 @@ fn stability_reports_intervals() {
 }
 
 #[test]
-fn writers_only_reports_six_numbers() {
+fn writers_only_reports_every_capture_and_shape() {
     let run = bench(
         "writers",
         &[
@@ -223,6 +252,8 @@ fn writers_only_reports_six_numbers() {
             "1",
             "--warmup",
             "0",
+            "--wide-row-bytes",
+            "8000",
             "--no-progress",
         ],
     );
@@ -230,23 +261,41 @@ fn writers_only_reports_six_numbers() {
     let report = run.report();
     assert_eq!(report["kind"], "writers_only");
     let results = report["results"].as_array().expect("results");
-    assert_eq!(results.len(), 6, "{report:#}");
+    // Four captures, two shapes, synchronous_commit on and off.
+    assert_eq!(results.len(), 16, "{report:#}");
     for r in results {
         assert!(r["commits_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
     }
+    let find = |shape: &str, capture: &str| {
+        results
+            .iter()
+            .find(|r| r["shape"] == shape && r["capture"] == capture && r["synchronous_commit"] == true)
+            .unwrap()
+    };
     // The notifying variants were drained by a listener: one per commit.
-    let tracked = results
-        .iter()
-        .find(|r| r["capture"] == "tracked" && r["synchronous_commit"] == true)
-        .unwrap();
+    let tracked = find("insert", "tracked");
     assert!(tracked["notifications"].as_u64().unwrap() >= tracked["commits"].as_u64().unwrap());
+    // With the wal source a leading gateway wrote the outbox meanwhile.
     assert!(
-        report
-            .pointer("/tracked_vs_plain_notify_pct/synchronous_commit_on")
-            .and_then(Value::as_f64)
-            .is_some()
+        find("insert", "wal")["notifications"].as_u64().unwrap() > 0,
+        "{report:#}"
     );
+    assert!(
+        find("wide_update", "wal")["notifications"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
+    for ratio in [
+        "/tracked_vs_plain_notify_pct/synchronous_commit_on",
+        "/wal_vs_untracked_pct/synchronous_commit_on",
+        "/wide_update_wal_vs_untracked_pct/synchronous_commit_off",
+    ] {
+        assert!(
+            report.pointer(ratio).and_then(Value::as_f64).is_some(),
+            "{ratio} in {report:#}"
+        );
+    }
+    assert!(run.stdout().contains("GATEWAY_SOURCE=wal"), "{}", run.explain());
 }
 
 #[test]
