@@ -1,14 +1,18 @@
 //! The `ws-gateway` command (SPEC section 6): `serve`, `migrate`, `track`,
-//! `untrack`, `source`, `latency`, and the tools: `bench`, `demo` (what `make run`
-//! starts) and `dev-db` for the test set-up. Thin: the libraries do the work.
+//! `untrack`, `source`, `grants`, `latency`, and the tools: `bench`, `demo`
+//! (what `make run` starts) and `dev-db` for the test set-up. Thin: the
+//! libraries do the work. Each command reads only the settings it uses.
 
 mod demo;
 mod dev_db;
+mod grants;
 mod latency;
+mod logging;
 mod schema;
 mod serve;
 mod source;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,6 +56,19 @@ enum Command {
         #[arg(long)]
         slot: Option<String>,
     },
+    /// Print (or, with --apply, run) the GRANTs a least-privileged gateway
+    /// role needs; run the gateway as ROLE with GATEWAY_AUTO_MIGRATE=false.
+    Grants {
+        /// The role the gateway logs in as (it must exist).
+        role: String,
+        /// Run them on DATABASE_URL (as the owner of the realtime schema)
+        /// instead of printing them.
+        #[arg(long)]
+        apply: bool,
+        /// The capture source the gateway runs with.
+        #[arg(long, default_value = "notify", value_parser = ws_gateway::db::GrantSource::NAMES.to_vec())]
+        source: String,
+    },
     /// A private PostgreSQL with the demo ConstructTrack schema, a demo writer
     /// and the gateway: what `make run` starts.
     Demo {
@@ -87,41 +104,41 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let log = match ws_gateway::config::LogSettings::from_env() {
+        Ok(log) => log,
+        Err(error) => return fail(&error),
+    };
+    let guard = logging::init(&log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(run(cli.command));
+    // Flush what is queued for stderr before the last line. The writer's
+    // guard may print (to stdout) when the writer is stuck on a full pipe;
+    // a closed stdout must not turn that into a panic at exit.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(guard)));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("ws-gateway: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => fail(&format!("{error:#}")),
     }
 }
 
-fn init_tracing() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .finish()
-        // Whatever RUST_LOG asks: tungstenite's trace would log tokens.
-        .with(tracing_subscriber::filter::filter_fn(ws_gateway::may_log))
-        .init();
+/// The one line a failed command ends with. Written with `writeln!`, not
+/// `eprintln!`, which would panic when stderr is a closed pipe.
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "ws-gateway: {error}");
+    ExitCode::FAILURE
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve => serve::serve(schema::settings()?, CancellationToken::new()).await,
+        Command::Serve => serve::serve(ws_gateway::config::Settings::from_env()?, CancellationToken::new()).await,
         Command::Migrate => schema::migrate().await,
         Command::Track { table, rooms } => schema::track(&table, &rooms).await,
         Command::Untrack { table } => schema::untrack(&table).await,
         Command::Source { target, slot } => source::source(target.as_deref(), slot.as_deref()).await,
+        Command::Grants { role, apply, source } => grants::run(&role, apply, &source).await,
         Command::Demo {
             data_dir,
             rate,

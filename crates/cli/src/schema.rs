@@ -1,45 +1,45 @@
 //! `ws-gateway migrate`, `track` and `untrack`: an operator's deploy steps.
-//! Each reads and validates only `DATABASE_URL` (and the channel): a deploy
-//! step has no JWT secret.
+//! Each reads and validates only `DATABASE_URL` and `GATEWAY_CHANNEL`: a
+//! deploy step has no JWT secret, and a bad setting of `serve`'s is not its
+//! business.
 
-use anyhow::Context;
-use sqlx::postgres::PgPoolOptions;
-use ws_gateway::config::{Secret, Settings};
+use ws_gateway::config::DatabaseSettings;
 use ws_gateway::db;
 
-pub fn settings() -> anyhow::Result<Settings> {
-    Ok(Settings::from_env()?)
-}
-
-async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let url = settings
-        .database_url
-        .as_ref()
-        .map(Secret::expose)
-        .context("DATABASE_URL is not set")?;
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .context("connecting to DATABASE_URL")
+pub async fn pool(settings: &DatabaseSettings) -> anyhow::Result<sqlx::PgPool> {
+    Ok(db::connect(settings.database_url.expose(), 2, "ws-gateway migrate").await?)
 }
 
 pub async fn migrate() -> anyhow::Result<()> {
-    let settings = settings()?;
-    db::migrate(&pool(&settings).await?, &settings.channel).await?;
-    println!("realtime schema is up to date (channel {})", settings.channel);
+    let settings = DatabaseSettings::from_env()?;
+    let migrated = db::migrate(&pool(&settings).await?, &settings.channel).await?;
+    let name = |m: &db::Migration| format!("{:04} {}", m.version, m.description);
+    let latest = migrated.latest.as_ref().map(name).unwrap_or_default();
+    if migrated.applied.is_empty() {
+        println!(
+            "nothing to apply: the realtime schema is at {latest} (channel {})",
+            settings.channel
+        );
+    } else {
+        let count = migrated.applied.len();
+        println!("applied {count} migration{}:", if count == 1 { "" } else { "s" });
+        for migration in &migrated.applied {
+            println!("  {}", name(migration));
+        }
+        println!("the realtime schema is at {latest} (channel {})", settings.channel);
+    }
     Ok(())
 }
 
 pub async fn track(table: &str, rooms: &[String]) -> anyhow::Result<()> {
-    let settings = settings()?;
+    let settings = DatabaseSettings::from_env()?;
     db::track(&pool(&settings).await?, table, rooms).await?;
     println!("tracking {table} into rooms {}", rooms.join(", "));
     Ok(())
 }
 
 pub async fn untrack(table: &str) -> anyhow::Result<()> {
-    let settings = settings()?;
+    let settings = DatabaseSettings::from_env()?;
     db::untrack(&pool(&settings).await?, table).await?;
     println!("no longer tracking {table}");
     Ok(())

@@ -5,25 +5,16 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::PgPoolOptions;
-use ws_gateway::config::{Secret, Settings};
+use ws_gateway::config::DatabaseSettings;
 use ws_gateway::{SwitchOutcome, db};
 
 /// How long `source notify` waits for the wal leader to catch up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn source(target: Option<&str>, slot: Option<&str>) -> anyhow::Result<()> {
-    let settings = Settings::from_env()?;
-    let url = settings
-        .database_url
-        .as_ref()
-        .map(Secret::expose)
-        .context("DATABASE_URL is not set")?;
-    let pool = PgPoolOptions::new()
-        .max_connections(3)
-        .connect(url)
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let settings = DatabaseSettings::from_env()?;
+    let url = settings.database_url.expose();
+    let pool = db::connect(url, 3, "ws-gateway source").await?;
     let outcome = match target {
         None => return show(&pool).await,
         Some("wal") => ws_gateway::switch_to_wal(&pool, slot).await?,

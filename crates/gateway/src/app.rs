@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -17,12 +16,16 @@ use crate::config::{Auth, CaptureSource, Settings};
 use crate::db::{self, Pools};
 use crate::http;
 use crate::hub::{CloseReason, Hub};
+use crate::slots::Slots;
 use crate::source::{Feed, NotifySource, WalCapture};
 use crate::state::AppState;
 use crate::telemetry::Telemetry;
 
 /// How long shutdown waits for connections to close before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the admin port holds at once (dashboards, scrapers, the
+/// dashboard's live panel).
+const ADMIN_CONNECTIONS: usize = 256;
 
 /// Reloads the configuration on every SIGHUP until shutdown.
 async fn reload_on_hangup(state: Arc<AppState>) -> anyhow::Result<()> {
@@ -50,6 +53,8 @@ async fn reload_on_hangup(state: Arc<AppState>) -> anyhow::Result<()> {
 
 pub struct Application {
     listener: TcpListener,
+    /// `GATEWAY_ADMIN_LISTEN`'s, when set: the admin endpoints' own port.
+    admin_listener: Option<TcpListener>,
     state: Arc<AppState>,
     feed: Feed<NotifySource>,
     /// With `GATEWAY_SOURCE=wal`: this instance's part in capturing (lead,
@@ -64,10 +69,7 @@ impl Application {
                 "DATABASE_URL is not set: point it at the ConstructTrack database (or run `make run` for a local demo)"
             )
         })?;
-        let connect: PgConnectOptions = database_url
-            .expose()
-            .parse()
-            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        let connect = db::connect_options(database_url.expose())?;
         let pools = Pools::connect(&connect, settings.pool_size).await?;
         let pool = pools.internal.clone();
 
@@ -94,6 +96,10 @@ impl Application {
 
         let listener = bind(settings.listen).with_context(|| format!("binding GATEWAY_LISTEN={}", settings.listen))?;
         check_open_file_limit(settings.limits.max_connections);
+        let admin_listener = match settings.admin_listen {
+            Some(address) => Some(bind(address).with_context(|| format!("binding GATEWAY_ADMIN_LISTEN={address}"))?),
+            None => None,
+        };
 
         if matches!(settings.auth, Auth::None) {
             tracing::warn!(
@@ -113,8 +119,16 @@ impl Application {
             WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry))
         });
         let state = Arc::new(AppState::new(settings, hub, telemetry, pools));
+        // Fetched at start, so the first tokens verify; a failure is not
+        // fatal (the refresh task retries, /healthz shows it).
+        if let Some(jwks) = state.auth.keys().and_then(|keys| keys.jwks())
+            && let Ok(n) = jwks.refresh().await
+        {
+            tracing::info!(url = jwks.url(), keys = n, "JWKS fetched");
+        }
         Ok(Application {
             listener,
+            admin_listener,
             state,
             feed,
             capture,
@@ -127,6 +141,15 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.local_addr().port()
+    }
+
+    /// Where `/metrics`, `/latency`, `/api/*` and the dashboard are served:
+    /// the admin port when `GATEWAY_ADMIN_LISTEN` is set, else the one port.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.as_ref().map_or_else(
+            || self.local_addr(),
+            |l| l.local_addr().expect("a bound listener has an address"),
+        )
     }
 
     /// Cancel it to stop the gateway (what SIGTERM and ctrl-c do).
@@ -142,12 +165,22 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Application {
             listener,
+            admin_listener,
             state,
             feed,
             capture,
         } = self;
         let shutdown = state.shutdown.clone();
-        tracing::info!(address = %listener.local_addr()?, source = %state.settings().source, "ws-gateway listening");
+        let source = state.settings().source;
+        match &admin_listener {
+            Some(admin) => tracing::info!(
+                address = %listener.local_addr()?,
+                admin = %admin.local_addr()?,
+                %source,
+                "ws-gateway listening; admin endpoints on their own port"
+            ),
+            None => tracing::info!(address = %listener.local_addr()?, %source, "ws-gateway listening"),
+        }
 
         let mut feed_task = tokio::spawn(feed.run(shutdown.clone()));
         let wal = capture.is_some();
@@ -169,13 +202,45 @@ impl Application {
         ));
         let mut probe_task = tokio::spawn(crate::probe::run(Arc::clone(&state), listener.local_addr()?));
         let mut monitor_task = tokio::spawn(crate::monitor::run(Arc::clone(&state)));
-        let router = http::router(Arc::clone(&state));
+        let keys_state = Arc::clone(&state);
+        let keys_shutdown = shutdown.clone();
+        let mut keys_task = tokio::spawn(async move {
+            match keys_state.auth.keys() {
+                Some(keys) => keys.keep_jwks_fresh(&keys_shutdown).await,
+                None => keys_shutdown.cancelled().await,
+            }
+            anyhow::Ok(())
+        });
+        let (router, admin_router) = match admin_listener {
+            Some(_) => (
+                http::public_router(Arc::clone(&state)),
+                Some(http::admin_router(Arc::clone(&state))),
+            ),
+            None => (http::router(Arc::clone(&state)), None),
+        };
         let mut http_task = tokio::spawn(http::serve(
             listener,
             router,
             Arc::clone(&state.client_slots),
             Arc::clone(&state),
         ));
+        let mut admin_task = match (admin_listener, admin_router) {
+            // Slots of its own: clients filling theirs do not lock operators out.
+            (Some(listener), Some(router)) => tokio::spawn(http::serve(
+                listener,
+                router,
+                Slots::new(ADMIN_CONNECTIONS),
+                Arc::clone(&state),
+            )),
+            // No admin port: a task that ends with shutdown, like the others.
+            _ => {
+                let stopped = shutdown.clone();
+                tokio::spawn(async move {
+                    stopped.cancelled_owned().await;
+                    anyhow::Ok(())
+                })
+            }
+        };
 
         let died = tokio::select! {
             () = shutdown.cancelled() => None,
@@ -186,7 +251,9 @@ impl Application {
             result = &mut reload_task => Some(("SIGHUP reload", flatten(result))),
             result = &mut probe_task => Some(("probe", flatten(result))),
             result = &mut monitor_task => Some(("telemetry monitor", flatten(result))),
+            result = &mut keys_task => Some(("JWKS refresh", flatten(result))),
             result = &mut http_task => Some(("http server", flatten(result))),
+            result = &mut admin_task => Some(("admin http server", flatten(result))),
         };
         // A task that returned cleanly because shutdown began did not die.
         let died = died.filter(|(_, result)| !(shutdown.is_cancelled() && result.is_ok()));
@@ -219,9 +286,12 @@ impl Application {
                 let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
             }
         }
-        if !http_task.is_finished() {
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await;
+        for task in [&mut http_task, &mut admin_task] {
+            if !task.is_finished() {
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+            }
         }
+        keys_task.abort();
         state.pools.close().await;
         tracing::info!("ws-gateway stopped");
         outcome

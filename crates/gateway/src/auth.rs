@@ -1,12 +1,13 @@
 //! Who a connection is and which rooms it may read: `GATEWAY_AUTH=none`
-//! (local development, every room) or HS256 JWTs whose `rooms` claim lists
-//! room names and `prefix:*` patterns. [`Authenticator::authenticate`] is
-//! the one entry point: the signature is checked against the keys, then the
-//! claims against SPEC section 4 ([`check_claims`]).
+//! (local development, every room) or JWTs whose `rooms` claim lists room
+//! names and `prefix:*` patterns. [`Authenticator::authenticate`] is the one
+//! entry point: the signature is checked against the keys (`keys`: HS256
+//! secrets, PEM public keys, an identity provider's JWKS, fetched by `jwks`),
+//! then the claims against SPEC section 4 ([`check_claims`]).
 
 use std::collections::HashSet;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::Number;
 
@@ -19,6 +20,11 @@ pub const RESERVED_ROOM_PREFIX: &str = "__";
 /// The latest `exp` accepted, 9999-12-31T23:59:59Z: any date a token issuer
 /// may write is held to exactly; later ones are refused as malformed.
 pub const MAX_EXP: u64 = 253_402_300_799;
+
+mod jwks;
+mod keys;
+
+pub(crate) use keys::Keys;
 
 /// The rooms a connection may subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +96,8 @@ impl Identity {
     }
 }
 
-/// Why a token was refused; the text goes back to the client.
+/// Why a token was refused; the text goes back to the client, in plain
+/// words (never a library's error name).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("missing token: pass ?token= or an Authorization: Bearer header")]
@@ -105,6 +112,12 @@ pub enum AuthError {
     BadSignature,
     #[error("token has no {0:?} claim: \"sub\" and \"exp\" are required")]
     MissingClaim(&'static str),
+    /// Signed with an algorithm no configured key verifies.
+    #[error("token is signed with {got}; this gateway accepts {accepted}")]
+    Algorithm { got: String, accepted: String },
+    /// No configured key has the token's `kid`, even after refetching the key set.
+    #[error("{0}")]
+    UnknownKey(String),
     #[error("malformed token: {0}")]
     Malformed(String),
 }
@@ -170,71 +183,59 @@ fn seconds(claim: &str, value: &Number) -> Result<u64, AuthError> {
     }
 }
 
-pub enum Authenticator {
-    None,
-    /// Boxed: the validation rules are large, and `None` need not pay for them.
-    Jwt {
-        key: DecodingKey,
-        validation: Box<Validation>,
-        /// Clock skew tolerated on `exp`, `nbf` and `iat`, seconds.
-        leeway: u64,
-    },
+/// Checks tokens: `None` lets every connection in (`GATEWAY_AUTH=none`);
+/// otherwise [`Authenticator::authenticate`] verifies the signature with the
+/// configured keys (`keys`), then the claims.
+pub struct Authenticator {
+    keys: Option<Keys>,
+    leeway_s: u64,
 }
 
 impl Authenticator {
     pub fn new(auth: &Auth, leeway_s: u64) -> Authenticator {
-        match auth {
-            Auth::None => Authenticator::None,
-            Auth::Jwt { secret } => {
-                // Only the signature (and the algorithm) is checked by the
-                // library; every claim is `check_claims`'s.
-                let mut validation = Validation::new(Algorithm::HS256);
-                validation.required_spec_claims.clear();
-                validation.validate_exp = false;
-                validation.validate_nbf = false;
-                validation.validate_aud = false;
-                Authenticator::Jwt {
-                    key: DecodingKey::from_secret(secret.expose().as_bytes()),
-                    validation: Box::new(validation),
-                    leeway: leeway_s,
-                }
-            }
+        Authenticator {
+            keys: match auth {
+                Auth::None => None,
+                Auth::Jwt(keys) => Some(Keys::new(keys)),
+            },
+            leeway_s,
         }
     }
 
-    /// The one entry point for every token, at the upgrade and in band.
-    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+    /// The configured keys; `None` with `GATEWAY_AUTH=none`.
+    pub(crate) fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// What the library checks: the signature (and the algorithm) only;
+    /// every claim is [`check_claims`]'s.
+    fn validation(algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation
+    }
+
+    /// Who presents `token`, and which rooms it grants: the one entry point
+    /// for the upgrade and for in-band `auth`. It may wait for a refetch of
+    /// the JWKS when the token names a key id not seen yet.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        let Some(keys) = &self.keys else {
+            return Ok(Identity {
+                subject: None,
+                grants: Grants::All,
+                expires_at: None,
+            });
+        };
+        let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
+        let claims: Claims = keys.verify(token, Authenticator::validation).await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        self.authenticate_at(token, now)
-    }
-
-    /// [`Authenticator::authenticate`] at `now` (seconds since the epoch).
-    pub fn authenticate_at(&self, token: Option<&str>, now: u64) -> Result<Identity, AuthError> {
-        match self {
-            Authenticator::None => Ok(Identity {
-                subject: None,
-                grants: Grants::All,
-                expires_at: None,
-            }),
-            Authenticator::Jwt {
-                key,
-                validation,
-                leeway,
-            } => {
-                let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-                let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-                    use jsonwebtoken::errors::ErrorKind;
-                    match e.kind() {
-                        ErrorKind::InvalidSignature => AuthError::BadSignature,
-                        _ => AuthError::Malformed(e.to_string()),
-                    }
-                })?;
-                check_claims(data.claims, now, *leeway)
-            }
-        }
+        check_claims(claims, now, self.leeway_s)
     }
 }
 
@@ -325,11 +326,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn jwt_tokens_are_checked() {
+    #[tokio::test]
+    async fn jwt_tokens_are_checked() {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let secret = "a-secret-of-at-least-thirty-two-bytes!";
-        let auth = Authenticator::new(&Auth::Jwt { secret: secret.into() }, 0);
+        let auth = Authenticator::new(&Auth::hs256(secret), 0);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -338,22 +339,70 @@ mod tests {
             let claims = serde_json::json!({"sub": "u1", "exp": exp, "rooms": ["project:*"]});
             encode(&Header::default(), &claims, &EncodingKey::from_secret(key.as_bytes())).unwrap()
         };
-        let id = auth.authenticate(Some(&token(now + 60, secret))).unwrap();
+        let id = auth.authenticate(Some(&token(now + 60, secret))).await.unwrap();
         assert_eq!(id.subject.as_deref(), Some("u1"));
         assert!(id.grants.allows("project:1"));
-        assert_eq!(auth.authenticate(None).unwrap_err(), AuthError::Missing);
+        assert_eq!(auth.authenticate(None).await.unwrap_err(), AuthError::Missing);
         assert_eq!(
-            auth.authenticate(Some(&token(now - 60, secret))).unwrap_err(),
+            auth.authenticate(Some(&token(now - 60, secret))).await.unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
             auth.authenticate(Some(&token(now + 60, "another-secret-of-thirty-two-bytes!!")))
+                .await
                 .unwrap_err(),
             AuthError::BadSignature
         );
-        assert!(matches!(
-            auth.authenticate(Some("garbage")).unwrap_err(),
-            AuthError::Malformed(_)
-        ));
+        let garbage = auth.authenticate(Some("garbage")).await.unwrap_err();
+        assert_eq!(
+            garbage.to_string(),
+            "malformed token: expected three base64url parts separated by dots (header.claims.signature)"
+        );
+    }
+
+    /// Several secrets: a token signed with any of them verifies (rotation).
+    #[tokio::test]
+    async fn any_of_several_secrets_verifies() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let old = "the-old-secret-of-at-least-thirty-two-bytes";
+        let new = "the-new-secret-of-at-least-thirty-two-bytes";
+        let auth = Authenticator::new(
+            &Auth::Jwt(crate::config::JwtKeys {
+                secrets: vec![new.into(), old.into()],
+                ..Default::default()
+            }),
+            0,
+        );
+        let claims = serde_json::json!({"sub": "u1", "exp": 4_102_444_800u64});
+        for secret in [old, new] {
+            let token = encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            assert!(auth.authenticate(Some(&token)).await.is_ok(), "{secret}");
+        }
+        let other = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"a-third-secret-nobody-configured-here!!"),
+        )
+        .unwrap();
+        assert_eq!(
+            auth.authenticate(Some(&other)).await.unwrap_err(),
+            AuthError::BadSignature
+        );
+        // HS512 with a configured secret: the message says what is expected.
+        let hs512 = encode(
+            &Header::new(Algorithm::HS512),
+            &claims,
+            &EncodingKey::from_secret(new.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            auth.authenticate(Some(&hs512)).await.unwrap_err().to_string(),
+            "token is signed with HS512; this gateway accepts HS256"
+        );
     }
 }

@@ -19,6 +19,7 @@ use crate::db;
 use crate::state::AppState;
 use crate::telemetry::clock::{ClockOffsetEstimator, ClockSample};
 use crate::telemetry::regression::{RegressionDetector, Severity, WindowStats, dominant_stage};
+use crate::telemetry::repeats::{Occurrence, Repeats, SUMMARY_EVERY};
 use crate::telemetry::timeline::{CounterSnapshot, SAMPLE_EVERY, Sample};
 use crate::telemetry::{MAX_WINDOW, Percentiles, Profile, Stage, Telemetry, profile_window};
 
@@ -45,24 +46,31 @@ async fn clock_loop(pool: &PgPool, telemetry: &Telemetry) {
     let mut estimator = ClockOffsetEstimator::new(CLOCK_WINDOW);
     let mut tick = tokio::time::interval(CLOCK_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut failing = false;
+    let mut failures = Repeats::new(SUMMARY_EVERY);
     loop {
         tick.tick().await;
         match tokio::time::timeout(CLOCK_TIMEOUT, sample_clock(pool, &mut estimator)).await {
             Ok(Ok(())) => {
-                if failing {
-                    tracing::info!("database clock sampling resumed");
-                    failing = false;
+                if let Some((failed, _)) = failures.recover(Instant::now()) {
+                    tracing::info!(failed, "database clock sampling resumed");
                 }
             }
             outcome => {
-                if !failing {
-                    let error = match outcome {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {CLOCK_TIMEOUT:?}"),
-                    };
-                    tracing::warn!(%error, "cannot sample the database clock; keeping the last offset");
-                    failing = true;
+                let error = match outcome {
+                    Ok(Err(e)) => db::describe(&e),
+                    _ => format!("no answer within {CLOCK_TIMEOUT:?}"),
+                };
+                match failures.occur(Instant::now()) {
+                    Occurrence::First => {
+                        tracing::warn!(%error, "cannot sample the database clock; keeping the last offset")
+                    }
+                    Occurrence::Quiet => {}
+                    Occurrence::Summary { more, for_s } => tracing::warn!(
+                        %error,
+                        failed = more,
+                        failing_for_s = format!("{for_s:.0}"),
+                        "database clock sampling still failing"
+                    ),
                 }
             }
         }
@@ -122,7 +130,8 @@ async fn observe_loop(state: &AppState) {
 /// One point of the dashboard's series, and a counter snapshot.
 fn take_sample(state: &AppState) {
     let t = &state.telemetry;
-    let snapshot = t.counter_snapshot(state.hub.stats.compression_bytes());
+    let connections = state.active_connections.load(Ordering::Relaxed) as u64;
+    let snapshot = t.counter_snapshot(state.hub.stats.compression_bytes(), connections);
     let send = t.commit_to_send.take_interval();
     let probe = t.probe.take_interval();
     let ack = t.commit_to_ack.take_interval();
@@ -190,12 +199,21 @@ fn check_regressions(telemetry: &Telemetry, settings: &Settings) {
     let check = r.check_interval.min(MAX_WINDOW / 2);
     let baseline = r.baseline_window.min(MAX_WINDOW - check);
     let micros = |d: Duration| d.as_micros() as i64;
-    let (current_counts, baseline_counts) = {
+    let (current_counts, baseline_counts, levels) = {
         let timeline = telemetry.timeline();
-        let current = timeline.growth(now - micros(check), now);
-        let base = timeline.growth(now - micros(check + baseline), now - micros(check));
+        let (from, split) = (now - micros(check + baseline), now - micros(check));
+        let current = timeline.growth(split, now);
+        let base = timeline.growth(from, split);
+        let mean = |a, b, f| timeline.mean(a, b, f);
+        let levels = [
+            (
+                mean(from, split, |s| s.connections),
+                mean(split, now, |s| s.connections),
+            ),
+            (mean(from, split, |s| s.rss_bytes), mean(split, now, |s| s.rss_bytes)),
+        ];
         match (current, base) {
-            (Some(c), Some(b)) => (c, b),
+            (Some(c), Some(b)) => (c, b, levels),
             _ => {
                 tracing::debug!("regression check skipped: the baseline window is not filled yet");
                 return;
@@ -204,16 +222,26 @@ fn check_regressions(telemetry: &Telemetry, settings: &Settings) {
     };
     let current_latency = telemetry.commit_to_send.recent(check.as_secs());
     let baseline_latency = telemetry.commit_to_send.between(check + baseline, check);
-    let window = |latency: Percentiles, (counts, seconds): (CounterSnapshot, f64)| WindowStats {
+    let window = |latency: Percentiles,
+                  (counts, seconds): (CounterSnapshot, f64),
+                  connections: Option<f64>,
+                  rss: Option<f64>| WindowStats {
         p99_ms: latency.p99_ms,
         latency_samples: latency.count,
         deliveries: counts.deliveries,
         errors: counts.errors,
         attempts: counts.attempts,
         seconds,
+        changes: counts.changes,
+        connections: connections.unwrap_or(0.0),
+        rss_bytes: rss.filter(|bytes| *bytes > 0.0),
+        cpu_us: counts.cpu_us,
+        connection_attempts: counts.connection_attempts,
+        connection_failures: counts.connection_failures,
     };
-    let current = window(current_latency, current_counts);
-    let base = window(baseline_latency, baseline_counts);
+    let [(base_connections, connections), (base_rss, rss)] = levels;
+    let current = window(current_latency, current_counts, connections, rss);
+    let base = window(baseline_latency, baseline_counts, base_connections, base_rss);
     let stages: Vec<_> = Stage::ALL
         .iter()
         .map(|&s| {
@@ -231,16 +259,16 @@ fn check_regressions(telemetry: &Telemetry, settings: &Settings) {
         match alert.severity {
             Severity::Critical => tracing::error!(
                 metric = alert.metric.name(),
-                baseline = alert.baseline,
-                current = alert.current,
+                baseline = format!("{:.3}", alert.baseline),
+                current = format!("{:.3}", alert.current),
                 change_pct = format!("{:.1}", alert.change_pct),
                 recommendation = %alert.recommendation,
                 "critical regression: {alert}"
             ),
             Severity::Warning => tracing::warn!(
                 metric = alert.metric.name(),
-                baseline = alert.baseline,
-                current = alert.current,
+                baseline = format!("{:.3}", alert.baseline),
+                current = format!("{:.3}", alert.current),
                 change_pct = format!("{:.1}", alert.change_pct),
                 recommendation = %alert.recommendation,
                 "regression: {alert}"

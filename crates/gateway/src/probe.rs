@@ -25,6 +25,7 @@ use ws_gateway_client::Backoff;
 use crate::db;
 use crate::state::AppState;
 use crate::telemetry::Counters;
+use crate::telemetry::repeats::{Occurrence, Repeats, SUMMARY_EVERY};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A commit that takes longer failed, as far as the probe is concerned.
@@ -85,8 +86,9 @@ struct Probe {
     seq: u64,
     /// Committed (or being committed) and not received yet, oldest first.
     pending: VecDeque<(u64, Instant)>,
-    /// Whether the last commit failed, so an outage is logged once.
-    failing: bool,
+    /// Failed commits and probes lost on the way, for collapsed warnings.
+    commit_failures: Repeats,
+    losses: Repeats,
 }
 
 /// Runs until shutdown. `gateway` is the address the HTTP server listens on.
@@ -105,7 +107,8 @@ pub async fn run(state: Arc<AppState>, gateway: SocketAddr) -> anyhow::Result<()
         state,
         seq: 0,
         pending: VecDeque::new(),
-        failing: false,
+        commit_failures: Repeats::new(SUMMARY_EVERY),
+        losses: Repeats::new(SUMMARY_EVERY),
     };
     let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, HEALTHY_AFTER);
     let mut reported = false;
@@ -245,7 +248,7 @@ impl Probe {
             let upsert = db::commit_probe(&pool, &instance, seq as i64);
             let result = match tokio::time::timeout(COMMIT_TIMEOUT, upsert).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
+                Ok(Err(error)) => Err(db::describe(&error)),
                 Err(_) => Err(format!("no commit within {COMMIT_TIMEOUT:?}")),
             };
             if seq == 1 && result.is_ok() {
@@ -259,17 +262,26 @@ impl Probe {
     fn committed(&mut self, seq: u64, result: Result<(), String>) {
         match result {
             Ok(()) => {
-                if self.failing {
-                    tracing::info!("probe commits again");
-                    self.failing = false;
+                if let Some((failed, for_d)) = self.commit_failures.recover(Instant::now()) {
+                    tracing::info!(
+                        failed,
+                        for_s = format!("{:.1}", for_d.as_secs_f64()),
+                        "probe commits again"
+                    );
                 }
             }
             Err(error) => {
                 self.pending.retain(|(s, _)| *s != seq);
                 Counters::add(&self.state.telemetry.counters.probe_failures, 1);
-                if !self.failing {
-                    tracing::warn!(%error, "probe commit failed; will keep trying");
-                    self.failing = true;
+                match self.commit_failures.occur(Instant::now()) {
+                    Occurrence::First => tracing::warn!(%error, "probe commit failed; will keep trying"),
+                    Occurrence::Quiet => {}
+                    Occurrence::Summary { more, for_s } => tracing::warn!(
+                        %error,
+                        failed = more,
+                        failing_for_s = format!("{for_s:.0}"),
+                        "probe commits still failing"
+                    ),
                 }
             }
         }
@@ -285,11 +297,21 @@ impl Probe {
         }
         if lost > 0 {
             Counters::add(&self.state.telemetry.counters.probe_failures, lost);
-            tracing::warn!(
-                lost,
-                after_ms = lost_after.as_millis() as u64,
-                "probe changes committed but not received"
-            );
+            match self.losses.occur(Instant::now()) {
+                Occurrence::First => tracing::warn!(
+                    lost,
+                    after_ms = lost_after.as_millis() as u64,
+                    "probe changes committed but not received"
+                ),
+                Occurrence::Quiet => {}
+                Occurrence::Summary { more, for_s } => tracing::warn!(
+                    times = more,
+                    for_s = format!("{for_s:.0}"),
+                    "probe changes still not received"
+                ),
+            }
+        } else if self.losses.active() && self.pending.is_empty() {
+            self.losses.recover(Instant::now());
         }
     }
 

@@ -14,10 +14,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::authz::Authorizer;
 use crate::change::{Position, now_us};
-use crate::config::{Settings, for_reload};
+use crate::config::{Auth, Settings, changes, for_reload};
 use crate::db::Pools;
 use crate::hub::{CloseReason, Hub, Subscriber};
 use crate::slots::Slots;
+use crate::telemetry::repeats::SharedRepeats;
 use crate::telemetry::{Tally, Telemetry};
 
 /// What every task of the gateway shares.
@@ -54,6 +55,8 @@ pub struct AppState {
     pub(crate) closes: Tally,
     /// `realtime.authorize`, cached.
     pub(crate) authorizer: Authorizer,
+    /// The connections' warnings, collapsed across connections.
+    pub(crate) repeats: SharedRepeats,
     pub(crate) started_at: std::time::Instant,
 }
 
@@ -68,6 +71,7 @@ impl AppState {
             connections_live: Default::default(),
             refusals: Default::default(),
             closes: Default::default(),
+            repeats: Default::default(),
             settings: RwLock::new(Arc::new(settings)),
             settings_version: AtomicU64::new(0),
             hub,
@@ -167,17 +171,56 @@ impl AppState {
     }
 
     /// Applies reloaded settings (see [`AppState::reload`]): what
-    /// `config::for_reload` lets a reload change.
+    /// `config::for_reload` lets a reload change. Logs what changed, and
+    /// what changed but waits for a restart.
     pub fn apply(&self, fresh: Settings) {
-        let (next, ignored) = for_reload(&self.settings(), fresh);
-        for variable in ignored {
-            tracing::warn!(variable, "changed in the config, but only a restart applies it");
+        let current = self.settings();
+        let (next, ignored) = for_reload(&current, fresh);
+        for change in &ignored {
+            tracing::warn!(
+                variable = change.variable,
+                running = %change.from,
+                configured = %change.to,
+                "changed in the config, but only a restart applies it"
+            );
         }
+        let applied = changes(&current, &next);
         self.hub.configure(next.pipeline.clone(), next.features);
         self.client_slots.set_limit(next.limits.max_connections);
-        tracing::info!(features = ?next.features, "configuration reloaded");
+        if let (Some(keys), Auth::Jwt(jwt)) = (self.auth.keys(), &next.auth)
+            && keys.reload(jwt)
+            && let Some(jwks) = keys.jwks()
+        {
+            // A new key set URL: fetch it now rather than at the next turn.
+            tokio::spawn(async move {
+                let _ = jwks.refresh().await;
+            });
+        }
+        let list: Vec<String> = applied.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            changed = %if list.is_empty() { "nothing".to_owned() } else { list.join(", ") },
+            features = %next.features,
+            "configuration reloaded"
+        );
         *self.settings.write().expect("settings lock") = Arc::new(next);
         self.settings_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Logs a warning that every connection may hit at once (the database
+    /// is down), collapsed across connections: the first in full, then a
+    /// summary every 30 s with how many more.
+    pub(crate) fn warn_repeated(&self, what: &'static str, room: &str, error: &dyn std::fmt::Display) {
+        use crate::telemetry::repeats::Occurrence;
+        match self.repeats.occur(what) {
+            Occurrence::First => tracing::warn!(%error, room, "{what}"),
+            Occurrence::Quiet => tracing::debug!(%error, room, "{what}"),
+            Occurrence::Summary { more, for_s } => tracing::warn!(
+                %error,
+                times = more,
+                for_s = format!("{for_s:.0}"),
+                "{what} (again; repeats collapsed)"
+            ),
+        }
     }
 
     /// Whether the built-in probe is subscribed to its room right now.

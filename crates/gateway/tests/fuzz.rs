@@ -10,6 +10,15 @@ use ws_gateway::{ClientMessage, MAX_ROOM_BYTES, decode};
 
 const SECRET: &str = "fuzzing-secret-that-is-at-least-32-bytes";
 
+/// Runs the token check (async: it may refetch a key set) to completion.
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
+}
+
 /// JSON-shaped text around the protocol's own vocabulary, so the decoder's
 /// deeper branches are reached, not just "not JSON".
 fn protocol_like() -> impl Strategy<Value = String> {
@@ -73,8 +82,8 @@ proptest! {
 
     #[test]
     fn tokens_that_are_not_ours_are_refused_without_panicking(token in "[A-Za-z0-9_.=-]{0,300}") {
-        let auth = Authenticator::new(&Auth::Jwt { secret: SECRET.into() }, 0);
-        prop_assert!(auth.authenticate(Some(&token)).is_err());
+        let auth = Authenticator::new(&Auth::hs256(SECRET), 0);
+        prop_assert!(block_on(auth.authenticate(Some(&token))).is_err());
     }
 
     #[test]
@@ -82,8 +91,8 @@ proptest! {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let claims = serde_json::json!({"sub": "u", "exp": 4_102_444_800u64, "rooms": ["project:*"]});
         let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
-        let auth = Authenticator::new(&Auth::Jwt { secret: SECRET.into() }, 0);
-        prop_assert!(auth.authenticate(Some(&token)).is_ok());
+        let auth = Authenticator::new(&Auth::hs256(SECRET), 0);
+        prop_assert!(block_on(auth.authenticate(Some(&token))).is_ok());
         let mut bytes = token.into_bytes();
         let i = flip % bytes.len();
         if bytes[i] != byte {
@@ -91,7 +100,7 @@ proptest! {
             let tampered = String::from_utf8_lossy(&bytes).into_owned();
             // A change that decodes to the same bytes (base64 padding bits)
             // may still verify; any other must not.
-            if let Ok(identity) = auth.authenticate(Some(&tampered)) {
+            if let Ok(identity) = block_on(auth.authenticate(Some(&tampered))) {
                 prop_assert_eq!(identity.subject.as_deref(), Some("u"));
             }
         }

@@ -1,6 +1,9 @@
 //! Where settings come from: the env file named by `GATEWAY_CONFIG_FILE`,
 //! then the process environment over it; which `GATEWAY_*` names exist, and
-//! what an unknown one is refused with.
+//! what becomes of one that does not: a near miss of a known name is a typo
+//! and refused with the name it meant; any other is someone else's (Kubernetes
+//! injects `GATEWAY_SERVICE_HOST`, `GATEWAY_PORT`... for a service named
+//! `gateway`, tools export `GATEWAY_BIN`) and only warned about.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,14 +11,18 @@ use std::path::Path;
 use super::{ConfigError, Settings};
 
 /// Every `GATEWAY_*` variable the gateway reads. Any other name with that
-/// prefix is refused; add a new variable here and in
+/// prefix is refused when it is a near miss of one of these, and warned
+/// about otherwise; add a new variable here and in
 /// `config/gateway.env.example` (a unit test checks both).
 pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_LISTEN",
+    "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_CHANNEL",
     "GATEWAY_SOURCE",
     "GATEWAY_AUTH",
     "GATEWAY_JWT_SECRET",
+    "GATEWAY_JWT_PUBLIC_KEYS",
+    "GATEWAY_JWKS_URL",
     "GATEWAY_AUTO_MIGRATE",
     "GATEWAY_POOL_SIZE",
     "GATEWAY_CONFIG_FILE",
@@ -47,6 +54,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_JWT_LEEWAY_S",
     "GATEWAY_ALLOWED_ORIGINS",
     "GATEWAY_FEATURES",
+    "GATEWAY_LOG_FORMAT",
+    "GATEWAY_LOG",
 ];
 
 /// Variables that existed and were removed, with why: one left in an
@@ -66,18 +75,55 @@ pub(super) fn removed_variable(name: &str) -> Option<String> {
         .map(|(_, why)| format!("{name} was removed: {why}; remove it"))
 }
 
-pub(super) fn unknown_variable(name: &str) -> String {
-    let suggestion = KNOWN_VARIABLES
+/// What the `GATEWAY_*` names in `vars` that the gateway does not read
+/// are: an error for the first near miss of a known name (a typo would
+/// otherwise fall back to a default unnoticed), else the names to warn about.
+pub(super) fn unknown_variables<'a>(
+    vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut unknown = Vec::new();
+    for (name, value) in vars {
+        if let Some(why) = removed_variable(name) {
+            return Err(ConfigError::new(name, value, why));
+        }
+        if !name.starts_with("GATEWAY_") || KNOWN_VARIABLES.contains(&name.as_str()) {
+            continue;
+        }
+        match near_miss(name) {
+            Some(meant) => {
+                return Err(ConfigError::new(
+                    name,
+                    value,
+                    format!(
+                        "unknown variable (did you mean {meant}?); known: DATABASE_URL, {}",
+                        KNOWN_VARIABLES.join(", ")
+                    ),
+                ));
+            }
+            None => unknown.push(name.clone()),
+        }
+    }
+    Ok(unknown)
+}
+
+/// The known variable `name` is a typo of: the same but for case, or a few
+/// edits away from it (one edit per four characters of the known name's
+/// part after `GATEWAY_`, at most two). `GATEWAY_BATCH_SIZ` and
+/// `GATEWAY_JWT_SECRETS` are near misses; `GATEWAY_PORT`, `GATEWAY_BIN` and
+/// `GATEWAY_SERVICE_HOST` are not.
+pub(super) fn near_miss(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_uppercase();
+    let part = name.strip_prefix("GATEWAY_").unwrap_or(&name);
+    KNOWN_VARIABLES
         .iter()
-        .map(|known| (edit_distance(name, known), known))
-        .filter(|(distance, _)| *distance <= 3)
+        .filter_map(|known| {
+            let known_part = &known["GATEWAY_".len()..];
+            let distance = edit_distance(part, known_part);
+            let allowed = (known_part.len() / 4).clamp(1, 2);
+            (distance <= allowed).then_some((distance, *known))
+        })
         .min()
-        .map(|(_, known)| format!(" (did you mean {known}?)"))
-        .unwrap_or_default();
-    format!(
-        "unknown variable{suggestion}; known: DATABASE_URL, {}",
-        KNOWN_VARIABLES.join(", ")
-    )
+        .map(|(_, known)| known)
 }
 
 /// Levenshtein distance, for suggesting the variable a typo meant.
@@ -123,7 +169,10 @@ pub(super) fn process_env() -> Result<BTreeMap<String, String>, ConfigError> {
 
 /// The env file at `path` with `env` over it; an empty value in `env` does
 /// not hide the file's value, since empty counts as unset.
-pub(super) fn layered(path: &Path, env: BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+pub(super) fn layered_vars(
+    path: &Path,
+    env: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
     let file_error = |allowed: String| ConfigError::new("GATEWAY_CONFIG_FILE", &path.display().to_string(), allowed);
     let text =
         std::fs::read_to_string(path).map_err(|err| file_error(format!("expected a readable env file: {err}")))?;
@@ -136,7 +185,12 @@ pub(super) fn layered(path: &Path, env: BTreeMap<String, String>) -> Result<Sett
         .into_iter()
         .collect();
     vars.extend(env.into_iter().filter(|(_, value)| !value.trim().is_empty()));
-    let mut settings = Settings::from_vars(vars)?;
+    Ok(vars)
+}
+
+/// Settings from the env file at `path` with `env` over it.
+pub(super) fn layered(path: &Path, env: BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+    let mut settings = Settings::from_vars(layered_vars(path, env)?)?;
     settings.config_file = Some(path.to_path_buf());
     Ok(settings)
 }

@@ -116,7 +116,7 @@ fn values_are_read() {
     );
     assert_eq!(s.listen, "[::]:9000".parse().unwrap());
     assert_eq!(s.channel, "_changes_2");
-    assert_eq!(s.auth, Auth::Jwt { secret: SECRET.into() });
+    assert_eq!(s.auth, Auth::hs256(SECRET));
     assert!(!s.auto_migrate);
     assert_eq!(s.pool_size, 64);
     assert_eq!(s.pipeline.batch_size, 50);
@@ -360,13 +360,51 @@ fn refuses_crit_not_above_warn() {
 }
 
 #[test]
-fn refuses_unknown_gateway_variable() {
+fn refuses_a_near_miss_of_a_known_variable() {
     let err = assert_refused(&[("GATEWAY_BACH_SIZE", "10")], "GATEWAY_BACH_SIZE", "10");
     assert!(err.allowed.starts_with("unknown variable"), "{err}");
     assert!(err.allowed.contains("did you mean GATEWAY_BATCH_SIZE?"), "{err}");
     assert!(err.allowed.contains("known: DATABASE_URL, GATEWAY_LISTEN"), "{err}");
+    for (typo, meant) in [
+        ("GATEWAY_BATCH_SIZ", "GATEWAY_BATCH_SIZE"),
+        ("GATEWAY_JWT_SECRETS", "GATEWAY_JWT_SECRET"),
+        ("GATEWAY_JWT_PUBLIC_KEY", "GATEWAY_JWT_PUBLIC_KEYS"),
+        ("GATEWAY_Listen", "GATEWAY_LISTEN"),
+        ("GATEWAY_LOGS", "GATEWAY_LOG"),
+        ("GATEWAY_AUT", "GATEWAY_AUTH"),
+        ("GATEWAY_ADMIN_LISTN", "GATEWAY_ADMIN_LISTEN"),
+    ] {
+        let err = settings(&[(typo, "1")]).expect_err(typo);
+        assert!(err.allowed.contains(&format!("did you mean {meant}?")), "{typo}: {err}");
+    }
     // Other prefixes are not ours to judge.
     settings(&[("GATEWAYS", "1"), ("PATH", "/bin"), ("RUST_LOG", "debug")]).unwrap();
+}
+
+/// Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT...` for a
+/// service named `gateway`, and tools export their own: warned about, not
+/// refused.
+#[test]
+fn other_gateway_variables_are_only_warned_about() {
+    let foreign = [
+        ("GATEWAY_SERVICE_HOST", "10.0.0.7"),
+        ("GATEWAY_SERVICE_PORT", "8080"),
+        ("GATEWAY_SERVICE_PORT_HTTP", "8080"),
+        ("GATEWAY_PORT", "tcp://10.0.0.7:8080"),
+        ("GATEWAY_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+        ("GATEWAY_PORT_8080_TCP_ADDR", "10.0.0.7"),
+        ("GATEWAY_PORT_8080_TCP_PORT", "8080"),
+        ("GATEWAY_PORT_8080_TCP_PROTO", "tcp"),
+        ("GATEWAY_BIN", "/usr/local/bin/ws-gateway"),
+        ("GATEWAY_HOST", "gw.internal"),
+        ("GATEWAY_JWT_SECRET_FILE", "/run/secrets/jwt"),
+    ];
+    let s = settings(&foreign).unwrap();
+    assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+    let vars: BTreeMap<String, String> = vars(&foreign).into_iter().collect();
+    let warned = super::sources::unknown_variables(&vars).unwrap();
+    assert_eq!(warned.len(), foreign.len());
+    assert!(warned.contains(&"GATEWAY_PORT".to_owned()));
 }
 
 #[test]
@@ -510,6 +548,8 @@ fn every_known_variable_is_read_and_every_read_variable_is_known() {
     asked.sort();
     let mut known: Vec<String> = KNOWN_VARIABLES.iter().map(|n| n.to_string()).collect();
     known.push("DATABASE_URL".to_owned());
+    // GATEWAY_LOG falls back to it.
+    known.push("RUST_LOG".to_owned());
     known.sort();
     assert_eq!(asked, known);
 }
@@ -644,9 +684,246 @@ fn a_reload_keeps_what_only_a_restart_changes() {
     ])
     .unwrap();
     let (next, ignored) = for_reload(&current, fresh);
-    assert_eq!(ignored, ["DATABASE_URL", "GATEWAY_CHANNEL"]);
+    assert_eq!(
+        ignored.iter().map(|c| c.variable).collect::<Vec<_>>(),
+        ["DATABASE_URL", "GATEWAY_CHANNEL"]
+    );
     assert_eq!(next.database_url, current.database_url);
     assert_eq!(next.channel, current.channel);
     assert_eq!(next.pipeline.batch_size, 20, "tunables apply");
     assert!(!next.features.compression, "switches apply");
+}
+
+/// `migrate`, `track`, `untrack` and `grants` read DATABASE_URL and
+/// GATEWAY_CHANNEL alone: no JWT secret, and a bad value of `serve`'s does
+/// not stop them.
+#[test]
+fn the_deploy_commands_read_the_database_alone() {
+    let s = DatabaseSettings::from_vars(vars(&[
+        ("DATABASE_URL", "postgres://owner@db/ct"),
+        ("GATEWAY_BATCH_SIZE", "lots"),
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_BACH_SIZE", "10"),
+    ]))
+    .unwrap();
+    assert_eq!(s.database_url.expose(), "postgres://owner@db/ct");
+    assert_eq!(s.channel, "realtime_changes");
+    let err = DatabaseSettings::from_vars(vars(&[("GATEWAY_AUTH", "none")])).unwrap_err();
+    assert_eq!(err.variable, "DATABASE_URL");
+    assert!(err.allowed.starts_with("required"), "{err}");
+    let err = DatabaseSettings::from_vars(vars(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
+    assert_eq!(err.variable, "DATABASE_URL");
+    let err = DatabaseSettings::from_vars(vars(&[("DATABASE_URL", "postgres://x/y"), ("GATEWAY_CHANNEL", "Bad")]))
+        .unwrap_err();
+    assert_eq!(err.variable, "GATEWAY_CHANNEL");
+}
+
+fn key_path(name: &str) -> String {
+    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn several_secrets_public_keys_and_a_jwks_url() {
+    let other = "fedcba9876543210fedcba9876543210";
+    let s = settings(&[
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_SECRET", &format!("{SECRET}, {other}")),
+        (
+            "GATEWAY_JWT_PUBLIC_KEYS",
+            &format!(
+                "{},{} , {}",
+                key_path("rsa-a.pub.pem"),
+                key_path("ec-p256.pub.pem"),
+                key_path("ed25519.pub.pem")
+            ),
+        ),
+        ("GATEWAY_JWKS_URL", "https://idp.example/.well-known/jwks.json"),
+    ])
+    .unwrap();
+    let Auth::Jwt(keys) = &s.auth else {
+        panic!("{:?}", s.auth)
+    };
+    assert_eq!(
+        keys.secrets.iter().map(Secret::expose).collect::<Vec<_>>(),
+        [SECRET, other]
+    );
+    let algorithms: Vec<_> = keys.public_keys.iter().map(|k| k.algorithm).collect();
+    use jsonwebtoken::Algorithm::{ES256, EdDSA, RS256};
+    assert_eq!(algorithms, [RS256, ES256, EdDSA]);
+    assert_eq!(
+        keys.jwks_url.as_deref(),
+        Some("https://idp.example/.well-known/jwks.json")
+    );
+    // Public keys alone, or a key set alone, are enough for jwt.
+    settings(&[
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_PUBLIC_KEYS", &key_path("rsa-a.pub.pem")),
+    ])
+    .unwrap();
+    settings(&[("GATEWAY_AUTH", "jwt"), ("GATEWAY_JWKS_URL", "http://127.0.0.1:9/jwks")]).unwrap();
+}
+
+#[test]
+fn refuses_bad_keys_naming_what_is_wrong() {
+    let jwt = |name: &str, value: &str| settings(&[("GATEWAY_AUTH", "jwt"), (name, value)]).unwrap_err();
+    // One short secret among several: which one, and nothing of it.
+    let err = jwt("GATEWAY_JWT_SECRET", &format!("{SECRET},short"));
+    assert_eq!(err.variable, "GATEWAY_JWT_SECRET");
+    assert!(err.allowed.contains("secret 2 has 5 bytes"), "{err}");
+    assert!(!err.to_string().contains(SECRET), "{err}");
+    let err = jwt("GATEWAY_JWT_PUBLIC_KEYS", "/nonexistent/idp.pem");
+    assert!(err.allowed.contains("cannot read /nonexistent/idp.pem"), "{err}");
+    let err = jwt("GATEWAY_JWT_PUBLIC_KEYS", &key_path("rsa-a.key.pem"));
+    assert!(err.allowed.contains("holds no such key (a private key"), "{err}");
+    let err = jwt("GATEWAY_JWT_PUBLIC_KEYS", &key_path("README.md"));
+    assert!(err.allowed.contains("holds no such key"), "{err}");
+    for url in [
+        "http://idp.example/jwks",
+        "ftp://idp.example/jwks",
+        "not a url",
+        "http://10.0.0.1/jwks",
+    ] {
+        let err = jwt("GATEWAY_JWKS_URL", url);
+        assert_eq!(err.variable, "GATEWAY_JWKS_URL", "{url}");
+        assert!(err.allowed.starts_with("expected an https:// URL"), "{url}: {err}");
+    }
+    for url in [
+        "http://localhost:8000/jwks",
+        "http://[::1]:8000/jwks",
+        "http://127.0.0.2/jwks",
+    ] {
+        settings(&[("GATEWAY_AUTH", "jwt"), ("GATEWAY_JWKS_URL", url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
+#[test]
+fn the_admin_port_logs_and_their_refusals() {
+    let s = settings(&[
+        ("GATEWAY_LISTEN", "0.0.0.0:8080"),
+        ("GATEWAY_ADMIN_LISTEN", "127.0.0.1:9090"),
+        ("GATEWAY_LOG_FORMAT", "JSON"),
+        ("GATEWAY_LOG", "warn,ws_gateway=debug"),
+    ])
+    .unwrap();
+    assert_eq!(s.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.log.filter, "warn,ws_gateway=debug");
+    let defaults = settings(&[]).unwrap();
+    assert_eq!(defaults.admin_listen, None);
+    assert_eq!(defaults.log.format, LogFormat::Text);
+    assert_eq!(defaults.log.filter, DEFAULT_LOG_FILTER);
+    assert_eq!(settings(&[("RUST_LOG", "debug")]).unwrap().log.filter, "debug");
+    assert_eq!(
+        settings(&[("RUST_LOG", "debug"), ("GATEWAY_LOG", "warn")])
+            .unwrap()
+            .log
+            .filter,
+        "warn"
+    );
+    let err = assert_refused(
+        &[
+            ("GATEWAY_LISTEN", "127.0.0.1:8080"),
+            ("GATEWAY_ADMIN_LISTEN", "127.0.0.1:8080"),
+        ],
+        "GATEWAY_ADMIN_LISTEN",
+        "127.0.0.1:8080",
+    );
+    assert!(err.allowed.contains("other than GATEWAY_LISTEN"), "{err}");
+    assert_refused(&[("GATEWAY_ADMIN_LISTEN", "admin")], "GATEWAY_ADMIN_LISTEN", "admin");
+    assert_refused(&[("GATEWAY_LOG_FORMAT", "xml")], "GATEWAY_LOG_FORMAT", "xml");
+    let err = assert_refused(
+        &[("GATEWAY_LOG", "info,ws_gateway=loud")],
+        "GATEWAY_LOG",
+        "info,ws_gateway=loud",
+    );
+    assert!(err.allowed.contains("RUST_LOG syntax"), "{err}");
+}
+
+#[test]
+fn features_display_as_the_shortest_list_that_parses_back() {
+    for (list, shown) in [
+        ("all", "all"),
+        ("none", "none"),
+        ("all,-compression", "all,-compression"),
+        ("dedup,batching", "none,dedup,batching"),
+        ("-dedup,-batching,-compression", "none,adaptive_heartbeat,cache"),
+    ] {
+        let features = Features::parse(list).unwrap();
+        assert_eq!(features.to_string(), shown, "{list}");
+        assert_eq!(Features::parse(shown).unwrap(), features, "{shown}");
+    }
+}
+
+#[test]
+fn every_variable_is_described_for_reload_logs() {
+    let s = settings(&[]).unwrap();
+    let mut described = super::describe::described_variables(&s);
+    described.sort();
+    let mut known: Vec<&str> = KNOWN_VARIABLES.to_vec();
+    known.push("DATABASE_URL");
+    known.sort();
+    assert_eq!(described, known);
+}
+
+#[test]
+fn changes_name_each_variable_with_its_values_and_hide_secrets() {
+    let before = settings(&[
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_SECRET", SECRET),
+        ("DATABASE_URL", "postgres://gw:hunter2@db/ct"),
+    ])
+    .unwrap();
+    let after = settings(&[
+        ("GATEWAY_AUTH", "jwt"),
+        ("GATEWAY_JWT_SECRET", "fedcba9876543210fedcba9876543210"),
+        ("DATABASE_URL", "postgres://gw:hunter3@db/ct"),
+        ("GATEWAY_BATCH_SIZE", "20"),
+        ("GATEWAY_FEATURES", "-compression"),
+        ("GATEWAY_HISTORY_RETENTION", "2h"),
+    ])
+    .unwrap();
+    let shown: Vec<String> = changes(&before, &after).iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            "DATABASE_URL changed (postgres://gw:***@db/ct)",
+            "GATEWAY_JWT_SECRET changed (<1 secrets, hidden>)",
+            "GATEWAY_BATCH_SIZE 10 -> 20",
+            "GATEWAY_HISTORY_RETENTION 1d -> 2h",
+            "GATEWAY_FEATURES all -> all,-compression",
+        ]
+    );
+    assert!(changes(&before, &before).is_empty());
+    assert!(!format!("{:?}", changes(&before, &after)).contains("hunter"));
+}
+
+#[test]
+fn a_reload_applies_new_keys_but_not_a_new_auth_mode() {
+    let jwt = |secrets: &str, more: &[(&str, &str)]| {
+        let mut pairs = vec![("GATEWAY_AUTH", "jwt"), ("GATEWAY_JWT_SECRET", secrets)];
+        pairs.extend_from_slice(more);
+        settings(&pairs).unwrap()
+    };
+    let current = jwt(SECRET, &[]);
+    let rotated = jwt(&format!("fedcba9876543210fedcba9876543210,{SECRET}"), &[]);
+    let (next, ignored) = for_reload(&current, rotated.clone());
+    assert!(ignored.is_empty(), "{ignored:?}");
+    assert_eq!(next.auth, rotated.auth);
+    let (next, ignored) = for_reload(&current, settings(&[]).unwrap());
+    assert_eq!(next.auth, current.auth, "the mode is restart-only");
+    assert_eq!(
+        ignored.iter().map(|c| c.variable).collect::<Vec<_>>(),
+        ["GATEWAY_AUTH", "GATEWAY_JWT_SECRET"]
+    );
+    let fresh = jwt(
+        SECRET,
+        &[("GATEWAY_LOG_FORMAT", "json"), ("GATEWAY_ADMIN_LISTEN", "127.0.0.1:9")],
+    );
+    let (next, ignored) = for_reload(&current, fresh);
+    assert_eq!(next.log, current.log);
+    assert_eq!(next.admin_listen, None);
+    assert_eq!(
+        ignored.iter().map(|c| c.variable).collect::<Vec<_>>(),
+        ["GATEWAY_ADMIN_LISTEN", "GATEWAY_LOG_FORMAT"]
+    );
 }

@@ -26,8 +26,13 @@ pub struct Settings {
     /// The ConstructTrack database; `None` lets `serve` start a private
     /// throwaway cluster for the demo.
     pub database_url: Option<Secret>,
-    /// One port for WebSocket, health, metrics and dashboard.
+    /// The clients' port: WebSocket, and the admin endpoints too unless
+    /// `admin_listen` is set.
     pub listen: SocketAddr,
+    /// A second port for `/metrics`, `/latency`, `/api/*`, the dashboard and
+    /// the full `/healthz`, to keep behind a firewall; `None` serves them on
+    /// `listen`.
+    pub admin_listen: Option<SocketAddr>,
     /// The NOTIFY channel the capture trigger and the feed agree on.
     pub channel: String,
     /// Where changes are captured; must match the database's
@@ -51,6 +56,9 @@ pub struct Settings {
     /// The rollback switch: each optimization can be turned off without a
     /// new build.
     pub features: Features,
+    /// How the process logs (read before anything else by the binary; see
+    /// [`LogSettings`]).
+    pub log: LogSettings,
 }
 
 /// Where committed changes are captured (SPEC section 8).
@@ -91,8 +99,89 @@ impl fmt::Display for CaptureSource {
 pub enum Auth {
     /// Every connection may join every room: local development only.
     None,
-    /// HS256 tokens signed with `secret` (at least 32 bytes).
-    Jwt { secret: Secret },
+    /// JWTs, verified by any of these keys.
+    Jwt(JwtKeys),
+}
+
+impl Auth {
+    /// JWT auth with one HS256 secret and no other key: what tests and
+    /// small deployments use.
+    pub fn hs256(secret: &str) -> Auth {
+        Auth::Jwt(JwtKeys {
+            secrets: vec![Secret::from(secret)],
+            ..JwtKeys::default()
+        })
+    }
+}
+
+/// Where the keys that verify tokens come from (SPEC section 3, "keys").
+/// A token verifies if any key of its algorithm does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtKeys {
+    /// HS256 secrets, each at least [`MIN_JWT_SECRET_BYTES`]: several at
+    /// once let an issuer rotate without a moment when tokens fail.
+    pub secrets: Vec<Secret>,
+    /// Public keys read from PEM files, for tokens an identity provider signs.
+    pub public_keys: Vec<PublicKeyFile>,
+    /// An identity provider's JSON Web Key Set: fetched at start, cached,
+    /// refetched for an unknown `kid` at most once a minute.
+    pub jwks_url: Option<String>,
+}
+
+/// One PEM public key file, read and checked when the settings are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeyFile {
+    pub path: PathBuf,
+    /// What the key verifies: RS256 (RSA), ES256/ES384 (EC P-256/P-384) or
+    /// EdDSA (Ed25519).
+    pub algorithm: jsonwebtoken::Algorithm,
+    /// The file's text, for the verifier to build its key from.
+    pub pem: String,
+}
+
+/// How the process logs: `GATEWAY_LOG_FORMAT` and `GATEWAY_LOG`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// Which events are written, in `RUST_LOG` syntax (`info,ws_gateway=debug`);
+    /// checked when read.
+    pub filter: String,
+}
+
+/// How each log line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event for people; colour only on a terminal.
+    Text,
+    /// One JSON object per line for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The filter when neither `GATEWAY_LOG` nor `RUST_LOG` is set.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
+
+/// What `migrate`, `track`, `untrack` and `grants` read: the database and
+/// nothing else (an operator's deploy step has no JWT secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseSettings {
+    pub database_url: Secret,
+    /// The NOTIFY channel `migrate` points the capture triggers at.
+    pub channel: String,
 }
 
 /// What the pipeline stages between feed and rooms may do to a change.
@@ -286,6 +375,17 @@ impl Features {
     };
     pub const NAMES: [&str; 5] = ["dedup", "batching", "compression", "adaptive_heartbeat", "cache"];
 
+    /// Each switch with its name, in [`Features::NAMES`] order.
+    pub fn switches(self) -> [(&'static str, bool); 5] {
+        [
+            ("dedup", self.dedup),
+            ("batching", self.batching),
+            ("compression", self.compression),
+            ("adaptive_heartbeat", self.adaptive_heartbeat),
+            ("cache", self.cache),
+        ]
+    }
+
     pub(super) fn switch(&mut self, name: &str) -> Option<&mut bool> {
         match name {
             "dedup" => Some(&mut self.dedup),
@@ -295,5 +395,23 @@ impl Features {
             "cache" => Some(&mut self.cache),
             _ => None,
         }
+    }
+}
+
+/// The shortest form `GATEWAY_FEATURES` accepts for these switches: `all`,
+/// `none`, `all,-compression` or `none,dedup`.
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let switches = self.switches();
+        let on = switches.iter().filter(|(_, on)| *on).count();
+        // Start from whichever base needs fewer exceptions.
+        let base_all = on * 2 >= switches.len();
+        f.write_str(if base_all { "all" } else { "none" })?;
+        for (name, state) in switches {
+            if state != base_all {
+                write!(f, ",{}{name}", if state { "" } else { "-" })?;
+            }
+        }
+        Ok(())
     }
 }

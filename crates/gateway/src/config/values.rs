@@ -10,6 +10,7 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::types::{DEFAULT_LOG_FILTER, JwtKeys, LogFormat, LogSettings, PublicKeyFile};
 use super::types::{HEARTBEAT_MAX_MS, HEARTBEAT_MIN_MS};
 use super::{
     Auth, ConfigError, Features, HEARTBEAT_MAX, HEARTBEAT_MIN, HeartbeatSettings, HistorySettings, Limits,
@@ -89,29 +90,151 @@ pub(super) fn read_auth(vars: &Vars<'_>) -> Result<Auth, ConfigError> {
         "none" => Ok(false),
         _ => Err("expected jwt or none".to_owned()),
     })?;
+    let keys = JwtKeys {
+        secrets: vars.parse("GATEWAY_JWT_SECRET", Vec::new(), parse_secrets)?,
+        public_keys: vars.parse("GATEWAY_JWT_PUBLIC_KEYS", Vec::new(), parse_public_keys)?,
+        jwks_url: vars.optional("GATEWAY_JWKS_URL", parse_jwks_url)?,
+    };
     if !jwt {
         return Ok(Auth::None);
     }
-    let secret = vars.optional("GATEWAY_JWT_SECRET", |raw| {
-        if raw.len() >= MIN_JWT_SECRET_BYTES {
-            Ok(raw.to_owned())
-        } else {
-            Err(format!("expected at least {MIN_JWT_SECRET_BYTES} bytes"))
-        }
-    })?;
-    let secret = secret.ok_or_else(|| {
-        ConfigError::new(
+    if keys.secrets.is_empty() && keys.public_keys.is_empty() && keys.jwks_url.is_none() {
+        return Err(ConfigError::new(
             "GATEWAY_JWT_SECRET",
             "",
             format!(
-                "required with GATEWAY_AUTH=jwt (the default): expected a secret of at least \
-                 {MIN_JWT_SECRET_BYTES} bytes, or GATEWAY_AUTH=none for local development"
+                "required with GATEWAY_AUTH=jwt (the default) unless GATEWAY_JWT_PUBLIC_KEYS or \
+                 GATEWAY_JWKS_URL is set: expected one or more secrets of at least \
+                 {MIN_JWT_SECRET_BYTES} bytes separated by commas, or GATEWAY_AUTH=none for local development"
             ),
-        )
+        ));
+    }
+    Ok(Auth::Jwt(keys))
+}
+
+/// `secret1,secret2`: any of them verifies an HS256 token (rotation).
+fn parse_secrets(list: &str) -> Result<Vec<Secret>, String> {
+    let mut secrets = Vec::new();
+    for (index, secret) in list.split(',').map(str::trim).enumerate() {
+        if secret.len() < MIN_JWT_SECRET_BYTES {
+            return Err(format!(
+                "expected one or more secrets of at least {MIN_JWT_SECRET_BYTES} bytes, separated by \
+                 commas; secret {} has {} bytes",
+                index + 1,
+                secret.len()
+            ));
+        }
+        secrets.push(Secret::from(secret));
+    }
+    Ok(secrets)
+}
+
+/// `/etc/ws-gateway/idp.pem,/etc/ws-gateway/old.pem`: each file read now,
+/// and refused unless it holds a public key the gateway can verify with.
+fn parse_public_keys(list: &str) -> Result<Vec<PublicKeyFile>, String> {
+    let allowed = "expected paths of PEM public key files (RSA for RS256, EC P-256 or P-384 for \
+                   ES256/ES384, Ed25519 for EdDSA) separated by commas";
+    let mut keys = Vec::new();
+    for path in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("{allowed}; cannot read {path}: {e}"))?;
+        let algorithm = public_key_algorithm(&pem).ok_or_else(|| {
+            format!("{allowed}; {path} holds no such key (a private key or a certificate is not one)")
+        })?;
+        keys.push(PublicKeyFile {
+            path: path.into(),
+            algorithm,
+            pem,
+        });
+    }
+    if keys.is_empty() {
+        return Err(allowed.to_owned());
+    }
+    Ok(keys)
+}
+
+/// What a PEM public key verifies, or None when it is not one.
+fn public_key_algorithm(pem: &str) -> Option<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
+    use jsonwebtoken::{Algorithm, DecodingKey};
+    if !pem.contains("PUBLIC KEY-----") {
+        return None;
+    }
+    if DecodingKey::from_rsa_pem(pem.as_bytes()).is_ok() {
+        return Some(Algorithm::RS256);
+    }
+    if DecodingKey::from_ed_pem(pem.as_bytes()).is_ok() {
+        return Some(Algorithm::EdDSA);
+    }
+    let key = DecodingKey::from_ec_pem(pem.as_bytes()).ok()?;
+    match Jwk::from_decoding_key(&key, None).ok()?.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// An `https://` URL; `http://` only to a loopback address (a key set
+/// fetched in clear could be replaced by anyone on the path; a test or a
+/// local sidecar is on the same host).
+fn parse_jwks_url(raw: &str) -> Result<String, String> {
+    let allowed = "expected an https:// URL of a JSON Web Key Set (http:// only for a loopback host: \
+                   localhost, 127.0.0.1 or [::1])";
+    let url = reqwest::Url::parse(raw).map_err(|e| format!("{allowed}; {e}"))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" if !host.is_empty() => Ok(url.to_string()),
+        "http" if loopback => Ok(url.to_string()),
+        "http" => Err(format!("{allowed}; this one is http:// to a host that is not loopback")),
+        _ => Err(allowed.to_owned()),
+    }
+}
+
+/// `GATEWAY_ADMIN_LISTEN`: an address like `GATEWAY_LISTEN`'s, but not the same one.
+pub(super) fn read_admin_listen(vars: &Vars<'_>, listen: SocketAddr) -> Result<Option<SocketAddr>, ConfigError> {
+    let admin = vars.optional("GATEWAY_ADMIN_LISTEN", parse_listen)?;
+    match admin {
+        Some(admin) if admin == listen && admin.port() != 0 => Err(ConfigError::new(
+            "GATEWAY_ADMIN_LISTEN",
+            &admin.to_string(),
+            "expected an address other than GATEWAY_LISTEN's (leave it empty to serve the admin \
+             endpoints on GATEWAY_LISTEN)",
+        )),
+        admin => Ok(admin),
+    }
+}
+
+/// `GATEWAY_LOG_FORMAT` and `GATEWAY_LOG` (`RUST_LOG` when that is unset).
+pub(super) fn read_log(vars: &Vars<'_>) -> Result<LogSettings, ConfigError> {
+    let format = vars.parse("GATEWAY_LOG_FORMAT", LogFormat::Text, |raw| {
+        match raw.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(
+                "expected text (lines for people; colour only on a terminal) or json (one object per line)".to_owned(),
+            ),
+        }
     })?;
-    Ok(Auth::Jwt {
-        secret: Secret::from(secret),
-    })
+    let check = |raw: &str| match tracing_subscriber::EnvFilter::builder().parse(raw) {
+        Ok(_) => Ok(raw.to_owned()),
+        Err(e) => Err(format!(
+            "expected levels in RUST_LOG syntax, such as info or warn,ws_gateway=debug ({e})"
+        )),
+    };
+    let filter = match vars.optional("GATEWAY_LOG", check)? {
+        Some(filter) => filter,
+        None => vars.parse("RUST_LOG", DEFAULT_LOG_FILTER.to_owned(), check)?,
+    };
+    Ok(LogSettings { format, filter })
 }
 
 pub(super) fn read_heartbeat(vars: &Vars<'_>) -> Result<HeartbeatSettings, ConfigError> {

@@ -1,8 +1,9 @@
 //! Applying the `realtime` migrations (crates/gateway/migrations/) and
 //! tracking tables. The capture itself is SQL.
 
-use anyhow::Context;
 use sqlx::PgPool;
+
+use super::connect::failed;
 
 /// The advisory lock under which the capture trigger allocates positions at
 /// COMMIT (migrations/0001_realtime.sql). Taking and releasing it waits out
@@ -12,25 +13,84 @@ pub const POSITION_LOCK: i64 = 7_310_582_919_341_551_616;
 /// The migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// One migration, as `migrate` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub version: i64,
+    pub description: String,
+}
+
+/// What [`migrate`] did: the migrations it applied now (empty when the
+/// schema was up to date) and the newest one in the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub applied: Vec<Migration>,
+    pub latest: Option<Migration>,
+}
+
+/// The versions recorded in `realtime._sqlx_migrations` (none before the
+/// first migrate).
+async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("select to_regclass('realtime._sqlx_migrations') is not null")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("select version from realtime._sqlx_migrations where success order by version")
+        .fetch_all(&mut *conn)
+        .await
+}
+
 /// Applies the `realtime` migrations. The bookkeeping table goes into
 /// `realtime` too, so an application database gains nothing outside it.
 /// Concurrent gateways are safe: sqlx takes an advisory lock.
-pub async fn migrate(pool: &PgPool, channel: &str) -> anyhow::Result<()> {
-    let mut conn = pool.acquire().await.context("connecting to the database to migrate")?;
+pub async fn migrate(pool: &PgPool, channel: &str) -> anyhow::Result<Migrated> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| failed("connecting to the database to migrate", &e))?;
+    let before = applied_versions(&mut conn)
+        .await
+        .map_err(|e| failed("reading which migrations were applied", &e))?;
     sqlx::raw_sql("create schema if not exists realtime; set search_path to realtime")
         .execute(&mut *conn)
         .await
-        .context("creating the realtime schema")?;
+        .map_err(|e| failed("creating the realtime schema", &e))?;
     let applied = MIGRATOR.run_direct(&mut *conn).await;
     // The connection goes back to the pool: give it its usual search path.
     sqlx::raw_sql("reset search_path").execute(&mut *conn).await?;
-    applied.context("applying the realtime migrations")?;
+    applied.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => failed("applying the realtime migrations", &e),
+        sqlx::migrate::MigrateError::ExecuteMigration(e, version) => {
+            failed(&format!("applying realtime migration {version}"), &e)
+        }
+        other => anyhow::anyhow!("applying the realtime migrations: {other}"),
+    })?;
     sqlx::query("select realtime.set_channel($1)")
         .bind(channel)
         .execute(&mut *conn)
         .await
-        .context("setting the notification channel")?;
-    Ok(())
+        .map_err(|e| failed("setting the notification channel", &e))?;
+    let after = applied_versions(&mut conn)
+        .await
+        .map_err(|e| failed("reading which migrations were applied", &e))?;
+    let describe = |version: i64| Migration {
+        version,
+        description: MIGRATOR
+            .iter()
+            .find(|m| m.version == version)
+            .map(|m| m.description.to_string())
+            .unwrap_or_default(),
+    };
+    Ok(Migrated {
+        applied: after
+            .iter()
+            .filter(|v| !before.contains(v))
+            .map(|&v| describe(v))
+            .collect(),
+        latest: after.last().map(|&v| describe(v)),
+    })
 }
 
 /// The channel the database's capture triggers notify, or None when the
@@ -39,14 +99,14 @@ pub async fn database_channel(pool: &PgPool) -> anyhow::Result<Option<String>> {
     let installed: bool = sqlx::query_scalar("select to_regclass('realtime.settings') is not null")
         .fetch_one(pool)
         .await
-        .context("looking for the realtime schema")?;
+        .map_err(|e| failed("looking for the realtime schema", &e))?;
     if !installed {
         return Ok(None);
     }
     let channel = sqlx::query_scalar("select channel from realtime.settings")
         .fetch_one(pool)
         .await
-        .context("reading realtime.settings")?;
+        .map_err(|e| failed("reading realtime.settings", &e))?;
     Ok(Some(channel))
 }
 
@@ -58,7 +118,7 @@ pub async fn track(pool: &PgPool, table: &str, rooms: &[String]) -> anyhow::Resu
         .bind(rooms)
         .execute(pool)
         .await
-        .with_context(|| format!("tracking {table}"))?;
+        .map_err(|e| failed(&format!("tracking {table}"), &e))?;
     Ok(())
 }
 
@@ -67,6 +127,6 @@ pub async fn untrack(pool: &PgPool, table: &str) -> anyhow::Result<()> {
         .bind(table)
         .execute(pool)
         .await
-        .with_context(|| format!("untracking {table}"))?;
+        .map_err(|e| failed(&format!("untracking {table}"), &e))?;
     Ok(())
 }

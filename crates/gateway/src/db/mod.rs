@@ -3,14 +3,17 @@
 //! source's catch-up and the sockets' replays (`outbox`), pruning it
 //! (`history`), `realtime.authorize` (`authorize`), the probe's row
 //! (`probe`), the database clock (`clock`), the pools they run on, by
-//! who may use them (`pools`), and the wal source's leader, slot and
-//! switches (`wal`). The capture itself is SQL
+//! who may use them (`pools`), the wal source's leader, slot and switches
+//! (`wal`); connecting, with errors in one line (`connect`), and the
+//! privileges a least-privileged gateway role needs (`grants`). The capture itself is SQL
 //! (`crates/gateway/migrations/`); callers here decide timeouts and what a
 //! failure means.
 
 mod authorize;
 mod capture;
 mod clock;
+mod connect;
+mod grants;
 mod history;
 mod outbox;
 mod pools;
@@ -18,7 +21,9 @@ mod probe;
 mod wal;
 
 // What an operator's commands, the tools and the tests use.
-pub use capture::{POSITION_LOCK, database_channel, migrate, track, untrack};
+pub use capture::{Migrated, Migration, POSITION_LOCK, database_channel, migrate, track, untrack};
+pub use connect::{CONNECT_TIMEOUT, ConnectError, Target, connect, describe, options as connect_options};
+pub use grants::{Grant, GrantSource, grants};
 pub use history::{PRUNE_LOCK, prune};
 pub use pools::Pools;
 pub use wal::{LEADER_LOCK, SlotState, SourceSettings, slot_state, source_settings};

@@ -33,7 +33,10 @@ const CLIENT_STATEMENT_TIMEOUT: &str = "2s";
 const CLIENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Pools {
+    /// Opens the pools, once one connection has shown the database can be
+    /// reached (else the error says in one line where and why not).
     pub async fn connect(connect: &PgConnectOptions, clients: u32) -> anyhow::Result<Pools> {
+        super::connect::check(connect).await?;
         let pool = |name: &str, size: u32, acquire: Duration, options: PgConnectOptions| {
             PgPoolOptions::new()
                 .max_connections(size)

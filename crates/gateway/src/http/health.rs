@@ -18,6 +18,27 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// The clients' port's `/healthz` when the admin endpoints have their own:
+/// `{"status": ...}` with the same code, for a load balancer.
+pub async fn status_only(State(state): State<Arc<AppState>>) -> Response {
+    let (code, body) = document(&state);
+    (code, axum::Json(json!({"status": body["status"]}))).into_response()
+}
+
+/// `auth`: the mode, how many keys verify tokens, and the JWKS's state.
+fn auth_document(state: &AppState) -> Value {
+    let Some(keys) = state.auth.keys() else {
+        return json!({"mode": "none"});
+    };
+    let (secrets, public_keys) = keys.counts();
+    json!({
+        "mode": "jwt",
+        "hs256_secrets": secrets,
+        "public_keys": public_keys,
+        "jwks": keys.jwks().map(|jwks| jwks.status()),
+    })
+}
+
 /// `{p50_ms, p95_ms, p99_ms, count}`, percentiles null when empty.
 pub fn summary(p: &Percentiles) -> Value {
     json!({"p50_ms": p.p50_ms, "p95_ms": p.p95_ms, "p99_ms": p.p99_ms, "count": p.count})
@@ -51,7 +72,14 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
     let sent = Counters::get(&counters.messages_sent);
     let received = Counters::get(&counters.messages_received);
     let errors = Counters::get(&counters.client_errors);
+    // No key at all to verify tokens with (an identity provider whose key
+    // set never arrived): nobody can connect, though the feed is fine.
+    let keyless = state.auth.keys().is_some_and(|keys| {
+        let (secrets, public_keys) = keys.counts();
+        secrets + public_keys == 0 && keys.jwks().is_none_or(|jwks| jwks.keys().is_empty())
+    });
     let status = match feed_state {
+        FeedState::Live if keyless => "degraded",
         FeedState::Live => "healthy",
         FeedState::CatchingUp => "degraded",
         FeedState::Down => "unhealthy",
@@ -104,6 +132,7 @@ pub fn document(state: &AppState) -> (StatusCode, Value) {
             "activeBatchTimers": 0,
         },
         "regressionDetection": telemetry.regression_summary(),
+        "auth": auth_document(state),
         "latency": summary(&latency),
         "probe": summary(&telemetry.probe.recent(60)),
         "ack": summary(&telemetry.commit_to_ack.recent(60)),

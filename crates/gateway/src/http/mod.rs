@@ -1,7 +1,10 @@
-//! HTTP beside the data path, on the same port: the WebSocket upgrade
-//! (`/ws`), `/healthz`, `/metrics`, `/latency`, the dashboard page (`/`)
-//! with the JSON it polls (`/api/stats`), and the JavaScript client
-//! (`/client.js`).
+//! HTTP beside the data path: for clients the WebSocket upgrade (`/ws`) and
+//! the JavaScript client (`/client.js`); for operators `/healthz`,
+//! `/metrics`, `/latency`, and the dashboard page (`/`) with the JSON it
+//! polls (`/api/stats`). One port serves both unless `GATEWAY_ADMIN_LISTEN`
+//! is set: then the clients' port keeps `/ws`, `/client.js` and a `/healthz`
+//! that says only `status`, and the admin port has the rest (and the
+//! clients' routes too, for the dashboard's live panel).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,21 +40,61 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// The largest outbound frame (a change carrying a very large row).
 const MAX_OUTBOUND_FRAME_BYTES: usize = 256 * 1024 * 1024;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// What clients use: on `GATEWAY_LISTEN` always.
+fn client_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/client.js", get(client_js::serve))
+}
+
+/// What operators use: on `GATEWAY_ADMIN_LISTEN` when it is set.
+fn admin_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/", get(dashboard))
-        .route("/ws", get(upgrade))
+        .route("/favicon.ico", get(favicon))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(metrics::render))
         .route("/latency", get(latency::latency))
         .route("/api/stats", get(stats::stats))
-        .route("/client.js", get(client_js::serve))
+}
+
+/// Everything on one port (no `GATEWAY_ADMIN_LISTEN`).
+pub fn router(state: Arc<AppState>) -> Router {
+    client_routes().merge(admin_routes()).with_state(state)
+}
+
+/// The clients' port beside an admin port: `/ws` and a `/healthz` that
+/// says only `status` (what a load balancer needs, nothing an attacker could use).
+pub fn public_router(state: Arc<AppState>) -> Router {
+    client_routes()
+        .route("/healthz", get(health::status_only))
         .with_state(state)
+}
+
+/// The admin port: every operator endpoint, and `/ws` for the dashboard's
+/// live panel.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    admin_routes().merge(client_routes()).with_state(state)
 }
 
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
+
+/// The dashboard's icon (browsers ask for `/favicon.ico` whatever the page says).
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        FAVICON_SVG,
+    )
+        .into_response()
+}
+
+/// Two arrows leaving a dot: a change going out to its rooms.
+pub const FAVICON_SVG: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" fill="#161b22"/><circle cx="10" cy="16" r="4" fill="#58a6ff"/><path d="M15 10h9m-3-3 3 3-3 3M15 22h9m-3-3 3 3-3 3" stroke="#3fb950" stroke-width="2.4" fill="none" stroke-linecap="round" stroke-linejoin="round"/></svg>"##;
 
 #[derive(Deserialize)]
 struct UpgradeParams {
@@ -65,6 +108,7 @@ struct UpgradeParams {
 /// Refuses an upgrade; `code` names the refusal in `/metrics`.
 fn refuse(state: &AppState, status: StatusCode, code: &str, reason: String) -> Response {
     Counters::add(&state.telemetry.counters.connections_refused, 1);
+    Counters::add(&state.telemetry.counters.connection_failures, 1);
     state.refusals.count(code);
     (status, reason).into_response()
 }
@@ -134,7 +178,7 @@ async fn upgrade(
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "));
         let token = params.token.as_deref().or(bearer);
-        match state.auth.authenticate(token) {
+        match state.auth.authenticate(token).await {
             Ok(identity) => identity,
             Err(error) => {
                 return refuse(&state, StatusCode::UNAUTHORIZED, "unauthorized", error.to_string());

@@ -54,6 +54,17 @@ impl CloseKind {
         }
     }
 
+    /// Whether this close counts against the connection failure rate: the
+    /// gateway gave up on the connection (timeouts, write errors, slow
+    /// readers) or the client broke the rules; a client's own close, an
+    /// idle close, shutdown and token expiry are a connection's normal ends.
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            CloseKind::Client | CloseKind::Idle | CloseKind::Shutdown | CloseKind::TokenExpired
+        )
+    }
+
     /// The `reason` label of `ws_gateway_closes_total`.
     pub fn label(self) -> &'static str {
         match self {

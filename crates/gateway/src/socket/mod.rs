@@ -94,6 +94,11 @@ pub fn serve(
         if reason.as_ref().is_some_and(|r| r.kind == CloseKind::SlowConsumer) {
             Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
         }
+        // A connection that ended without a close (1006, abnormal closure)
+        // failed too.
+        if reason.as_ref().is_none_or(|r| r.kind.is_failure()) && !state.telemetry.is_probe(connection_id) {
+            Counters::add(&state.telemetry.counters.connection_failures, 1);
+        }
         let kind = reason.map_or(DROPPED, |r| r.kind.label());
         state.closes.count(kind);
         tracing::debug!(connection_id, kind, "connection closed");

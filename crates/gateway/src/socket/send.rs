@@ -460,7 +460,7 @@ impl Writer {
         // Boxed: its database future is large; unboxed it would sit in
         // every connection's task.
         let page = Box::pin(cursor.next_page(state)).await.map_err(|error| {
-            tracing::warn!(%error, room = %cursor.room(), "replay page failed; the client will resume");
+            state.warn_repeated("replay page failed; the client will resume", cursor.room(), &error);
             // Try Again Later: the client resumes from its last position.
             CloseReason::new(
                 CloseKind::HistoryUnavailable,

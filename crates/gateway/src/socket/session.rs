@@ -290,7 +290,7 @@ impl Session {
     /// dropped (each with an `unsubscribed`).
     async fn reauthenticate(&mut self, token: &str) -> Result<(), ProtocolError> {
         let identity =
-            self.state.auth.authenticate(Some(token)).map_err(|e| {
+            self.state.auth.authenticate(Some(token)).await.map_err(|e| {
                 ProtocolError::new(codes::INVALID_TOKEN, format!("{e}; the current token stays in force"))
             })?;
         if identity.subject != self.identity.subject {
@@ -326,7 +326,7 @@ impl Session {
         let settings = self.state.settings();
         let ttl = settings.features.cache.then_some(settings.cache.ttl);
         self.state.authorizer.allows(subject, room, ttl).await.map_err(|e| {
-            tracing::warn!(error = %e, room, "authorization check failed");
+            self.state.warn_repeated("authorization check failed", room, &e);
             ProtocolError::new(
                 codes::AUTHORIZATION_UNAVAILABLE,
                 "cannot check access to that room right now; retry",
@@ -384,7 +384,7 @@ impl Session {
     async fn check_position_exists(&self, since: Position) -> Result<(), ProtocolError> {
         let query = crate::db::latest_position(&self.state.pool);
         let latest: Result<i64, String> = match tokio::time::timeout(Duration::from_secs(5), query).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
+            Ok(result) => result.map_err(|e| crate::db::describe(&e)),
             Err(_) => Err("timed out".into()),
         };
         match latest {
@@ -394,7 +394,8 @@ impl Session {
             )),
             Ok(_) => Ok(()),
             Err(error) => {
-                tracing::warn!(%error, "could not check a resume position");
+                self.state
+                    .warn_repeated("could not check a resume position", "", &error);
                 Err(ProtocolError::new(
                     codes::HISTORY_UNAVAILABLE,
                     "cannot check that position right now; retry",

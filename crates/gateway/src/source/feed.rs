@@ -12,6 +12,7 @@ use ws_gateway_client::Backoff;
 use super::Source;
 use crate::change::{Change, Position};
 use crate::hub::Hub;
+use crate::telemetry::repeats::{Occurrence, Repeats, SUMMARY_EVERY};
 use crate::telemetry::stages::Stage;
 use crate::telemetry::{Counters, FeedState, Telemetry};
 
@@ -37,17 +38,22 @@ impl<S: Source> Feed<S> {
                 hub,
                 telemetry,
                 position: None,
+                connected: false,
+                failures: Repeats::new(SUMMARY_EVERY),
                 held_lag_us: Vec::new(),
                 held_encoding_us: Vec::new(),
             },
         }
     }
 
-    /// Runs sessions until shutdown.
+    /// Runs sessions until shutdown. `reconnects` counts connections lost,
+    /// not attempts: a session that never connected is a failed attempt,
+    /// logged collapsed (the first, then a summary every 30 s).
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, HEALTHY_AFTER);
         loop {
             let started = Instant::now();
+            self.out.connected = false;
             let ended = tokio::select! {
                 ended = self.source.session(&mut self.out, &shutdown) => ended,
                 _ = shutdown.cancelled() => Ok(()),
@@ -57,15 +63,39 @@ impl<S: Source> Feed<S> {
             let Err(error) = ended else {
                 return Ok(());
             };
-            status.reconnects.fetch_add(1, Ordering::Relaxed);
             let delay = backoff.next_delay(started);
-            tracing::warn!(
-                source = self.source.name(),
-                error = format!("{error:#}"),
-                retry_in_ms = delay.as_millis() as u64,
-                position = ?self.out.position.map(|p| p.0),
-                "feed down: lost the database connection; clients stay connected and will get every change once it is back"
-            );
+            let error = format!("{error:#}");
+            let position = self.out.position.map_or_else(|| "none".to_owned(), |p| p.to_string());
+            if self.out.connected {
+                status.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.out.failures.recover(Instant::now());
+                self.out.failures.occur(Instant::now());
+                tracing::warn!(
+                    source = self.source.name(),
+                    %error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    %position,
+                    "feed down: lost the database connection; clients stay connected and will get every change once it is back"
+                );
+            } else {
+                match self.out.failures.occur(Instant::now()) {
+                    Occurrence::First => tracing::warn!(
+                        source = self.source.name(),
+                        %error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        %position,
+                        "feed down: cannot connect to the database; retrying"
+                    ),
+                    Occurrence::Quiet => tracing::debug!(%error, "feed still down"),
+                    Occurrence::Summary { more, for_s } => tracing::warn!(
+                        source = self.source.name(),
+                        %error,
+                        failed_attempts = more,
+                        down_for_s = format!("{for_s:.0}"),
+                        "feed still down: the database cannot be reached; retrying"
+                    ),
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return Ok(()),
@@ -83,6 +113,11 @@ pub struct Dispatcher {
     /// The last position dispatched; None until the first session has found
     /// where the outbox ends.
     position: Option<Position>,
+    /// The current session got its connection (it said catching up or live):
+    /// losing it is a reconnect; failing before it is only a failed attempt.
+    connected: bool,
+    /// The current outage's failed sessions, for collapsed warnings.
+    failures: Repeats,
     /// Stage samples (notify lag, encoding) not yet in the shared histograms:
     /// the feed is on every delivery's path, so it never waits for a reader
     /// of them (see `WindowedHistogram::record_held`).
@@ -97,7 +132,19 @@ impl Dispatcher {
         self.position
     }
 
-    pub fn set_state(&self, state: FeedState) {
+    pub fn set_state(&mut self, state: FeedState) {
+        if state != FeedState::Down {
+            self.connected = true;
+        }
+        if state == FeedState::Live
+            && let Some((sessions, down_for)) = self.failures.recover(Instant::now())
+        {
+            tracing::info!(
+                failed_sessions = sessions,
+                down_for_s = format!("{:.1}", down_for.as_secs_f64()),
+                "feed back: connected and caught up"
+            );
+        }
         self.telemetry.feed.set_state(state);
     }
 

@@ -16,7 +16,9 @@ use crate::change::now_us;
 
 pub mod clock;
 mod histogram;
+pub mod process;
 pub mod regression;
+pub mod repeats;
 pub mod stages;
 mod tally;
 pub mod timeline;
@@ -167,6 +169,9 @@ pub struct Counters {
     pub connections_opened: AtomicU64,
     pub connections_closed: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Refused upgrades and abnormal closes (see `CloseKind::is_failure`):
+    /// the detector's connection failure rate, over opened plus refused.
+    pub connection_failures: AtomicU64,
     /// The built-in probe: rows committed, received back over its own
     /// WebSocket, failed (commit refused, or not back within its timeout),
     /// and times its socket was reconnected.
@@ -415,11 +420,18 @@ impl Telemetry {
 
     /// The counters the timeline keeps, as of now; `compression` is the
     /// pipeline's `(bytes before, bytes after)` over change frames.
-    pub fn counter_snapshot(&self, compression: (u64, u64)) -> timeline::CounterSnapshot {
+    pub fn counter_snapshot(&self, compression: (u64, u64), connections: u64) -> timeline::CounterSnapshot {
         let c = &self.counters;
         let get = Counters::get;
+        let process = process::ProcessStats::read();
         timeline::CounterSnapshot {
             at_us: now_us(),
+            changes: get(&c.changes_received),
+            connections,
+            rss_bytes: process.rss_bytes.unwrap_or(0),
+            cpu_us: process.cpu_us.unwrap_or(0),
+            connection_attempts: get(&c.connections_opened) + get(&c.connections_refused),
+            connection_failures: get(&c.connection_failures),
             deliveries: get(&c.deliveries_queued),
             messages_sent: get(&c.messages_sent),
             bytes_sent: get(&c.bytes_sent),

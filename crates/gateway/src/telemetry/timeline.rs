@@ -27,6 +27,18 @@ pub struct CounterSnapshot {
     pub errors: u64,
     /// Deliveries and probes.
     pub attempts: u64,
+    /// Changes received from the feed (the offered load).
+    pub changes: u64,
+    /// Open client connections at the snapshot (a level, not a count: see
+    /// [`Timeline::mean`]).
+    pub connections: u64,
+    /// Resident memory at the snapshot (a level), bytes; 0 when unknown.
+    pub rss_bytes: u64,
+    /// Process CPU time since start, microseconds.
+    pub cpu_us: u64,
+    /// Upgrades accepted or refused, and the failures among connections.
+    pub connection_attempts: u64,
+    pub connection_failures: u64,
 }
 
 /// One point of the dashboard's charts.
@@ -141,9 +153,26 @@ impl Timeline {
                 change_bytes_sent: d(|s| s.change_bytes_sent),
                 errors: d(|s| s.errors),
                 attempts: d(|s| s.attempts),
+                changes: d(|s| s.changes),
+                // Levels are not differences: see `mean`.
+                connections: b.connections,
+                rss_bytes: b.rss_bytes,
+                cpu_us: d(|s| s.cpu_us),
+                connection_attempts: d(|s| s.connection_attempts),
+                connection_failures: d(|s| s.connection_failures),
             },
             seconds,
         ))
+    }
+
+    /// The mean of a level (connections, resident memory) over the
+    /// snapshots taken in `(from_us, to_us]`; None when there are none.
+    pub fn mean(&self, from_us: i64, to_us: i64, level: fn(&CounterSnapshot) -> u64) -> Option<f64> {
+        let start = self.counters.partition_point(|s| s.at_us <= from_us);
+        let end = self.counters.partition_point(|s| s.at_us <= to_us);
+        let n = end.checked_sub(start).filter(|n| *n > 0)?;
+        let sum: f64 = self.counters.range(start..end).map(|s| level(s) as f64).sum();
+        Some(sum / n as f64)
     }
 }
 

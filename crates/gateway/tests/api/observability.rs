@@ -161,9 +161,7 @@ async fn the_probe_is_not_counted_as_client_traffic() {
 #[tokio::test]
 async fn the_probe_mints_its_own_token_when_auth_is_jwt() {
     let app = spawn_app_with(fresh_database().await, |s| {
-        s.auth = Auth::Jwt {
-            secret: "observability-test-secret-of-32-bytes-or-more".into(),
-        };
+        s.auth = Auth::hs256("observability-test-secret-of-32-bytes-or-more");
         s.history.probe_interval = Some(PROBE_EVERY);
     })
     .await;

@@ -36,7 +36,7 @@ pub(crate) fn token_signed(sub: &str, rooms: &[&str], exp: u64, secret: &str) ->
 }
 
 pub(crate) fn jwt(settings: &mut Settings) {
-    settings.auth = Auth::Jwt { secret: SECRET.into() };
+    settings.auth = Auth::hs256(SECRET);
     settings.history.jwt_leeway = Duration::ZERO;
 }
 
