@@ -20,7 +20,7 @@ use crate::state::AppState;
 use crate::telemetry::clock::{ClockOffsetEstimator, ClockSample};
 use crate::telemetry::regression::{RegressionDetector, Severity, WindowStats, dominant_stage};
 use crate::telemetry::repeats::{Occurrence, Repeats, SUMMARY_EVERY};
-use crate::telemetry::timeline::{CounterSnapshot, SAMPLE_EVERY, Sample};
+use crate::telemetry::timeline::{CounterSnapshot, SAMPLE_EVERY, SERIES_WINDOW, Sample};
 use crate::telemetry::{MAX_WINDOW, Percentiles, Profile, Stage, Telemetry, profile_window};
 
 /// How often the clock is sampled, and the window its best sample is kept.
@@ -127,17 +127,25 @@ async fn observe_loop(state: &AppState) {
     }
 }
 
-/// One point of the dashboard's series, and a counter snapshot.
+/// One point of the dashboard's series, and a counter snapshot. Every
+/// number of a point covers the minute before it, like `/latency`'s and
+/// `/healthz`'s default window: the page's tiles show the newest point, so
+/// a tile and its chart never disagree, and one sample is never a tile.
 fn take_sample(state: &AppState) {
     let t = &state.telemetry;
     let connections = state.active_connections.load(Ordering::Relaxed) as u64;
     let snapshot = t.counter_snapshot(state.hub.stats.compression_bytes(), connections);
-    let send = t.commit_to_send.take_interval();
-    let probe = t.probe.take_interval();
-    let ack = t.commit_to_ack.take_interval();
+    let window = SERIES_WINDOW.as_secs();
+    let send = t.commit_to_send.recent(window);
+    let probe = t.probe.recent(window);
+    let ack = t.commit_to_ack.recent(window);
     let alerts = t.regression_summary().total_alerts as u64;
     let mut timeline = t.timeline();
-    let rate = |f: fn(&CounterSnapshot) -> u64| match timeline.latest_counters() {
+    // Rates over the minute (or as much of it as there is).
+    let since = timeline
+        .counters_at(snapshot.at_us - SERIES_WINDOW.as_micros() as i64)
+        .or_else(|| timeline.oldest_counters());
+    let rate = |f: fn(&CounterSnapshot) -> u64| match since {
         Some(prev) if snapshot.at_us > prev.at_us => {
             f(&snapshot).saturating_sub(f(&prev)) as f64 * 1e6 / (snapshot.at_us - prev.at_us) as f64
         }
@@ -153,8 +161,10 @@ fn take_sample(state: &AppState) {
         probe_p99: probe.p99_ms,
         probe_count: probe.count,
         ack_p99: ack.p99_ms,
-        connections: state.active_connections.load(Ordering::Relaxed) as u64,
+        ack_count: ack.count,
+        connections,
         rooms: t.excluding_probe(state.hub.room_count()) as u64,
+        subscriptions: t.excluding_probe(state.hub.subscription_count()) as u64,
         deliveries_per_s: rate(|s| s.deliveries),
         messages_per_s: rate(|s| s.messages_sent),
         bytes_out_per_s: rate(|s| s.bytes_sent),

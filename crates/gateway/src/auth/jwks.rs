@@ -1,7 +1,9 @@
 //! An identity provider's JSON Web Key Set (`GATEWAY_JWKS_URL`): fetched at
 //! start, cached, refreshed every ten minutes, and refetched when a token
 //! names a key id the cache lacks, at most once a minute (a flood of tokens
-//! with made-up ids costs the provider one request a minute). A failed fetch
+//! with made-up ids costs the provider one request a minute; the scheduled
+//! fetches do not count against it, so a rotation right after a start is
+//! picked up at once). A failed fetch
 //! keeps the last good keys; `/healthz` `auth.jwks` and
 //! `ws_gateway_jwks_*` show it.
 
@@ -46,6 +48,8 @@ pub struct Jwks {
 #[derive(Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
+    /// The last fetch an unknown key id caused.
+    last_kid_fetch: Option<Instant>,
     last_success: Option<SystemTime>,
     /// Why the last fetch failed; None once one succeeds.
     last_error: Option<String>,
@@ -141,7 +145,7 @@ impl Jwks {
         let (generation, recent) = {
             let state = self.state();
             let recent = state
-                .last_attempt
+                .last_kid_fetch
                 .is_some_and(|at| at.elapsed() < REFETCH_AT_MOST_EVERY);
             (state.generation, recent)
         };
@@ -151,6 +155,7 @@ impl Jwks {
         if recent {
             return false;
         }
+        self.state().last_kid_fetch = Some(Instant::now());
         self.fetch().await.is_ok()
     }
 

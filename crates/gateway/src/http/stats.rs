@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::health::{document, summary};
 use crate::state::AppState;
-use crate::telemetry::timeline::SAMPLE_EVERY;
+use crate::telemetry::timeline::{SAMPLE_EVERY, SERIES_WINDOW};
 use crate::telemetry::{Counters, Stage, profile_window};
 
 /// Alerts sent to the page at most.
@@ -56,6 +56,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, Query(params): Query<Hash
         "uptime_s": state.started_at.elapsed().as_secs(),
         "instance": state.instance_id,
         "sample_every_ms": SAMPLE_EVERY.as_millis() as u64,
+        "series_window_s": SERIES_WINDOW.as_secs(),
         "health": health,
         "latency": {
             "send": summary(&t.commit_to_send.recent(60)),

@@ -136,8 +136,6 @@ struct Rings {
     fine: Vec<Slot>,
     /// Empty for a histogram that only needs the last ten minutes.
     coarse: Vec<Slot>,
-    /// Everything since the last [`WindowedHistogram::take_interval`].
-    interval: Samples,
     /// Everything since start, for Prometheus (cumulative by definition).
     total: Histogram<u64>,
     total_sum_us: u64,
@@ -225,7 +223,6 @@ impl WindowedHistogram {
             rings: Mutex::new(Rings {
                 fine: slots(FINE_SLOTS),
                 coarse: if coarse { slots(COARSE_SLOTS) } else { Vec::new() },
-                interval: Samples::Empty,
                 total: new_histogram(),
                 total_sum_us: 0,
             }),
@@ -282,7 +279,6 @@ impl WindowedHistogram {
         let Rings {
             fine,
             coarse,
-            interval,
             total,
             total_sum_us,
         } = rings;
@@ -297,7 +293,6 @@ impl WindowedHistogram {
         for v in values_us {
             let v = clamp(v);
             slot.samples.record(v);
-            interval.record(v);
             total.saturating_record(v);
             *total_sum_us = total_sum_us.saturating_add(v);
         }
@@ -338,15 +333,6 @@ impl WindowedHistogram {
         add(&rings.fine, FINE_SLOT_S);
         add(&rings.coarse, COARSE_SLOT_S);
         merged
-    }
-
-    /// Percentiles of what was recorded since the last call, and starts over:
-    /// one point of the dashboard's time series.
-    pub fn take_interval(&self) -> Percentiles {
-        let taken = std::mem::take(&mut self.lock().interval);
-        let mut h = new_histogram();
-        taken.add_to(&mut h);
-        Percentiles::of(&h)
     }
 
     /// Values recorded since start.
@@ -612,12 +598,9 @@ mod tests {
     }
 
     #[test]
-    fn interval_and_totals() {
+    fn totals() {
         let h = WindowedHistogram::default();
         h.record_all_at(T0, [1000, 2000, 3000]);
-        let interval = h.take_interval();
-        assert_eq!(interval.count, 3);
-        assert_eq!(h.take_interval(), Percentiles::EMPTY);
         h.record_all_at(T0 + 1000, [50_000]);
         let c = h.cumulative(&[1500, 2500, 100_000]);
         assert_eq!(c.buckets, vec![(1500, 1), (2500, 2), (100_000, 4)]);

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// One dashboard point every `SAMPLE_EVERY`, kept for `SERIES_KEPT`.
+/// One dashboard point every `SAMPLE_EVERY`, kept for `SERIES_KEPT`, each
+/// over the `SERIES_WINDOW` before it.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 pub const SERIES_KEPT: Duration = Duration::from_secs(600);
+pub const SERIES_WINDOW: Duration = Duration::from_secs(60);
 
 /// The counters the regression detector and the charts take rates of.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -41,12 +43,13 @@ pub struct CounterSnapshot {
     pub connection_failures: u64,
 }
 
-/// One point of the dashboard's charts.
+/// One point of the dashboard's charts: every figure over the
+/// [`SERIES_WINDOW`] before `t`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Sample {
     /// Milliseconds since the Unix epoch (what JavaScript's Date takes).
     pub t: i64,
-    /// Commit-to-send percentiles over this point's interval, ms.
+    /// Commit-to-send percentiles, ms, all three from one histogram.
     pub send_p50: Option<f64>,
     pub send_p95: Option<f64>,
     pub send_p99: Option<f64>,
@@ -57,8 +60,10 @@ pub struct Sample {
     pub probe_count: u64,
     /// Commit-to-ack P99, ms.
     pub ack_p99: Option<f64>,
+    pub ack_count: u64,
     pub connections: u64,
     pub rooms: u64,
+    pub subscriptions: u64,
     pub deliveries_per_s: f64,
     pub messages_per_s: f64,
     pub bytes_out_per_s: f64,
@@ -123,8 +128,8 @@ impl Timeline {
         self.counters.push_back(snapshot);
     }
 
-    pub fn latest_counters(&self) -> Option<CounterSnapshot> {
-        self.counters.back().copied()
+    pub fn oldest_counters(&self) -> Option<CounterSnapshot> {
+        self.counters.front().copied()
     }
 
     /// The last snapshot taken at or before `at_us`.

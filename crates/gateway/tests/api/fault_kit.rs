@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use ws_gateway_client::{Client, ClientBuilder, ClientEvent, Subscription, Update};
 
@@ -515,4 +516,62 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
             return;
         }
     }
+}
+
+/// A TCP proxy in front of PostgreSQL that can play "database down": it
+/// drops every connection and refuses new ones until it is back up.
+pub struct KillSwitch {
+    pub port: u16,
+    down: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl KillSwitch {
+    pub async fn start(upstream: String) -> KillSwitch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, _) = watch::channel(false);
+        let task = tokio::spawn({
+            let down = down.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let mut is_down = down.subscribe();
+                    if *is_down.borrow() {
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = is_down.wait_for(|d| *d) => {}
+                        }
+                    });
+                }
+            }
+        });
+        KillSwitch { port, down, task }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+}
+
+impl Drop for KillSwitch {
+    fn drop(&mut self) {
+        self.set_down(true);
+        self.task.abort();
+    }
+}
+
+/// `(host:port, url with host:port replaced)` of a PostgreSQL URL.
+pub fn redirect(url: &str, port: u16) -> (String, String) {
+    let start = url.find('@').map(|i| i + 1).unwrap_or(url.find("://").unwrap() + 3);
+    let end = start + url[start..].find('/').unwrap();
+    let authority = url[start..end].to_owned();
+    let redirected = format!("{}127.0.0.1:{port}{}", &url[..start], &url[end..]);
+    (authority, redirected)
 }

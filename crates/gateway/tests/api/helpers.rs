@@ -332,12 +332,54 @@ fn replace_database(url: &str, database: &str) -> String {
     }
 }
 
+/// A database on the test server with nothing in it (no realtime schema):
+/// what an operator's first `migrate` meets. Its URL and a pool.
+pub async fn empty_database() -> (String, PgPool) {
+    let server = server_url().await;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server)
+        .await
+        .expect("connecting to the test server");
+    let name = format!(
+        "e{}_{}_{}",
+        std::process::id(),
+        DATABASES.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_micros()
+    );
+    sqlx::query(&format!("create database {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let url = replace_database(&server, &name);
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .expect("connecting to the empty database");
+    (url, pool)
+}
+
+/// `url` pointing at `database` instead.
+pub fn with_database(url: &str, database: &str) -> String {
+    replace_database(url, database)
+}
+
 /// The real gateway, in this process, on an ephemeral port.
 pub struct TestApp {
     pub address: std::net::SocketAddr,
+    /// Where the admin endpoints are: `address` unless the settings gave
+    /// them a port of their own.
+    pub admin: std::net::SocketAddr,
     pub db: TestDb,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The running gateway's shared state (reloads go through it).
+    pub state: std::sync::Arc<ws_gateway::AppState>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -351,13 +393,17 @@ pub async fn spawn_app_with(db: TestDb, configure: impl FnOnce(&mut Settings)) -
     configure(&mut settings);
     let app = Application::build(settings).await.expect("building the gateway");
     let address = app.local_addr();
+    let admin = app.admin_addr();
     let shutdown = app.shutdown_token();
+    let state = app.state();
     let task = tokio::spawn(app.run_until_stopped());
     let test_app = TestApp {
         address,
+        admin,
         db,
         shutdown,
         task,
+        state,
     };
     test_app.wait_for_feed("live").await;
     test_app
@@ -369,7 +415,7 @@ impl TestApp {
     }
 
     pub async fn health(&self) -> (u16, Value) {
-        http_get_json(self.address, "/healthz").await
+        http_get_json(self.admin, "/healthz").await
     }
 
     /// Waits until every change committed so far has reached this gateway's

@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use ws_gateway::Application;
 use ws_gateway::config::{Auth, Settings};
 
+use crate::fault_kit::{KillSwitch, redirect};
 use crate::helpers::{TestApp, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
 
 const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -332,8 +331,10 @@ async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     let state = built.state();
     let app = TestApp {
         address: built.local_addr(),
+        admin: built.admin_addr(),
         db,
         shutdown: built.shutdown_token(),
+        state: built.state(),
         task: tokio::spawn(built.run_until_stopped()),
     };
     app.wait_for_feed("live").await;
@@ -357,64 +358,6 @@ async fn a_reload_switches_the_probe_off_and_on_and_it_reconnects() {
     })
     .await;
     app.stop().await.expect("a clean stop");
-}
-
-/// A TCP proxy in front of PostgreSQL that can play "database down": it
-/// drops every connection and refuses new ones until it is back up.
-struct KillSwitch {
-    port: u16,
-    down: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl KillSwitch {
-    async fn start(upstream: String) -> KillSwitch {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (down, _) = watch::channel(false);
-        let task = tokio::spawn({
-            let down = down.clone();
-            async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    let mut is_down = down.subscribe();
-                    if *is_down.borrow() {
-                        continue;
-                    }
-                    let upstream = upstream.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(&upstream).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = is_down.wait_for(|d| *d) => {}
-                        }
-                    });
-                }
-            }
-        });
-        KillSwitch { port, down, task }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.send_replace(down);
-    }
-}
-
-impl Drop for KillSwitch {
-    fn drop(&mut self) {
-        self.set_down(true);
-        self.task.abort();
-    }
-}
-
-/// `(host:port, url with host:port replaced)` of a PostgreSQL URL.
-fn redirect(url: &str, port: u16) -> (String, String) {
-    let start = url.find('@').map(|i| i + 1).unwrap_or(url.find("://").unwrap() + 3);
-    let end = start + url[start..].find('/').unwrap();
-    let authority = url[start..end].to_owned();
-    let redirected = format!("{}127.0.0.1:{port}{}", &url[..start], &url[end..]);
-    (authority, redirected)
 }
 
 #[tokio::test]
