@@ -123,7 +123,7 @@ async fn several_secrets_and_pem_public_keys_verify_tokens() {
 
 /// An identity provider, served by the test: its key set (or a failure),
 /// and how many times it was fetched.
-struct Provider {
+pub(crate) struct Provider {
     address: SocketAddr,
     /// The JWKS document; None answers 500.
     body: Arc<Mutex<Option<String>>>,
@@ -132,7 +132,7 @@ struct Provider {
 }
 
 impl Provider {
-    async fn start() -> Provider {
+    pub(crate) async fn start() -> Provider {
         let body: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let fetches = Arc::new(AtomicU64::new(0));
         let router = axum::Router::new().route(
@@ -162,13 +162,13 @@ impl Provider {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/.well-known/jwks.json", self.address)
     }
 
     /// Publishes the public halves of `keys` (`(file stem, kid)`); an empty
     /// list takes the provider down.
-    fn publish(&self, keys: &[(&str, &str)]) {
+    pub(crate) fn publish(&self, keys: &[(&str, &str)]) {
         let document = (!keys.is_empty()).then(|| {
             let keys = keys
                 .iter()

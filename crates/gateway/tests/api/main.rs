@@ -5,11 +5,13 @@ mod fault_kit;
 mod helpers;
 
 mod client;
+mod dashboard;
 mod delivery;
 mod faults;
 mod handshake;
 mod keys;
 mod lifecycle;
+mod monitoring;
 mod observability;
 mod operations;
 mod pipeline;

@@ -374,6 +374,10 @@ async fn shutdown_works_whatever_stderr_is() {
         .spawn()
         .unwrap();
     let address = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the gateway listening with stderr full", || async {
+        tokio::net::TcpStream::connect(address).await.ok().map(|_| ())
+    })
+    .await;
     eventually("the gateway live with stderr full", || async {
         let (status, health) = http_get_json(address, "/healthz").await;
         (status == 200 && health["feed"]["state"] == "live").then_some(())
@@ -410,9 +414,10 @@ async fn kubernetes_variables_are_warned_about_and_typos_refused() {
     assert!(gateway.wait_exit().await.success());
     let log = gateway.log_text();
     for name in ["GATEWAY_SERVICE_HOST", "GATEWAY_PORT", "GATEWAY_PORT_8080_TCP_ADDR"] {
+        let field = format!("variable={name}");
         assert!(
             log.lines()
-                .any(|l| l.contains("WARN") && l.contains(&format!("variable={name} "))),
+                .any(|l| l.contains("WARN") && l.split_whitespace().any(|word| word == field)),
             "{name}: {log}"
         );
     }
