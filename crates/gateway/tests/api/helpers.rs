@@ -155,6 +155,17 @@ impl TestDb {
         }
     }
 
+    /// The same database reached at `url` (another role, say); the slot
+    /// stays with `self`.
+    pub fn at_url(&self, url: String) -> TestDb {
+        TestDb {
+            url,
+            pool: self.pool.clone(),
+            source: self.source,
+            slot: None,
+        }
+    }
+
     /// Switches the database to `source` (`ws-gateway source`'s library call).
     pub async fn switch_to(&mut self, source: CaptureSource) {
         match source {

@@ -224,14 +224,7 @@ async fn keys_from_a_jwks_with_rotation_and_failures() {
 
     // Rotation: A, then B alone.
     provider.publish(&[("rsa-a", "a")]);
-    let app = jwt_app(
-        TestDb {
-            url: db.url.clone(),
-            pool: db.pool.clone(),
-        },
-        keys.clone(),
-    )
-    .await;
+    let app = jwt_app(db.shared(), keys.clone()).await;
     assert_eq!(provider.fetches(), 1, "fetched at start");
     accepted(&app, &a).await;
     assert_eq!(provider.fetches(), 1, "served from the cache");
@@ -266,14 +259,7 @@ async fn keys_from_a_jwks_with_rotation_and_failures() {
     // A provider that fails after a good fetch: the last good keys verify,
     // and /healthz and /metrics say it is failing.
     provider.publish(&[("rsa-a", "a")]);
-    let app = jwt_app(
-        TestDb {
-            url: db.url.clone(),
-            pool: db.pool.clone(),
-        },
-        keys.clone(),
-    )
-    .await;
+    let app = jwt_app(db.shared(), keys.clone()).await;
     provider.publish(&[]);
     let before = provider.fetches();
     let unknown = token(Algorithm::RS256, Some("c"), &rsa("rsa-b"), "carol");
