@@ -281,3 +281,6 @@ select realtime.track('public.inspections', array['project:{project_id}', 'inspe
 select realtime.track('public.equipment', array['project:{project_id}', 'equipment:{id}']);
 select realtime.track('public.rfis', array['project:{project_id}', 'rfi:{id}']);
 select realtime.track('public.safety_incidents', array['project:{project_id}', 'safety']);
+-- A projection: the crew board shows who is on site; e-mail addresses and
+-- phone numbers stay in the database.
+select realtime.track('public.crew_members', array['crew', 'crew:{id}'], exclude => array['email', 'phone']);

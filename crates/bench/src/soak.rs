@@ -487,7 +487,13 @@ pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<SoakR
         sqlx::raw_sql("create table soak_events (id bigint primary key, room int not null, body text not null)")
             .execute(&pool)
             .await?;
-        ws_gateway::db::track(&pool, "public.soak_events", &["soak:{room}".to_owned()]).await?;
+        ws_gateway::db::track(
+            &pool,
+            "public.soak_events",
+            &["soak:{room}".to_owned()],
+            &Default::default(),
+        )
+        .await?;
         anyhow::Ok(pool)
     };
     let pool = setup.await.context("preparing the soak's database")?;

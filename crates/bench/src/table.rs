@@ -64,7 +64,7 @@ pub async fn recreate(pool: &PgPool) -> Result<()> {
 }
 
 pub async fn track(pool: &PgPool) -> Result<()> {
-    ws_gateway::db::track(pool, TABLE, &[ROOM_TEMPLATE.to_owned()]).await
+    ws_gateway::db::track(pool, TABLE, &[ROOM_TEMPLATE.to_owned()], &Default::default()).await
 }
 
 /// The filler of every row's `payload`.

@@ -398,7 +398,13 @@ async fn set_capture(pool: &PgPool, capture: Capture, db_url: &str) -> Result<()
                     .context("switching the bench database to wal")?;
             }
             for shape in Shape::ALL {
-                ws_gateway::db::track(pool, shape.table(), &[table::ROOM_TEMPLATE.to_owned()]).await?;
+                ws_gateway::db::track(
+                    pool,
+                    shape.table(),
+                    &[table::ROOM_TEMPLATE.to_owned()],
+                    &Default::default(),
+                )
+                .await?;
             }
         }
     }

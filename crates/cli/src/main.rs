@@ -18,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use ws_gateway::db;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +44,12 @@ enum Command {
         /// Room template, e.g. `project:{project_id}`; repeat for several rooms.
         #[arg(long = "room", required = true)]
         rooms: Vec<String>,
+        /// Send only these columns (and the key), e.g. `--columns title,status`.
+        #[arg(long, value_delimiter = ',', conflicts_with = "exclude")]
+        columns: Option<Vec<String>>,
+        /// Send every column but these, e.g. `--exclude password_hash,drawing`.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Option<Vec<String>>,
     },
     /// Stop capturing changes of TABLE.
     Untrack { table: String },
@@ -135,7 +142,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve::serve(ws_gateway::config::Settings::from_env()?, CancellationToken::new()).await,
         Command::Migrate => schema::migrate().await,
-        Command::Track { table, rooms } => schema::track(&table, &rooms).await,
+        Command::Track {
+            table,
+            rooms,
+            columns,
+            exclude,
+        } => {
+            let projection = match (columns, exclude) {
+                (Some(columns), _) => db::Projection::Columns(columns),
+                (None, Some(exclude)) => db::Projection::Exclude(exclude),
+                (None, None) => db::Projection::All,
+            };
+            schema::track(&table, &rooms, &projection).await
+        }
         Command::Untrack { table } => schema::untrack(&table).await,
         Command::Source { target, slot } => source::source(target.as_deref(), slot.as_deref()).await,
         Command::Grants { role, apply, source } => grants::run(&role, apply, &source).await,

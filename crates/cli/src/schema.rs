@@ -31,10 +31,16 @@ pub async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn track(table: &str, rooms: &[String]) -> anyhow::Result<()> {
+pub async fn track(table: &str, rooms: &[String], projection: &db::Projection) -> anyhow::Result<()> {
     let settings = DatabaseSettings::from_env()?;
-    db::track(&pool(&settings).await?, table, rooms).await?;
-    println!("tracking {table} into rooms {}", rooms.join(", "));
+    db::track(&pool(&settings).await?, table, rooms, projection).await?;
+    // Without a projection, the line operators' scripts already read.
+    let carrying = match projection {
+        db::Projection::All => String::new(),
+        db::Projection::Columns(columns) => format!(", carrying the key and {}", columns.join(", ")),
+        db::Projection::Exclude(exclude) => format!(", carrying every column but {}", exclude.join(", ")),
+    };
+    println!("tracking {table} into rooms {}{carrying}", rooms.join(", "));
     Ok(())
 }
 

@@ -403,6 +403,7 @@ async fn inspection(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()
                 .fetch_optional(pool)
                 .await?;
         if let Some(id) = pending {
+            let mut tx = pool.begin().await?;
             let (result, notes) = if rng.chance(0.8) {
                 ("pass", *rng.choose(PASS_NOTES))
             } else {
@@ -416,8 +417,20 @@ async fn inspection(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()
             .bind(id)
             .bind(result)
             .bind(notes)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            // An application event in the same transaction: it reaches the
+            // project's room right after the row change, or not at all.
+            sqlx::query(
+                "select realtime.publish('project:' || project_id, 'inspection_' || $2, \
+                        jsonb_build_object('inspection_id', id, 'kind', kind, 'inspector', inspector)) \
+                   from public.inspections where id = $1",
+            )
+            .bind(id)
+            .bind(if result == "pass" { "passed" } else { "failed" })
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
             return Ok(());
         }
     }
@@ -558,6 +571,23 @@ async fn crew_shift(pool: &PgPool, site: &Site, rng: &mut XorShift) -> Result<()
     .execute(&mut *tx)
     .await?;
     insert_daily_log(&mut tx, project_id, site, rng).await?;
+    // The foreman who wrote the log checks in (the crew board's row; its
+    // e-mail and phone are not sent: see the projection in constructtrack.sql).
+    sqlx::query(
+        "update public.crew_members set updated_at = now() \
+          where id = (select author_id from public.daily_logs where project_id = $1 order by id desc limit 1)",
+    )
+    .bind(project_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "select realtime.publish('project:' || $1, 'crew_checked_in', \
+                jsonb_build_object('crew_count', crew_count, 'weather', weather)) \
+           from public.daily_logs where project_id = $1 order by id desc limit 1",
+    )
+    .bind(project_id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -778,7 +808,10 @@ mod tests {
 
     /// Stand-in for the gateway's migration until both are tested together.
     const REALTIME_STUB: &str = "create schema realtime; \
-        create function realtime.track(tbl regclass, rooms text[]) returns void \
+        create function realtime.track(tbl regclass, rooms text[], columns text[] default null, \
+                                       exclude text[] default null) returns void \
+        language sql as 'select null::void'; \
+        create function realtime.publish(room text, event text, payload jsonb) returns void \
         language sql as 'select null::void';";
 
     /// Counts row changes per table, as the gateway's capture would see them.

@@ -43,13 +43,19 @@ impl FromStr for Position {
     }
 }
 
-/// What a row change did.
+/// What an outbox entry is: a row change, an application event
+/// (`realtime.publish`), or a table's TRUNCATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Op {
     Insert,
     Update,
     Delete,
+    /// `realtime.publish(room, event, payload)`: sent as an `event` message.
+    Event,
+    /// Its `rooms` are patterns (`project:*`): every matching room gets a
+    /// `reset` (reason `truncated`).
+    Truncate,
 }
 
 impl Op {
@@ -58,22 +64,33 @@ impl Op {
             Op::Insert => "INSERT",
             Op::Update => "UPDATE",
             Op::Delete => "DELETE",
+            Op::Event => "EVENT",
+            Op::Truncate => "TRUNCATE",
         }
+    }
+
+    /// A change of one row (dedup and priorities apply to these only).
+    pub fn is_row(self) -> bool {
+        matches!(self, Op::Insert | Op::Update | Op::Delete)
     }
 }
 
-/// One committed row change, ready to be fanned out to its rooms.
+/// One committed outbox entry (a row change, an event or a truncation),
+/// ready to be fanned out to its rooms.
 #[derive(Debug, Clone)]
 pub struct Change {
     pub position: Position,
     /// Commit time in microseconds since the Unix epoch, on the database's clock.
     pub committed_at_us: i64,
+    /// Empty for an event.
     pub schema: String,
     pub table: String,
     pub op: Op,
+    /// The rooms it goes to; for a truncation, room patterns
+    /// (see [`Change::reaches`]).
     pub rooms: Vec<String>,
-    /// Everything of the client's `change` message after its `room` field:
-    /// built once, shared by every room the change goes to.
+    /// Everything of the client's message after its `room` field: built
+    /// once, shared by every room the change goes to.
     message_tail: String,
     /// Where the key and the row sit in `message_tail`.
     key_at: std::ops::Range<usize>,
@@ -104,6 +121,8 @@ struct Document<'a> {
     #[serde(borrow)]
     r: Option<&'a RawValue>,
     rooms: Option<Vec<String>>,
+    /// An event's name.
+    ev: Option<String>,
 }
 
 /// A payload on our channel that is not a capture document.
@@ -118,15 +137,42 @@ impl Notification {
             return Ok(Notification::Reference(Position(doc.p)));
         }
         let missing = |field: &str| BadDocument(format!("field {field:?} missing"));
+        let op = doc.op.ok_or_else(|| missing("op"))?;
+        let at = doc.t.ok_or_else(|| missing("t"))?;
+        let rooms = doc.rooms.ok_or_else(|| missing("rooms"))?;
+        match op {
+            Op::Event => {
+                let null = RawValue::NULL;
+                let change = Change::event(
+                    Position(doc.p),
+                    at,
+                    doc.ev.ok_or_else(|| missing("ev"))?,
+                    doc.r.unwrap_or(null),
+                    rooms,
+                );
+                return Ok(Notification::Change(change));
+            }
+            Op::Truncate => {
+                let change = Change::truncate(
+                    Position(doc.p),
+                    at,
+                    doc.s.ok_or_else(|| missing("s"))?,
+                    doc.tb.ok_or_else(|| missing("tb"))?,
+                    rooms,
+                );
+                return Ok(Notification::Change(change));
+            }
+            Op::Insert | Op::Update | Op::Delete => {}
+        }
         let change = Change::new(
             Position(doc.p),
-            doc.t.ok_or_else(|| missing("t"))?,
+            at,
             doc.s.ok_or_else(|| missing("s"))?,
             doc.tb.ok_or_else(|| missing("tb"))?,
-            doc.op.ok_or_else(|| missing("op"))?,
+            op,
             doc.k.ok_or_else(|| missing("k"))?,
             doc.r.ok_or_else(|| missing("r"))?,
-            doc.rooms.ok_or_else(|| missing("rooms"))?,
+            rooms,
         );
         Ok(Notification::Change(change))
     }
@@ -175,12 +221,86 @@ impl Change {
         }
     }
 
-    /// The primary key, as JSON.
+    /// An application event (`realtime.publish`): the client's `event`
+    /// message, `{"type":"event","room":..,"position":..,"event":..,"payload":..,"committed_at":..}`.
+    pub fn event(
+        position: Position,
+        committed_at_us: i64,
+        event: String,
+        payload: &RawValue,
+        rooms: Vec<String>,
+    ) -> Change {
+        let mut tail = String::with_capacity(payload.get().len() + event.len() + 96);
+        tail.push_str(",\"position\":\"");
+        tail.push_str(&position.0.to_string());
+        tail.push_str("\",\"event\":");
+        push_json_str(&mut tail, &event);
+        tail.push_str(",\"payload\":");
+        let row_at = tail.len()..tail.len() + payload.get().len();
+        tail.push_str(payload.get());
+        tail.push_str(",\"committed_at\":\"");
+        tail.push_str(&format_rfc3339_micros(committed_at_us));
+        tail.push_str("\"}");
+        Change {
+            position,
+            committed_at_us,
+            schema: String::new(),
+            table: String::new(),
+            op: Op::Event,
+            rooms,
+            message_tail: tail,
+            key_at: 0..0,
+            row_at,
+        }
+    }
+
+    /// A TRUNCATE of `schema.table`, for every room one of `patterns` can
+    /// produce: each gets `{"type":"reset","room":..,"reason":"truncated","position":..,"schema":..,"table":..,"committed_at":..}`.
+    pub fn truncate(
+        position: Position,
+        committed_at_us: i64,
+        schema: String,
+        table: String,
+        patterns: Vec<String>,
+    ) -> Change {
+        let mut tail = String::with_capacity(128);
+        tail.push_str(",\"reason\":\"truncated\",\"position\":\"");
+        tail.push_str(&position.0.to_string());
+        tail.push_str("\",\"schema\":");
+        push_json_str(&mut tail, &schema);
+        tail.push_str(",\"table\":");
+        push_json_str(&mut tail, &table);
+        tail.push_str(",\"committed_at\":\"");
+        tail.push_str(&format_rfc3339_micros(committed_at_us));
+        tail.push_str("\"}");
+        Change {
+            position,
+            committed_at_us,
+            schema,
+            table,
+            op: Op::Truncate,
+            rooms: patterns,
+            message_tail: tail,
+            key_at: 0..0,
+            row_at: 0..0,
+        }
+    }
+
+    /// Whether the change goes to `room`: one of its rooms, or for a
+    /// truncation, a room one of its patterns can produce.
+    pub fn reaches(&self, room: &str) -> bool {
+        match self.op {
+            Op::Truncate => self.rooms.iter().any(|pattern| room_matches(pattern, room)),
+            _ => self.rooms.iter().any(|r| r == room),
+        }
+    }
+
+    /// The primary key, as JSON (empty for events and truncations).
     pub fn key_json(&self) -> &str {
         &self.message_tail[self.key_at.clone()]
     }
 
-    /// The row, as JSON.
+    /// The row (an event's payload), as JSON.
     pub fn row_json(&self) -> &str {
         &self.message_tail[self.row_at.clone()]
     }
@@ -194,14 +314,43 @@ impl Change {
             + 96
     }
 
-    /// The `change` message for one of the change's rooms.
+    /// The client's message for one of the change's rooms: `change`,
+    /// `event`, or for a truncation `reset`.
     pub fn message_for(&self, room: &str) -> String {
+        let kind = match self.op {
+            Op::Event => "{\"type\":\"event\",\"room\":",
+            Op::Truncate => "{\"type\":\"reset\",\"room\":",
+            Op::Insert | Op::Update | Op::Delete => "{\"type\":\"change\",\"room\":",
+        };
         let mut msg = String::with_capacity(self.message_tail.len() + room.len() + 32);
-        msg.push_str("{\"type\":\"change\",\"room\":");
+        msg.push_str(kind);
         push_json_str(&mut msg, room);
         msg.push_str(&self.message_tail);
         msg
     }
+}
+
+/// Whether `room` is a room `pattern` can produce: `*` stands for any text
+/// (possibly empty), the rest must match exactly. `project:*` is what the
+/// template `project:{project_id}` can produce. Same as the SQL
+/// `realtime.room_matches` (migrations/0004).
+pub fn room_matches(pattern: &str, room: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = room.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Appends `s` as a JSON string literal.
@@ -300,6 +449,52 @@ mod tests {
             Notification::Reference(Position(9))
         ));
         assert!(Notification::parse(r#"{"p":9}"#).is_err());
+
+        let event =
+            r#"{"p":8,"t":1795689000123456,"op":"EVENT","ev":"inspection_passed","r":{"id":7},"rooms":["project:1"]}"#;
+        let Notification::Change(event) = Notification::parse(event).unwrap() else {
+            panic!("expected an event")
+        };
+        let msg: serde_json::Value = serde_json::from_str(&event.message_for("project:1")).unwrap();
+        assert_eq!(
+            msg,
+            serde_json::json!({
+                "type": "event", "room": "project:1", "position": "8", "event": "inspection_passed",
+                "payload": {"id": 7}, "committed_at": "2026-11-26T10:30:00.123456Z"
+            })
+        );
+        assert!(event.reaches("project:1") && !event.reaches("project:2"));
+
+        let truncate =
+            r#"{"p":9,"t":1795689000123456,"s":"public","tb":"tasks","op":"TRUNCATE","rooms":["project:*","tasks"]}"#;
+        let Notification::Change(truncate) = Notification::parse(truncate).unwrap() else {
+            panic!("expected a truncation")
+        };
+        assert!(truncate.reaches("project:42") && truncate.reaches("tasks") && !truncate.reaches("task:1"));
+        let msg: serde_json::Value = serde_json::from_str(&truncate.message_for("project:42")).unwrap();
+        assert_eq!(
+            msg,
+            serde_json::json!({
+                "type": "reset", "room": "project:42", "reason": "truncated", "position": "9",
+                "schema": "public", "table": "tasks", "committed_at": "2026-11-26T10:30:00.123456Z"
+            })
+        );
         assert!(Notification::parse("hello").is_err());
+    }
+
+    #[test]
+    fn room_patterns_match_what_templates_produce() {
+        assert!(room_matches("project:*", "project:42"));
+        assert!(room_matches("project:*", "project:"));
+        assert!(!room_matches("project:*", "task:42"));
+        assert!(room_matches("org:*:project:*", "org:1:project:2"));
+        assert!(!room_matches("org:*:project:*", "org:1:task:2"));
+        assert!(room_matches("*:log", "site:log"));
+        assert!(!room_matches("*:log", "site:logs"));
+        assert!(room_matches("markers", "markers"));
+        assert!(!room_matches("markers", "markers2"));
+        assert!(room_matches("a*a", "aa"));
+        assert!(!room_matches("a*a", "a"));
+        assert!(!room_matches("ab*ba", "aba"));
     }
 }

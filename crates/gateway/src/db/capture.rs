@@ -110,12 +110,32 @@ pub async fn database_channel(pool: &PgPool) -> anyhow::Result<Option<String>> {
     Ok(Some(channel))
 }
 
-/// `realtime.track(table, rooms)`: errors from the database (no such table,
-/// a template naming a missing column) come back with its message.
-pub async fn track(pool: &PgPool, table: &str, rooms: &[String]) -> anyhow::Result<()> {
-    sqlx::query("select realtime.track($1::regclass, $2)")
+/// Which columns a tracked table's changes carry (`realtime.track`'s
+/// `columns =>` / `exclude =>`): the key columns always.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Projection {
+    #[default]
+    All,
+    /// These (and the key); columns added to the table later are not sent.
+    Columns(Vec<String>),
+    /// All but these; columns added later are sent.
+    Exclude(Vec<String>),
+}
+
+/// `realtime.track(table, rooms, columns =>, exclude =>)`: errors from the
+/// database (no such table, a template or projection naming a missing
+/// column, an excluded key column) come back with its message.
+pub async fn track(pool: &PgPool, table: &str, rooms: &[String], projection: &Projection) -> anyhow::Result<()> {
+    let (columns, exclude) = match projection {
+        Projection::All => (None, None),
+        Projection::Columns(columns) => (Some(columns), None),
+        Projection::Exclude(exclude) => (None, Some(exclude)),
+    };
+    sqlx::query("select realtime.track($1::regclass, $2, columns => $3, exclude => $4)")
         .bind(table)
         .bind(rooms)
+        .bind(columns)
+        .bind(exclude)
         .execute(pool)
         .await
         .map_err(|e| failed(&format!("tracking {table}"), &e))?;

@@ -21,7 +21,7 @@ mod probe;
 mod wal;
 
 // What an operator's commands, the tools and the tests use.
-pub use capture::{Migrated, Migration, POSITION_LOCK, database_channel, migrate, track, untrack};
+pub use capture::{Migrated, Migration, POSITION_LOCK, Projection, database_channel, migrate, track, untrack};
 pub use connect::{CONNECT_TIMEOUT, ConnectError, Target, connect, describe, options as connect_options};
 pub use grants::{Grant, GrantSource, grants};
 pub use history::{PRUNE_LOCK, prune};

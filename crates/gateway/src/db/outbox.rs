@@ -7,6 +7,7 @@ use sqlx::PgPool;
 
 use super::POSITION_LOCK;
 use crate::change::Position;
+use crate::hub::Room;
 
 /// Takes and releases the position lock: waits out every transaction that
 /// is committing changes right now (their positions are allocated under it).
@@ -60,7 +61,9 @@ pub async fn latest_position(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// One page of a room's history in `(after, upto]`, read in one statement
+/// One page of the history of `rooms` in `(after, upto]` (one room for a
+/// `/ws` subscription, every room of an `/sse` stream; a truncation reaches
+/// a room by its patterns), read in one statement
 /// (one snapshot) that holds no connection once it returns: the pruning
 /// horizon in that snapshot, and up to `max_rows` documents in position
 /// order whose stored sizes add up to at most `max_bytes` (always at least
@@ -71,7 +74,7 @@ pub async fn latest_position(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// full.
 pub async fn room_page(
     pool: &PgPool,
-    room: &str,
+    rooms: &[Room],
     after: Position,
     upto: Position,
     max_rows: i64,
@@ -80,9 +83,14 @@ pub async fn room_page(
     let (pruned, positions, documents): (i64, Vec<i64>, Vec<String>) = sqlx::query_as(
         "with page as (
              select c.position,
-                    sum(pg_column_size(c.row)) over (order by c.position) - pg_column_size(c.row) as before
+                    sum(coalesce(pg_column_size(c.row), 0)) over (order by c.position)
+                        - coalesce(pg_column_size(c.row), 0) as before
                from realtime.changes c
-              where c.position > $1 and c.position <= $2 and $3 = any (c.rooms)
+              where c.position > $1 and c.position <= $2
+                and (c.rooms && $3::text[]
+                     or (c.op = 'TRUNCATE' and exists (
+                         select 1 from unnest(c.rooms) p, unnest($3::text[]) r
+                          where realtime.room_matches(p, r))))
               order by c.position
               limit $4
          ),
@@ -95,7 +103,7 @@ pub async fn room_page(
     )
     .bind(after.0)
     .bind(upto.0)
-    .bind(room)
+    .bind(rooms.iter().map(|r| &**r).collect::<Vec<&str>>())
     .bind(max_rows)
     .bind(max_bytes)
     .fetch_one(pool)

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 
-use crate::change::{Change, Position, push_json_str};
+use crate::change::{Change, Op, Position, push_json_str};
 use crate::config::{Features, PipelineSettings};
 use crate::pipeline::batch::plan_units;
 use crate::pipeline::dedup::{self, Dedup};
@@ -182,24 +182,41 @@ impl Hub {
     /// `since` older than the live position, the replay of what it missed)
     /// before any live change can be queued behind it.
     pub fn subscribe(&self, room: &str, sub: &Arc<Subscriber>, since: Option<Position>) -> Joined {
+        self.subscribe_rooms(&[Room::from(room)], sub, since)
+    }
+
+    /// Joins `sub` to every room of `rooms` at one live position, as
+    /// [`Hub::subscribe`] does for one: a `subscribed` per room, then what it
+    /// missed of all of them, then live changes. For an ordered subscriber
+    /// (`/sse`) the replay is one sequence in position order across the
+    /// rooms, each position whole in one message. `AlreadyMember` (and
+    /// nothing joined) when it is a member of one of them already.
+    pub fn subscribe_rooms(&self, rooms: &[Room], sub: &Arc<Subscriber>, since: Option<Position>) -> Joined {
         let mut state = self.lock();
         let live = state.position;
-        let members = state.rooms.entry(Room::from(room)).or_default();
-        if members.iter().any(|m| m.subscriber.id == sub.id) {
+        let already = rooms.iter().any(|room| {
+            state
+                .rooms
+                .get(room)
+                .is_some_and(|members| members.iter().any(|m| m.subscriber.id == sub.id))
+        });
+        if already {
             return Joined::AlreadyMember;
         }
         let floor = since.map_or(live, |s| s.max(live));
-        members.push(Member {
-            subscriber: Arc::clone(sub),
-            floor,
-        });
-        let mut msg = String::with_capacity(64 + room.len());
-        msg.push_str("{\"type\":\"subscribed\",\"room\":");
-        push_json_str(&mut msg, room);
-        msg.push_str(",\"position\":\"");
-        msg.push_str(&floor.to_string());
-        msg.push_str("\"}");
-        sub.push_control(msg);
+        for room in rooms {
+            state.rooms.entry(Arc::clone(room)).or_default().push(Member {
+                subscriber: Arc::clone(sub),
+                floor,
+            });
+            let mut msg = String::with_capacity(64 + room.len());
+            msg.push_str("{\"type\":\"subscribed\",\"room\":");
+            push_json_str(&mut msg, room);
+            msg.push_str(",\"position\":\"");
+            msg.push_str(&floor.to_string());
+            msg.push_str("\"}");
+            sub.push_control(msg);
+        }
         let replay = match since.filter(|s| *s < live) {
             None => Replay::None,
             Some(since) => {
@@ -209,7 +226,7 @@ impl Hub {
                 // change queued after it. What the client is owed never
                 // counts against its queue's bound.
                 sub.push(Outbound::Replay(Box::new(ReplayRange {
-                    room: Room::from(room),
+                    rooms: rooms.to_vec(),
                     since,
                     upto: live,
                 })));
@@ -228,8 +245,14 @@ impl Hub {
 
     /// The next page of a replay of `room`'s `(after, upto]` from memory;
     /// None when memory no longer holds all of it (read the outbox).
-    pub fn replay_page(&self, room: &str, after: Position, upto: Position, limits: PageLimits) -> Option<MemoryPage> {
-        self.lock().recent.page(room, after, upto, limits)
+    pub fn replay_page(
+        &self,
+        rooms: &[Room],
+        after: Position,
+        upto: Position,
+        limits: PageLimits,
+    ) -> Option<MemoryPage> {
+        self.lock().recent.page(rooms, after, upto, limits)
     }
 
     /// Removes `sub` from `room`; false when it was not a member.
@@ -255,76 +278,20 @@ impl Hub {
     /// Runs changes that reached the gateway together (in commit order)
     /// through the pipeline: per room, repeats are dropped, the rest grouped
     /// into units of up to the batch size, each unit encoded once and queued
-    /// to every member. Remembers the changes for resumes.
+    /// to every member. A truncation is a `reset` to every member of the
+    /// rooms it reaches, in its place. Remembers the changes for resumes.
     pub fn dispatch_group(&self, changes: Vec<Arc<Change>>) -> Dispatched {
         let mut state = self.lock();
-        let HubState {
-            rooms,
-            dedup,
-            pipeline,
-            features,
-            ..
-        } = &mut *state;
         let mut done = Dispatched::default();
-        let now = tokio::time::Instant::now();
-        // Each room's share of the group, in commit order.
-        let mut shares: Vec<(&str, Vec<&Change>)> = Vec::new();
-        let mut share_of: HashMap<&str, usize> = HashMap::new();
-        for change in &changes {
-            let mut content = None;
-            for room in &change.rooms {
-                if !rooms.contains_key(room.as_str()) {
-                    continue;
-                }
-                if features.dedup {
-                    let content = *content.get_or_insert_with(|| dedup.content_of(change));
-                    if !dedup.admit(room, change, content, pipeline.dedup_window, now) {
-                        done.deduplicated += 1;
-                        continue;
-                    }
-                }
-                let index = *share_of.entry(room.as_str()).or_insert_with(|| {
-                    shares.push((room.as_str(), Vec::new()));
-                    shares.len() - 1
-                });
-                shares[index].1.push(change);
+        let mut start = 0;
+        for (i, change) in changes.iter().enumerate() {
+            if change.op == Op::Truncate {
+                fan_out(&mut state, &changes[start..i], &mut done);
+                reset_truncated(&mut state, change, &mut done);
+                start = i + 1;
             }
         }
-        for (room, share) in &shares {
-            let members = &rooms[*room];
-            let priority: Vec<bool> = share
-                .iter()
-                .map(|c| pipeline.priority_of(&c.schema, &c.table).bypasses_batching())
-                .collect();
-            for range in plan_units(&priority, pipeline.batch_size, features.batching) {
-                let group = &share[range.clone()];
-                let started = std::time::Instant::now();
-                let unit = Arc::new(Unit::new(room, group, priority[range.start]));
-                done.encoding_us += started.elapsed().as_micros() as u64;
-                done.units += 1;
-                let (first, last) = (group[0].position, group[group.len() - 1].position);
-                for member in members {
-                    let item = if first > member.floor {
-                        Outbound::Changes(Arc::clone(&unit))
-                    } else if last > member.floor {
-                        // This member resumed past part of the group: its
-                        // own unit, without what it already has.
-                        let rest: Vec<&Change> = group.iter().copied().filter(|c| c.position > member.floor).collect();
-                        Outbound::Changes(Arc::new(Unit::new(room, &rest, unit.priority)))
-                    } else {
-                        continue;
-                    };
-                    let count = match &item {
-                        Outbound::Changes(u) => u.change_count(),
-                        _ => 0,
-                    };
-                    if member.subscriber.push(item) {
-                        done.deliveries += count;
-                    }
-                }
-            }
-        }
-        drop(shares);
+        fan_out(&mut state, &changes[start..], &mut done);
         self.stats
             .deduplicated
             .fetch_add(done.deduplicated as u64, Ordering::Relaxed);
@@ -344,10 +311,183 @@ impl Hub {
     }
 }
 
+/// `{"type":"batch","changes":[...]}` of whole messages.
+pub(crate) fn batch_of(messages: &[String]) -> String {
+    let mut text = String::with_capacity(messages.iter().map(String::len).sum::<usize>() + 32);
+    text.push_str("{\"type\":\"batch\",\"changes\":[");
+    text.push_str(&messages.join(","));
+    text.push_str("]}");
+    text
+}
+
+/// The pipeline over a run of changes with no truncation among them: see
+/// [`Hub::dispatch_group`].
+fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched) {
+    if changes.is_empty() {
+        return;
+    }
+    let HubState {
+        rooms,
+        dedup,
+        pipeline,
+        features,
+        ..
+    } = state;
+    let now = tokio::time::Instant::now();
+    // Each room's share of the group, in commit order.
+    let mut shares: Vec<(&str, Vec<&Change>)> = Vec::new();
+    let mut share_of: HashMap<&str, usize> = HashMap::new();
+    for change in changes {
+        let mut content = None;
+        for room in &change.rooms {
+            if !rooms.contains_key(room.as_str()) {
+                continue;
+            }
+            // Events are never repeats: two "crew checked in" are two.
+            if features.dedup && change.op.is_row() {
+                let content = *content.get_or_insert_with(|| dedup.content_of(change));
+                if !dedup.admit(room, change, content, pipeline.dedup_window, now) {
+                    done.deduplicated += 1;
+                    continue;
+                }
+            }
+            let index = *share_of.entry(room.as_str()).or_insert_with(|| {
+                shares.push((room.as_str(), Vec::new()));
+                shares.len() - 1
+            });
+            shares[index].1.push(change);
+        }
+    }
+    let urgent = |c: &Change| c.op.is_row() && pipeline.priority_of(&c.schema, &c.table).bypasses_batching();
+    // Ordered subscribers (multi-room /sse) in more than one of these rooms
+    // get their own units, in position order across their rooms.
+    // Per ordered subscriber: it, and the rooms it is in with their floors.
+    type Memberships<'a> = (Arc<Subscriber>, Vec<(&'a str, Position)>);
+    let mut ordered: HashMap<u64, Memberships> = HashMap::new();
+    for (room, _) in &shares {
+        for member in rooms[*room].iter().filter(|m| m.subscriber.ordered) {
+            ordered
+                .entry(member.subscriber.id)
+                .or_insert_with(|| (Arc::clone(&member.subscriber), Vec::new()))
+                .1
+                .push((room, member.floor));
+        }
+    }
+    ordered.retain(|_, (_, joined)| joined.len() > 1);
+    for (room, share) in &shares {
+        let members = &rooms[*room];
+        let priority: Vec<bool> = share.iter().map(|c| urgent(c)).collect();
+        for range in plan_units(&priority, pipeline.batch_size, features.batching) {
+            let group = &share[range.clone()];
+            let started = std::time::Instant::now();
+            let unit = Arc::new(Unit::new(room, group, priority[range.start]));
+            done.encoding_us += started.elapsed().as_micros() as u64;
+            done.units += 1;
+            let (first, last) = (group[0].position, group[group.len() - 1].position);
+            for member in members {
+                if ordered.contains_key(&member.subscriber.id) {
+                    continue;
+                }
+                let item = if first > member.floor {
+                    Outbound::Changes(Arc::clone(&unit))
+                } else if last > member.floor {
+                    // This member resumed past part of the group: its
+                    // own unit, without what it already has.
+                    let rest: Vec<&Change> = group.iter().copied().filter(|c| c.position > member.floor).collect();
+                    Outbound::Changes(Arc::new(Unit::new(room, &rest, unit.priority)))
+                } else {
+                    continue;
+                };
+                let count = match &item {
+                    Outbound::Changes(u) => u.change_count(),
+                    _ => 0,
+                };
+                if member.subscriber.push(item) {
+                    done.deliveries += count;
+                }
+            }
+        }
+    }
+    for (subscriber, joined) in ordered.into_values() {
+        let mut entries: Vec<(&str, &Change)> = Vec::new();
+        for (room, share) in &shares {
+            if let Some((_, floor)) = joined.iter().find(|(r, _)| r == room) {
+                entries.extend(share.iter().filter(|c| c.position > *floor).map(|c| (*room, *c)));
+            }
+        }
+        // Stable: a change in several of its rooms keeps the rooms' order.
+        entries.sort_by_key(|(_, c)| c.position);
+        let limit = if features.batching {
+            pipeline.batch_size.max(1)
+        } else {
+            1
+        };
+        let mut i = 0;
+        while i < entries.len() {
+            let alone = urgent(entries[i].1);
+            let mut j = i + 1;
+            while !alone && j < entries.len() && j - i < limit && !urgent(entries[j].1) {
+                j += 1;
+            }
+            // One position never straddles two units: an event id after
+            // the first would skip the rest of it on a resume.
+            while j < entries.len() && entries[j].1.position == entries[j - 1].1.position {
+                j += 1;
+            }
+            let started = std::time::Instant::now();
+            let unit = Unit::for_rooms(&entries[i..j], alone);
+            done.encoding_us += started.elapsed().as_micros() as u64;
+            done.units += 1;
+            let count = unit.change_count();
+            if subscriber.push(Outbound::Changes(Arc::new(unit))) {
+                done.deliveries += count;
+            }
+            i = j;
+        }
+    }
+}
+
+/// A TRUNCATE: `reset` (reason `truncated`) to every member of every room
+/// the table's templates can produce. An ordered subscriber in several of
+/// them gets one message for all (one position, one item).
+fn reset_truncated(state: &mut HubState, change: &Change, done: &mut Dispatched) {
+    let mut ordered: HashMap<u64, (Arc<Subscriber>, Vec<String>)> = HashMap::new();
+    for (room, members) in &state.rooms {
+        if !change.reaches(room) {
+            continue;
+        }
+        let message = change.message_for(room);
+        let shared = Utf8Bytes::from(message.clone());
+        for member in members.iter().filter(|m| m.floor < change.position) {
+            if member.subscriber.ordered {
+                ordered
+                    .entry(member.subscriber.id)
+                    .or_insert_with(|| (Arc::clone(&member.subscriber), Vec::new()))
+                    .1
+                    .push(message.clone());
+            } else if member.subscriber.push(Outbound::Control(Box::new(shared.clone()))) {
+                done.deliveries += 1;
+            }
+        }
+    }
+    for (subscriber, messages) in ordered.into_values() {
+        let count = messages.len();
+        let text = match <[String; 1]>::try_from(messages) {
+            Ok([one]) => one,
+            Err(messages) => batch_of(&messages),
+        };
+        if subscriber.push_control(text) {
+            done.deliveries += count;
+        }
+    }
+    // The table's rows may come back with the same content: the clients
+    // refetch, so none of it may be dropped as a repeat.
+    state.dedup.clear();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::Op;
     use serde_json::value::RawValue;
 
     fn change(position: i64, rooms: &[&str]) -> Arc<Change> {
@@ -376,7 +516,7 @@ mod tests {
             match item {
                 Outbound::Control(text) => out.push(text.to_string()),
                 Outbound::Changes(unit) => out.push(unit.text.to_string()),
-                Outbound::Replay(r) => out.push(format!("replay {} {}..{}", r.room, r.since, r.upto)),
+                Outbound::Replay(r) => out.push(format!("replay {} {}..{}", r.rooms.join(","), r.since, r.upto)),
             }
         }
         out
@@ -466,11 +606,17 @@ mod tests {
             changes: 1,
             bytes: 1 << 20,
         };
-        let first = hub.replay_page("even", Position(1), Position(5), limits).unwrap();
+        let first = hub
+            .replay_page(&[Room::from("even")], Position(1), Position(5), limits)
+            .unwrap();
         assert_eq!(first.changes[0].position, Position(2));
-        let second = hub.replay_page("even", first.through, Position(5), limits).unwrap();
+        let second = hub
+            .replay_page(&[Room::from("even")], first.through, Position(5), limits)
+            .unwrap();
         assert_eq!(second.changes[0].position, Position(4));
-        let last = hub.replay_page("even", second.through, Position(5), limits).unwrap();
+        let last = hub
+            .replay_page(&[Room::from("even")], second.through, Position(5), limits)
+            .unwrap();
         assert!(last.changes.is_empty());
         assert_eq!(last.through, Position(5), "the page reached the end of the range");
         // A jump (pruned history) empties memory: older resumes read the outbox.
@@ -515,5 +661,85 @@ mod tests {
         assert!(slow.is_closing());
         let reason = slow.close_reason().unwrap();
         assert_eq!(reason.kind, CloseKind::SlowConsumer);
+    }
+
+    #[test]
+    fn an_ordered_subscriber_gets_one_sequence_across_its_rooms() {
+        let hub = hub_at(Position(0));
+        let (sse, mut rx) = Subscriber::with_order(1, 1 << 20, true);
+        let (ws, mut rx_ws) = Subscriber::new(2, 1 << 20);
+        hub.subscribe_rooms(&[Room::from("a"), Room::from("b")], &sse, None);
+        hub.subscribe("a", &ws, None);
+        hub.subscribe("b", &ws, None);
+        hub.dispatch_group(vec![change(1, &["a"]), change(2, &["b"]), change(3, &["a", "b"])]);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 3, "two subscribed, one unit: {got:?}");
+        let unit: serde_json::Value = serde_json::from_str(&got[2]).unwrap();
+        let order: Vec<(String, String)> = unit["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["position"].as_str().unwrap().to_owned(),
+                    c["room"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let pairs = [("1", "a"), ("2", "b"), ("3", "a"), ("3", "b")].map(|(p, r)| (p.to_owned(), r.to_owned()));
+        assert_eq!(order, pairs);
+        // A WebSocket member shares each room's units instead.
+        let got = drain(&mut rx_ws);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[2].contains("\"room\":\"a\"") && got[3].contains("\"room\":\"b\""));
+    }
+
+    #[test]
+    fn a_truncation_resets_the_members_of_every_matching_room_in_its_place() {
+        let hub = hub_at(Position(0));
+        let (sse, mut rx) = Subscriber::with_order(1, 1 << 20, true);
+        let (ws, mut rx_ws) = Subscriber::new(2, 1 << 20);
+        hub.subscribe_rooms(&[Room::from("project:1"), Room::from("project:2")], &sse, None);
+        hub.subscribe("project:1", &ws, None);
+        hub.subscribe("task:1", &ws, None);
+        let truncate = Arc::new(Change::truncate(
+            Position(2),
+            0,
+            "public".into(),
+            "tasks".into(),
+            vec!["project:*".into()],
+        ));
+        hub.dispatch_group(vec![change(1, &["project:1"]), truncate, change(3, &["project:1"])]);
+        let got = drain(&mut rx_ws);
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(got[2].contains("\"position\":\"1\""));
+        assert!(got[3].contains("\"type\":\"reset\"") && got[3].contains("truncated"));
+        assert!(got[4].contains("\"position\":\"3\""));
+        // The ordered subscriber: both resets in one message, in place.
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 5, "{got:?}");
+        let resets: serde_json::Value = serde_json::from_str(&got[3]).unwrap();
+        assert_eq!(resets["type"], "batch");
+        assert_eq!(resets["changes"].as_array().unwrap().len(), 2);
+        // Resuming across it from memory: the reset, for the resumed room.
+        let (late, mut rx_late) = Subscriber::new(3, 1 << 20);
+        hub.subscribe("project:2", &late, Some(Position(1)));
+        let got = drain(&mut rx_late);
+        assert_eq!(
+            got,
+            [
+                r#"{"type":"subscribed","room":"project:2","position":"3"}"#,
+                "replay project:2 1..3"
+            ]
+        );
+        let limits = PageLimits {
+            changes: 10,
+            bytes: 1 << 20,
+        };
+        let page = hub
+            .replay_page(&[Room::from("project:2")], Position(1), Position(3), limits)
+            .unwrap();
+        let found: Vec<Position> = page.changes.iter().map(|c| c.position).collect();
+        assert_eq!(found, [Position(2)], "the truncation reaches project:2 by its pattern");
     }
 }

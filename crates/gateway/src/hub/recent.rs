@@ -74,11 +74,17 @@ impl Recent {
         since >= self.floor
     }
 
-    /// The next page of `room`'s changes in `(after, upto]`, or None when
+    /// The next page of the changes reaching any of `rooms` in `(after, upto]`, or None when
     /// memory no longer holds everything after `after` (the outbox does).
     /// A page ends at `limits`; it looks at no more than [`SCAN_LIMIT`]
     /// entries, so the hub's lock is held briefly whatever the gap.
-    pub(super) fn page(&self, room: &str, after: Position, upto: Position, limits: PageLimits) -> Option<MemoryPage> {
+    pub(super) fn page(
+        &self,
+        rooms: &[super::Room],
+        after: Position,
+        upto: Position,
+        limits: PageLimits,
+    ) -> Option<MemoryPage> {
         if !self.covers(after) {
             return None;
         }
@@ -98,7 +104,7 @@ impl Recent {
                 page.through = Position(change.position.0 - 1);
                 return Some(page);
             }
-            if change.rooms.iter().any(|r| r == room) {
+            if rooms.iter().any(|room| change.reaches(room)) {
                 bytes += change.size();
                 page.changes.push(Arc::clone(change));
             }

@@ -30,7 +30,9 @@ pub enum Outbound {
 
 #[derive(Debug)]
 pub struct ReplayRange {
-    pub room: Room,
+    /// One room (`/ws`), or every room of a multi-room `/sse` stream, whose
+    /// history is then read as one sequence in position order.
+    pub rooms: Vec<Room>,
     pub since: Position,
     pub upto: Position,
 }
@@ -56,6 +58,11 @@ impl Outbound {
 #[derive(Debug)]
 pub struct Subscriber {
     pub id: u64,
+    /// What it is sent must be in position order across all its rooms, each
+    /// position whole in one item: a multi-room `/sse` stream, whose one
+    /// event id resumes every room. A WebSocket client resumes per room, so
+    /// it shares each room's units instead.
+    pub ordered: bool,
     queue: Mutex<QueueState>,
     /// Wakes the send task: an item was queued into an empty queue, or a
     /// close was requested. The send task waits on this one thing only.
@@ -130,8 +137,15 @@ impl Drop for QueueReceiver {
 
 impl Subscriber {
     pub fn new(id: u64, queue_limit: usize) -> (Arc<Subscriber>, QueueReceiver) {
+        Subscriber::with_order(id, queue_limit, false)
+    }
+
+    /// A subscriber whose items must be in position order across its rooms
+    /// (see [`Subscriber::ordered`]).
+    pub fn with_order(id: u64, queue_limit: usize, ordered: bool) -> (Arc<Subscriber>, QueueReceiver) {
         let sub = Arc::new(Subscriber {
             id,
+            ordered,
             queue: Mutex::new(QueueState::default()),
             queued: Notify::new(),
             queued_bytes: AtomicUsize::new(0),

@@ -1,5 +1,5 @@
-//! Encoding: a room's group of changes becomes one message (`change`, or
-//! `batch` of several), serialized once; each compressed form is made at most
+//! Encoding: a room's group of changes becomes one message (`change`,
+//! `event`, or `batch` of several), serialized once; each compressed form is made at most
 //! once, by the first socket that needs it, and shared by all the others.
 
 use std::io::Write;
@@ -83,16 +83,28 @@ pub struct Unit {
 impl Unit {
     /// The message for `changes` (one or more, in commit order) in `room`.
     pub fn new(room: &str, changes: &[&Change], priority: bool) -> Unit {
-        let committed_at_us = changes.iter().map(|c| c.committed_at_us).collect();
-        let (text, changes_at) = if let [only] = changes {
+        Unit::build(changes.iter().map(|c| (room, *c)), changes.len(), priority)
+    }
+
+    /// The message for changes of several rooms, in commit order: for a
+    /// connection that needs one stream in position order across its rooms
+    /// (a multi-room `/sse` stream, whose event ids resume all of them).
+    pub fn for_rooms(entries: &[(&str, &Change)], priority: bool) -> Unit {
+        Unit::build(entries.iter().copied(), entries.len(), priority)
+    }
+
+    fn build<'a>(entries: impl Iterator<Item = (&'a str, &'a Change)> + Clone, count: usize, priority: bool) -> Unit {
+        let committed_at_us = entries.clone().map(|(_, c)| c.committed_at_us).collect();
+        let (text, changes_at) = if count == 1 {
+            let (room, only) = entries.clone().next().expect("one entry");
             let text = only.message_for(room);
             let all = 0..text.len();
             (text, all)
         } else {
-            let mut text = String::with_capacity(changes.iter().map(|c| c.size()).sum::<usize>() + 32);
+            let mut text = String::with_capacity(entries.clone().map(|(_, c)| c.size()).sum::<usize>() + 32);
             text.push_str("{\"type\":\"batch\",\"changes\":[");
             let start = text.len();
-            for (i, change) in changes.iter().enumerate() {
+            for (i, (room, change)) in entries.enumerate() {
                 if i > 0 {
                     text.push(',');
                 }

@@ -1,4 +1,4 @@
-//! A resume's replay as a cursor over a room's history: each page is read
+//! A resume's replay as a cursor over a room's (or an `/sse` stream's rooms') history: each page is read
 //! when the socket has taken the last one, from the hub's recent window
 //! while it still holds the gap, else from the outbox (one statement per
 //! page, from the client-work pool, within a time limit, released before
@@ -23,7 +23,11 @@ pub(crate) const PAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where a replay stands: `(after, upto]` is still owed.
 #[derive(Debug)]
 pub(crate) struct ReplayCursor {
-    room: Room,
+    /// One room (`/ws`), or every room of an `/sse` stream.
+    rooms: Vec<Room>,
+    /// Each position whole in one message (a multi-room `/sse` stream,
+    /// whose event id resumes every room).
+    ordered: bool,
     after: Position,
     upto: Position,
 }
@@ -49,17 +53,34 @@ pub(crate) enum ReplayError {
 }
 
 impl ReplayCursor {
-    pub(crate) fn new(range: ReplayRange) -> ReplayCursor {
-        let ReplayRange { room, since, upto } = range;
+    pub(crate) fn new(range: ReplayRange, ordered: bool) -> ReplayCursor {
+        let ReplayRange { rooms, since, upto } = range;
         ReplayCursor {
-            room,
+            rooms,
+            ordered,
             after: since,
             upto,
         }
     }
 
-    pub(crate) fn room(&self) -> &Room {
-        &self.room
+    pub(crate) fn rooms(&self) -> &[Room] {
+        &self.rooms
+    }
+
+    /// The messages `change` makes for the replayed rooms: one per room it
+    /// reaches, or for an ordered stream all of them in one `batch`.
+    pub(crate) fn messages_for(&self, change: &Change) -> Vec<String> {
+        let messages: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|room| change.reaches(room))
+            .map(|room| change.message_for(room))
+            .collect();
+        if self.ordered && messages.len() > 1 {
+            vec![crate::hub::batch_of(&messages)]
+        } else {
+            messages
+        }
     }
 
     /// Where the replay ends and the live stream takes over: after a
@@ -80,14 +101,14 @@ impl ReplayCursor {
             bytes: PAGE_BYTES,
         };
         let counters = &state.telemetry.counters;
-        if let Some(page) = state.hub.replay_page(&self.room, self.after, self.upto, limits) {
+        if let Some(page) = state.hub.replay_page(&self.rooms, self.after, self.upto, limits) {
             self.after = page.through;
             Counters::add(&counters.replayed_from_memory, page.changes.len() as u64);
             return Ok(Page::Changes(page.changes));
         }
         let read = crate::db::room_page(
             &state.pool,
-            &self.room,
+            &self.rooms,
             self.after,
             self.upto,
             PAGE_CHANGES as i64,
@@ -110,7 +131,7 @@ impl ReplayCursor {
             match Notification::parse(document) {
                 Ok(Notification::Change(change)) => changes.push(Arc::new(change)),
                 Ok(Notification::Reference(_)) | Err(_) => {
-                    tracing::warn!(room = %self.room, "skipping an outbox row that is not a change document");
+                    tracing::warn!(rooms = ?self.rooms, "skipping an outbox row that is not a change document");
                 }
             }
         }

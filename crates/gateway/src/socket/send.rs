@@ -4,9 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
-use futures_util::stream::SplitSink;
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt};
 
 use std::time::Duration;
 
@@ -29,10 +28,15 @@ use crate::telemetry::stages::Stage;
 /// catches up in large writes, and still yields to other tasks.
 const MAX_FRAMES_PER_WRITE: usize = 256;
 
+/// Where the send loop writes: a WebSocket's sending half, or an `/sse`
+/// stream (`sse.rs`), which turns the same messages into events.
+pub(super) trait Transport: Sink<Message, Error = axum::Error> + Unpin + Send {}
+impl<S: Sink<Message, Error = axum::Error> + Unpin + Send> Transport for S {}
+
 /// Writes queued items to the socket, flushing once per drained batch; sends
 /// pings; closes the socket when asked to.
 pub(super) async fn send_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: impl Transport,
     mut queue: QueueReceiver,
     subscriber: &Subscriber,
     state: &AppState,
@@ -328,7 +332,7 @@ impl Writer {
     /// socket has taken it) before the next is read.
     async fn write_ready(
         &mut self,
-        sink: &mut SplitSink<WebSocket, Message>,
+        sink: &mut impl Transport,
         first: Work,
         queue: &mut QueueReceiver,
         subscriber: &Subscriber,
@@ -345,7 +349,7 @@ impl Writer {
             let message = match item {
                 Outbound::Control(text) => Message::Text(*text),
                 Outbound::Replay(range) => {
-                    self.replay = Some(Box::new(ReplayCursor::new(*range)));
+                    self.replay = Some(Box::new(ReplayCursor::new(*range, subscriber.ordered)));
                     return self.write_replay_page(sink, state).await;
                 }
                 Outbound::Changes(unit) => {
@@ -445,11 +449,7 @@ impl Writer {
     /// Feeds the replay's next page to the socket (the caller flushes), or
     /// `reset` when part of the gap was pruned; ends the replay when nothing
     /// more is owed.
-    async fn write_replay_page(
-        &mut self,
-        sink: &mut SplitSink<WebSocket, Message>,
-        state: &AppState,
-    ) -> Result<(), CloseReason> {
+    async fn write_replay_page(&mut self, sink: &mut impl Transport, state: &AppState) -> Result<(), CloseReason> {
         // The cursor stays in place until the replay is done: a close on the
         // way (a failed read, a failed write) then drains nothing queued
         // behind it.
@@ -460,24 +460,27 @@ impl Writer {
         // Boxed: its database future is large; unboxed it would sit in
         // every connection's task.
         let page = Box::pin(cursor.next_page(state)).await.map_err(|error| {
-            state.warn_repeated("replay page failed; the client will resume", cursor.room(), &error);
+            state.warn_repeated(
+                "replay page failed; the client will resume",
+                &cursor.rooms().join(","),
+                &error,
+            );
             // Try Again Later: the client resumes from its last position.
             CloseReason::new(
                 CloseKind::HistoryUnavailable,
                 "history unavailable right now; reconnect and resume",
             )
         })?;
-        let (changes, reset) = match page {
-            Page::Pruned => (
-                Vec::new(),
-                // Nothing more of the gap is sent: the stream goes on after
-                // where the subscription went live.
-                Some(protocol::reset_message(cursor.room(), "history_expired", cursor.upto())),
-            ),
-            Page::Changes(changes) => (changes, None),
+        let texts: Vec<String> = match page {
+            // Nothing more of the gap is sent: the stream goes on after
+            // where the subscription went live.
+            Page::Pruned => cursor
+                .rooms()
+                .iter()
+                .map(|room| protocol::reset_message(room, "history_expired", cursor.upto()))
+                .collect(),
+            Page::Changes(changes) => changes.iter().flat_map(|c| cursor.messages_for(c)).collect(),
         };
-        // Formatted one at a time as the socket takes them.
-        let texts = changes.iter().map(|c| c.message_for(cursor.room())).chain(reset);
         for text in texts {
             local.touch();
             local.messages += 1;

@@ -335,14 +335,26 @@ impl Session {
     }
 
     async fn subscribe(&mut self, room: String, since: Option<Position>) -> Result<(), ProtocolError> {
-        if self.rooms.contains(room.as_str()) {
+        self.subscribe_rooms(vec![room], since).await.map(|_| ())
+    }
+
+    /// Subscribes to every room of `rooms` at once (one `/ws` subscribe, or
+    /// the rooms of an `/sse` stream), after the same checks for each: not
+    /// subscribed yet, within the limit, granted, `since` real. Returns the
+    /// position the rooms are live after.
+    pub(super) async fn subscribe_rooms(
+        &mut self,
+        rooms: Vec<String>,
+        since: Option<Position>,
+    ) -> Result<Position, ProtocolError> {
+        if let Some(room) = rooms.iter().find(|r| self.rooms.contains(r.as_str())) {
             return Err(ProtocolError::new(
                 codes::ALREADY_SUBSCRIBED,
                 format!("already subscribed to {room:?}"),
             ));
         }
         let limit = self.state.settings().limits.max_subscriptions;
-        if self.rooms.len() >= limit {
+        if self.rooms.len() + rooms.len() > limit {
             return Err(ProtocolError::new(
                 codes::TOO_MANY_SUBSCRIPTIONS,
                 format!("at most {limit} subscriptions per connection"),
@@ -354,26 +366,29 @@ impl Session {
                 "the gateway is not connected to the database yet; retry in a moment",
             ));
         }
-        if !self.may_read(&room).await? {
-            return Err(ProtocolError::new(
-                codes::FORBIDDEN,
-                format!("you may not read room {room:?}"),
-            ));
+        for room in &rooms {
+            if !self.may_read(room).await? {
+                return Err(ProtocolError::new(
+                    codes::FORBIDDEN,
+                    format!("you may not read room {room:?}"),
+                ));
+            }
         }
         if let Some(since) = since
             && since > self.state.hub.position()
         {
             self.check_position_exists(since).await?;
         }
-        match self.state.hub.subscribe(&room, &self.subscriber, since) {
-            Joined::Live { .. } => {
-                self.rooms.insert(Room::from(room));
+        let rooms: Vec<Room> = rooms.into_iter().map(Room::from).collect();
+        match self.state.hub.subscribe_rooms(&rooms, &self.subscriber, since) {
+            Joined::Live { position, .. } => {
+                self.rooms.extend(rooms);
                 self.liveness.subscriptions.store(self.rooms.len(), Ordering::Relaxed);
-                Ok(())
+                Ok(position)
             }
             Joined::AlreadyMember => Err(ProtocolError::new(
                 codes::ALREADY_SUBSCRIBED,
-                format!("already subscribed to {room:?}"),
+                "already subscribed to one of these rooms",
             )),
         }
     }

@@ -292,7 +292,7 @@ async fn wal_mode_leaves_no_trigger_on_tracked_tables() {
         .execute(pool)
         .await
         .unwrap();
-    ws_gateway::db::track(pool, "public.extra", &["extra:{id}".to_owned()])
+    ws_gateway::db::track(pool, "public.extra", &["extra:{id}".to_owned()], &Default::default())
         .await
         .unwrap();
     let mut client = app.connect().await;

@@ -4,6 +4,7 @@ mod bystander;
 mod fault_kit;
 mod helpers;
 
+mod application;
 mod client;
 mod dashboard;
 mod delivery;

@@ -198,16 +198,16 @@ async fn removed_settings_are_refused_at_start_with_why() {
 async fn unknown_tables_and_columns_are_refused_by_track() {
     let app = spawn_app().await;
     let pool = &app.db.pool;
-    let error = ws_gateway::db::track(pool, "public.nope", &["x:{id}".into()])
+    let error = ws_gateway::db::track(pool, "public.nope", &["x:{id}".into()], &Default::default())
         .await
         .unwrap_err();
     assert!(format!("{error:#}").contains("nope"), "{error:#}");
-    let error = ws_gateway::db::track(pool, "public.items", &["x:{missing}".into()])
+    let error = ws_gateway::db::track(pool, "public.items", &["x:{missing}".into()], &Default::default())
         .await
         .unwrap_err();
     assert!(format!("{error:#}").contains("missing"), "{error:#}");
     // Tracking twice is fine, and so is untracking twice.
-    ws_gateway::db::track(pool, "public.items", &["item:{id}".into()])
+    ws_gateway::db::track(pool, "public.items", &["item:{id}".into()], &Default::default())
         .await
         .unwrap();
     ws_gateway::db::untrack(pool, "public.items").await.unwrap();
