@@ -40,6 +40,14 @@ pub enum Grants {
 }
 
 impl Grants {
+    /// No room at all.
+    pub fn none() -> Grants {
+        Grants::Rooms {
+            exact: HashSet::new(),
+            prefixes: Vec::new(),
+        }
+    }
+
     pub fn from_patterns(patterns: &[String]) -> Grants {
         let mut exact = HashSet::new();
         let mut prefixes = Vec::new();
@@ -81,6 +89,9 @@ pub struct Identity {
     /// authentication (`GATEWAY_AUTH=none`).
     pub subject: Option<String>,
     pub grants: Grants,
+    /// The rooms it may publish events to (`POST /publish`): the token's
+    /// `publish` claim, none without one.
+    pub publish: Grants,
     /// Token expiry, seconds since the Unix epoch (at most [`MAX_EXP`]).
     pub expires_at: Option<u64>,
 }
@@ -91,6 +102,7 @@ impl Identity {
         Identity {
             subject: Some("ws-gateway-probe".to_owned()),
             grants: Grants::Internal(room),
+            publish: Grants::none(),
             expires_at: None,
         }
     }
@@ -132,6 +144,9 @@ pub struct Claims {
     pub iat: Option<Number>,
     #[serde(default)]
     pub rooms: Vec<String>,
+    /// Rooms (or `prefix:*` patterns) the bearer may publish events to.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 /// Checks `claims` at `now` (seconds since the Unix epoch) with `leeway`
@@ -166,6 +181,7 @@ pub fn check_claims(claims: Claims, now: u64, leeway: u64) -> Result<Identity, A
     Ok(Identity {
         subject: Some(subject),
         grants: Grants::from_patterns(&claims.rooms),
+        publish: Grants::from_patterns(&claims.publish),
         expires_at: Some(exp),
     })
 }
@@ -226,6 +242,7 @@ impl Authenticator {
             return Ok(Identity {
                 subject: None,
                 grants: Grants::All,
+                publish: Grants::All,
                 expires_at: None,
             });
         };

@@ -14,7 +14,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::auth::Identity;
@@ -28,6 +28,7 @@ mod client_js;
 mod health;
 mod latency;
 mod metrics;
+mod publish;
 mod serve;
 mod stats;
 
@@ -44,6 +45,10 @@ const MAX_OUTBOUND_FRAME_BYTES: usize = 256 * 1024 * 1024;
 fn client_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/ws", get(upgrade))
+        .route(
+            "/publish",
+            post(publish::publish).layer(Extension(Arc::new(publish::PublishRates::default()))),
+        )
         .route("/client.js", get(client_js::serve))
 }
 

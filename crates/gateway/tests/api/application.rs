@@ -352,6 +352,7 @@ async fn truncate_resets_every_room_the_templates_can_produce_live_and_on_resume
 
     // Resuming across it, from memory and from the outbox: the reset in its place.
     let second = spawn_app_with(shared, |_| {}).await;
+    second.wait_for_feed("live").await;
     for (instance, gateway) in [&app, &second].into_iter().enumerate() {
         let mut client = gateway.connect().await;
         client.subscribe("markers").await;
@@ -410,5 +411,129 @@ async fn the_rust_client_delivers_events_and_truncations_once_across_a_reconnect
     assert_eq!(got, ["event one", "change INSERT", "truncated"]);
     assert_eq!(client.stats().duplicates, 0);
     client.close();
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn post_publish_needs_a_publish_claim_for_the_room_and_says_what_was_wrong() {
+    use crate::security::{SECRET, jwt, now_s};
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let app = spawn_app_with(fresh_database().await, |s| {
+        jwt(s);
+        s.limits.max_message_bytes = 4096;
+        s.limits.rate_limit = 5;
+    })
+    .await;
+    let sign = |claims: Value| {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let exp = now_s() + 3600;
+    let reader = sign(json!({"sub": "web", "exp": exp, "rooms": ["project:*"]}));
+    let backend = sign(json!({"sub": "reports", "exp": exp, "publish": ["project:9", "crew:*"]}));
+    let mut client = crate::helpers::Client::connect(&format!("{}?token={reader}", app.ws_url())).await;
+    client.subscribe("project:9").await;
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/publish", app.address);
+    let post = |token: Option<&str>, body: String| {
+        let mut request = http.post(&url).header("content-type", "application/json").body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            (status, text)
+        }
+    };
+    let event =
+        |room: &str| json!({"room": room, "event": "report_generated", "payload": {"pdf": "r.pdf"}}).to_string();
+
+    let (status, text) = post(None, event("project:9")).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("missing token"), "{text}");
+    let (status, text) = post(Some(&reader), event("project:9")).await;
+    assert_eq!(status, 403, "a token without the claim: {text}");
+    assert!(text.contains("publish"), "{text}");
+    let (status, text) = post(Some(&backend), event("project:1")).await;
+    assert_eq!(status, 403, "a room the claim does not grant: {text}");
+    for (body, code, says) in [
+        ("{not json".to_owned(), "invalid_json", "must be JSON"),
+        (
+            json!({"event": "x"}).to_string(),
+            "invalid_message",
+            "\"room\" is missing",
+        ),
+        (json!({"room": "project:9"}).to_string(), "invalid_message", "\"event\""),
+        (
+            json!({"room": "project:*", "event": "x"}).to_string(),
+            "invalid_room",
+            "*",
+        ),
+        (
+            json!({"room": "__probe:1", "event": "x"}).to_string(),
+            "invalid_room",
+            "gateway's own",
+        ),
+        (
+            json!({"room": "project:9", "event": "x", "extra": 1}).to_string(),
+            "invalid_json",
+            "unknown field",
+        ),
+    ] {
+        let (status, text) = post(Some(&backend), body.clone()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["error"], code, "{body}: {text}");
+        assert!(reply["message"].as_str().unwrap().contains(says), "{body}: {text}");
+    }
+    let big = json!({"room": "project:9", "event": "x", "payload": {"blob": "y".repeat(5000)}}).to_string();
+    let (status, text) = post(Some(&backend), big).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("GATEWAY_MAX_MESSAGE_BYTES"), "{text}");
+
+    // Granted: delivered to the room's subscribers, in order, like one from SQL.
+    let mut accepted = 0;
+    let mut limited = 0;
+    for n in 0..12 {
+        let body = json!({"room": "project:9", "event": "crew_checked_in", "payload": {"n": n}}).to_string();
+        match post(Some(&backend), body).await {
+            (200, text) => {
+                assert!(text.contains("\"published\":true"), "{text}");
+                accepted += 1;
+            }
+            (429, text) => {
+                assert!(text.contains("5 publishes per second"), "{text}");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(accepted >= 5 && limited >= 1, "accepted {accepted}, limited {limited}");
+    let mut got = Vec::new();
+    while got.len() < accepted {
+        let message = client.next_json().await;
+        let messages = match message["type"].as_str() {
+            Some("batch") => message["changes"].as_array().unwrap().clone(),
+            _ => vec![message],
+        };
+        for m in messages {
+            assert_eq!(m["type"], "event", "{m}");
+            assert_eq!(m["event"], "crew_checked_in");
+            got.push(m["payload"]["n"].as_i64().unwrap());
+        }
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    let stored: i64 = sqlx::query_scalar("select count(*) from realtime.changes where event = 'crew_checked_in'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored as usize, accepted, "the outbox holds each accepted one");
     app.stop().await.unwrap();
 }
