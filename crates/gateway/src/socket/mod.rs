@@ -22,8 +22,14 @@ mod replay;
 mod send;
 mod session;
 
-/// How long a client that stopped reading has to read on before its socket
-/// is dropped without a close frame.
+/// How long a client closed as a slow consumer has to read on: first to
+/// take what the socket still holds and the close frame (the send loop),
+/// then, from when that frame is written, to answer it (here). Past either,
+/// the socket is dropped: a half-open client holds a task for at most twice
+/// this. Dropping it sooner, while the client is still reading its backlog,
+/// resets the connection and discards the close frame in the client's
+/// kernel: the client would see a broken connection instead of 4008 and
+/// back off instead of resuming at once.
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for the client's half of a closing handshake.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -78,8 +84,16 @@ pub fn serve(
             tokio::select! {
                 () = &mut send => {
                     // We closed (slow consumer, shutdown, write error): give the
-                    // client a moment to answer the close frame.
-                    let _ = tokio::time::timeout(CLOSE_LINGER, &mut receive).await;
+                    // client a moment to answer the close frame, reading (and
+                    // dropping) what it sends meanwhile. A slow consumer is
+                    // still working through its backlog: it gets its grace,
+                    // unless the gateway is stopping.
+                    let slow = subscriber.close_reason().is_some_and(|r| r.kind == CloseKind::SlowConsumer);
+                    let linger = if slow { SLOW_CLOSE_GRACE } else { CLOSE_LINGER };
+                    tokio::select! {
+                        _ = tokio::time::timeout(linger, &mut receive) => {}
+                        () = state.shutdown.cancelled(), if slow => {}
+                    }
                 }
                 () = &mut receive => {
                     // The client closed or broke the protocol: answer its close.
@@ -90,10 +104,8 @@ pub fn serve(
         }
         session.leave_all();
         state.unregister_connection(connection_id);
+        // Slow-consumer closes were counted by the send loop when decided.
         let reason = subscriber.close_reason();
-        if reason.as_ref().is_some_and(|r| r.kind == CloseKind::SlowConsumer) {
-            Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
-        }
         // A connection that ended without a close (1006, abnormal closure)
         // failed too.
         if reason.as_ref().is_none_or(|r| r.kind.is_failure()) && !state.telemetry.is_probe(connection_id) {

@@ -68,7 +68,10 @@ pub(super) async fn send_loop(
     // timer, made once and moved. Waiting per message on the shutdown token
     // every connection shares locked that token's mutex on every delivery.
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping));
-    let close = loop {
+    // Whether this close was counted when it was decided (see `count_close`).
+    let mut counted = false;
+    // The close, and until when its frame may take to be written.
+    let (close, grace) = loop {
         // The timer only moves earlier here (once fired, it is parked at the
         // next ping): firing early is harmless, the timer branch checks what
         // is actually due.
@@ -82,14 +85,14 @@ pub(super) async fn send_loop(
             biased;
             work = next_work(writer.replay.is_some(), &mut writer.carry, &mut queue, subscriber) => {
                 let Some(item) = work else {
-                    break queue.closed().await;
+                    break (queue.closed().await, Instant::now() + SLOW_CLOSE_GRACE);
                 };
                 let write_started = std::time::Instant::now();
                 let written = writer
                     .write_ready(&mut sink, item, &mut queue, subscriber, state, settings.get(state))
                     .await;
                 if let Err(reason) = written {
-                    break reason;
+                    break (reason, Instant::now() + SLOW_CLOSE_GRACE);
                 }
                 // A client that stops reading blocks this flush. Once its
                 // queue overflows (close requested) it has a grace period to
@@ -98,8 +101,11 @@ pub(super) async fn send_loop(
                 tokio::select! {
                     flushed = sink.flush() => if flushed.is_err() { return },
                     reason = queue.closed() => {
-                        match tokio::time::timeout(SLOW_CLOSE_GRACE, sink.flush()).await {
-                            Ok(Ok(())) => break reason,
+                        let grace = Instant::now() + SLOW_CLOSE_GRACE;
+                        count_close(state, &reason);
+                        counted = true;
+                        match tokio::time::timeout_at(grace, sink.flush()).await {
+                            Ok(Ok(())) => break (reason, grace),
                             _ => return,
                         }
                     }
@@ -114,14 +120,20 @@ pub(super) async fn send_loop(
                 let now = now_us();
                 let silent = Duration::from_micros((now - liveness.last_heard_us.load(Ordering::Relaxed)).max(0) as u64);
                 if silent > settings.heartbeat.connection_timeout {
-                    break CloseReason::new(
-                        CloseKind::HeartbeatTimeout,
-                        format!("heartbeat timeout: nothing heard for {} ms", silent.as_millis()),
+                    break (
+                        CloseReason::new(
+                            CloseKind::HeartbeatTimeout,
+                            format!("heartbeat timeout: nothing heard for {} ms", silent.as_millis()),
+                        ),
+                        Instant::now() + SLOW_CLOSE_GRACE,
                     );
                 }
                 let quiet = Duration::from_micros((now - liveness.last_message_us.load(Ordering::Relaxed)).max(0) as u64);
                 if liveness.subscriptions.load(Ordering::Relaxed) == 0 && quiet > settings.heartbeat.max_idle {
-                    break CloseReason::new(CloseKind::Idle, format!("idle: no subscription and no message for {} ms", quiet.as_millis()));
+                    break (
+                        CloseReason::new(CloseKind::Idle, format!("idle: no subscription and no message for {} ms", quiet.as_millis())),
+                        Instant::now() + SLOW_CLOSE_GRACE,
+                    );
                 }
                 if Instant::now() >= next_ping {
                     if liveness.ping_outstanding.swap(true, Ordering::Relaxed) {
@@ -144,6 +156,9 @@ pub(super) async fn send_loop(
         }
     };
     writer.local.publish(state, subscriber.id, true);
+    if !counted {
+        count_close(state, &close);
+    }
     // Recorded on the subscriber (closes from here, like the heartbeat's,
     // were decided locally), which also stops anything more being queued.
     subscriber.close(close.clone());
@@ -177,7 +192,15 @@ pub(super) async fn send_loop(
         code: close.code(),
         reason: close.reason.into_owned().into(),
     };
-    let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout_at(grace, sink.send(Message::Close(Some(frame)))).await;
+}
+
+/// Counts a slow-consumer close when the send loop learns of it, not when
+/// the connection ends: that is up to two [`SLOW_CLOSE_GRACE`]s later.
+fn count_close(state: &AppState, reason: &CloseReason) {
+    if reason.kind == CloseKind::SlowConsumer {
+        Counters::add(&state.telemetry.counters.slow_consumer_closes, 1);
+    }
 }
 
 /// The longest the adaptive heartbeat may wait between pings: at most half
