@@ -44,7 +44,8 @@ impl FromStr for Position {
 }
 
 /// What an outbox entry is: a row change, an application event
-/// (`realtime.publish`), or a table's TRUNCATE.
+/// (`realtime.publish`), a table's TRUNCATE, or a reset of every room (the
+/// wal source lost its slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Op {
@@ -56,6 +57,9 @@ pub enum Op {
     /// Its `rooms` are patterns (`project:*`): every matching room gets a
     /// `reset` (reason `truncated`).
     Truncate,
+    /// Its `rooms` are patterns too (`*`: every room), its reason says why
+    /// (`history_lost`): every matching room gets a `reset`.
+    Reset,
 }
 
 impl Op {
@@ -66,12 +70,18 @@ impl Op {
             Op::Delete => "DELETE",
             Op::Event => "EVENT",
             Op::Truncate => "TRUNCATE",
+            Op::Reset => "RESET",
         }
     }
 
     /// A change of one row (dedup and priorities apply to these only).
     pub fn is_row(self) -> bool {
         matches!(self, Op::Insert | Op::Update | Op::Delete)
+    }
+
+    /// A `reset` of the rooms its patterns reach: what was in them is gone.
+    pub fn resets(self) -> bool {
+        matches!(self, Op::Truncate | Op::Reset)
     }
 }
 
@@ -86,7 +96,7 @@ pub struct Change {
     pub schema: String,
     pub table: String,
     pub op: Op,
-    /// The rooms it goes to; for a truncation, room patterns
+    /// The rooms it goes to; for a truncation or a reset, room patterns
     /// (see [`Change::reaches`]).
     pub rooms: Vec<String>,
     /// Everything of the client's message after its `room` field: built
@@ -123,6 +133,8 @@ struct Document<'a> {
     rooms: Option<Vec<String>>,
     /// An event's name.
     ev: Option<String>,
+    /// A reset's reason.
+    reason: Option<String>,
 }
 
 /// A payload on our channel that is not a capture document.
@@ -131,6 +143,22 @@ struct Document<'a> {
 pub struct BadDocument(String);
 
 impl Notification {
+    /// A NOTIFY payload: one document, or several (`{"docs":[...]}`, as
+    /// the wal leader sends them), in position order.
+    pub fn parse_payload(payload: &str) -> Result<Vec<Notification>, BadDocument> {
+        if !payload.starts_with("{\"docs\":") {
+            return Notification::parse(payload).map(|one| vec![one]);
+        }
+        #[derive(Deserialize)]
+        struct Docs<'a> {
+            #[serde(borrow)]
+            docs: Vec<&'a RawValue>,
+        }
+        let docs: Docs = serde_json::from_str(payload).map_err(|e| BadDocument(e.to_string()))?;
+        docs.docs.iter().map(|doc| Notification::parse(doc.get())).collect()
+    }
+
+    /// One document (`realtime.payload`).
     pub fn parse(payload: &str) -> Result<Notification, BadDocument> {
         let doc: Document = serde_json::from_str(payload).map_err(|e| BadDocument(e.to_string()))?;
         if doc.reference {
@@ -158,6 +186,15 @@ impl Notification {
                     at,
                     doc.s.ok_or_else(|| missing("s"))?,
                     doc.tb.ok_or_else(|| missing("tb"))?,
+                    rooms,
+                );
+                return Ok(Notification::Change(change));
+            }
+            Op::Reset => {
+                let change = Change::reset(
+                    Position(doc.p),
+                    at,
+                    &doc.reason.ok_or_else(|| missing("reason"))?,
                     rooms,
                 );
                 return Ok(Notification::Change(change));
@@ -286,11 +323,35 @@ impl Change {
         }
     }
 
+    /// A reset of every room one of `patterns` can produce (`*`: all), for
+    /// `reason`: each gets `{"type":"reset","room":..,"reason":..,"position":..,"committed_at":..}`.
+    pub fn reset(position: Position, committed_at_us: i64, reason: &str, patterns: Vec<String>) -> Change {
+        let mut tail = String::with_capacity(96);
+        tail.push_str(",\"reason\":");
+        push_json_str(&mut tail, reason);
+        tail.push_str(",\"position\":\"");
+        tail.push_str(&position.0.to_string());
+        tail.push_str("\",\"committed_at\":\"");
+        tail.push_str(&format_rfc3339_micros(committed_at_us));
+        tail.push_str("\"}");
+        Change {
+            position,
+            committed_at_us,
+            schema: String::new(),
+            table: String::new(),
+            op: Op::Reset,
+            rooms: patterns,
+            message_tail: tail,
+            key_at: 0..0,
+            row_at: 0..0,
+        }
+    }
+
     /// Whether the change goes to `room`: one of its rooms, or for a
-    /// truncation, a room one of its patterns can produce.
+    /// truncation or a reset, a room one of its patterns can produce.
     pub fn reaches(&self, room: &str) -> bool {
         match self.op {
-            Op::Truncate => self.rooms.iter().any(|pattern| room_matches(pattern, room)),
+            Op::Truncate | Op::Reset => self.rooms.iter().any(|pattern| room_matches(pattern, room)),
             _ => self.rooms.iter().any(|r| r == room),
         }
     }
@@ -319,7 +380,7 @@ impl Change {
     pub fn message_for(&self, room: &str) -> String {
         let kind = match self.op {
             Op::Event => "{\"type\":\"event\",\"room\":",
-            Op::Truncate => "{\"type\":\"reset\",\"room\":",
+            Op::Truncate | Op::Reset => "{\"type\":\"reset\",\"room\":",
             Op::Insert | Op::Update | Op::Delete => "{\"type\":\"change\",\"room\":",
         };
         let mut msg = String::with_capacity(self.message_tail.len() + room.len() + 32);
@@ -480,6 +541,32 @@ mod tests {
             })
         );
         assert!(Notification::parse("hello").is_err());
+    }
+
+    #[test]
+    fn a_reset_of_every_room_and_payloads_of_several_documents() {
+        let payload = r#"{"docs":[{"p":10,"t":1795689000123456,"op":"RESET","reason":"history_lost","rooms":["*"]},{"p":11,"ref":true}]}"#;
+        let parsed = Notification::parse_payload(payload).unwrap();
+        assert_eq!(parsed.len(), 2);
+        let Notification::Change(reset) = &parsed[0] else {
+            panic!("expected a reset")
+        };
+        assert!(reset.op.resets() && reset.reaches("project:1") && reset.reaches("markers"));
+        let msg: serde_json::Value = serde_json::from_str(&reset.message_for("markers")).unwrap();
+        assert_eq!(
+            msg,
+            serde_json::json!({
+                "type": "reset", "room": "markers", "reason": "history_lost", "position": "10",
+                "committed_at": "2026-11-26T10:30:00.123456Z"
+            })
+        );
+        assert!(matches!(parsed[1], Notification::Reference(Position(11))));
+        assert_eq!(Notification::parse_payload(r#"{"p":9,"ref":true}"#).unwrap().len(), 1);
+        assert!(Notification::parse_payload(r#"{"docs":[{"p":1}]}"#).is_err());
+        assert!(
+            Notification::parse(r#"{"p":1,"t":1,"op":"RESET","rooms":["*"]}"#).is_err(),
+            "no reason"
+        );
     }
 
     #[test]

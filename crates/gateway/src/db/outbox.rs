@@ -63,7 +63,7 @@ pub async fn latest_position(pool: &PgPool) -> Result<i64, sqlx::Error> {
 
 /// One page of the history of `rooms` in `(after, upto]` (one room for a
 /// `/ws` subscription, every room of an `/sse` stream; a truncation reaches
-/// a room by its patterns), read in one statement
+/// a room by its patterns, as a reset does), read in one statement
 /// (one snapshot) that holds no connection once it returns: the pruning
 /// horizon in that snapshot, and up to `max_rows` documents in position
 /// order whose stored sizes add up to at most `max_bytes` (always at least
@@ -88,7 +88,7 @@ pub async fn room_page(
                from realtime.changes c
               where c.position > $1 and c.position <= $2
                 and (c.rooms && $3::text[]
-                     or (c.op = 'TRUNCATE' and exists (
+                     or (c.op in ('TRUNCATE', 'RESET') and exists (
                          select 1 from unnest(c.rooms) p, unnest($3::text[]) r
                           where realtime.room_matches(p, r))))
               order by c.position

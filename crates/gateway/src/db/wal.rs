@@ -373,24 +373,16 @@ pub fn is_render_error(error: &sqlx::Error) -> bool {
         && code != STALE_LEADER
 }
 
-/// After the lost slot was recreated at `start`: the progress starts over
-/// there. Returns the position of the reset written for every room.
-pub async fn write_slot_reset(conn: &mut PgConnection, epoch: i64, start: &str) -> Result<Option<i64>, sqlx::Error> {
-    let updated = sqlx::query(
-        "update realtime.wal_progress
-            set commit_lsn = $2::pg_lsn, seq = 0, end_lsn = $2::pg_lsn, state = 'ok'
-          where epoch = $1",
-    )
-    .bind(epoch)
-    .bind(start)
-    .execute(&mut *conn)
-    .await?;
-    if updated.rows_affected() == 0 {
-        return Err(sqlx::Error::Protocol(format!(
-            "the wal leader of epoch {epoch} was replaced"
-        )));
-    }
-    Ok(None)
+/// After the lost slot was recreated at `start`: a reset of every room
+/// (`history_lost`) at the next position, and the progress starting over
+/// at `start`, in one transaction (`realtime.wal_reset`). Returns the
+/// reset's position.
+pub async fn write_slot_reset(conn: &mut PgConnection, epoch: i64, start: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select realtime.wal_reset($1, $2::pg_lsn, 'history_lost')")
+        .bind(epoch)
+        .bind(start)
+        .fetch_one(&mut *conn)
+        .await
 }
 
 /// Creates the publication of the tracked tables if it is missing. It must

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 
-use crate::change::{Change, Op, Position, push_json_str};
+use crate::change::{Change, Position, push_json_str};
 use crate::config::{Features, PipelineSettings};
 use crate::pipeline::batch::plan_units;
 use crate::pipeline::dedup::{self, Dedup};
@@ -278,16 +278,16 @@ impl Hub {
     /// Runs changes that reached the gateway together (in commit order)
     /// through the pipeline: per room, repeats are dropped, the rest grouped
     /// into units of up to the batch size, each unit encoded once and queued
-    /// to every member. A truncation is a `reset` to every member of the
-    /// rooms it reaches, in its place. Remembers the changes for resumes.
+    /// to every member. A truncation or a reset is a `reset` to every member
+    /// of the rooms it reaches, in its place. Remembers the changes for resumes.
     pub fn dispatch_group(&self, changes: Vec<Arc<Change>>) -> Dispatched {
         let mut state = self.lock();
         let mut done = Dispatched::default();
         let mut start = 0;
         for (i, change) in changes.iter().enumerate() {
-            if change.op == Op::Truncate {
+            if change.op.resets() {
                 fan_out(&mut state, &changes[start..i], &mut done);
-                reset_truncated(&mut state, change, &mut done);
+                reset_rooms(&mut state, change, &mut done);
                 start = i + 1;
             }
         }
@@ -447,10 +447,11 @@ fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched)
     }
 }
 
-/// A TRUNCATE: `reset` (reason `truncated`) to every member of every room
-/// the table's templates can produce. An ordered subscriber in several of
-/// them gets one message for all (one position, one item).
-fn reset_truncated(state: &mut HubState, change: &Change, done: &mut Dispatched) {
+/// A TRUNCATE or a RESET: `reset` (reason `truncated`, or the reset's) to
+/// every member of every room its patterns reach (a TRUNCATE's: what the
+/// table's templates can produce). An ordered subscriber in several of them
+/// gets one message for all (one position, one item).
+fn reset_rooms(state: &mut HubState, change: &Change, done: &mut Dispatched) {
     let mut ordered: HashMap<u64, (Arc<Subscriber>, Vec<String>)> = HashMap::new();
     for (room, members) in &state.rooms {
         if !change.reaches(room) {
@@ -488,6 +489,7 @@ fn reset_truncated(state: &mut HubState, change: &Change, done: &mut Dispatched)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::Op;
     use serde_json::value::RawValue;
 
     fn change(position: i64, rooms: &[&str]) -> Arc<Change> {

@@ -166,20 +166,26 @@ impl NotifySource {
     async fn on_notifications(&self, out: &mut Dispatcher, payloads: Vec<String>) -> anyhow::Result<()> {
         let mut changes = Vec::with_capacity(payloads.len());
         for payload in &payloads {
-            let change = match Notification::parse(payload) {
-                Ok(Notification::Change(change)) => change,
-                Ok(Notification::Reference(position)) => {
-                    if out.position().is_some_and(|p| position <= p) {
-                        continue;
-                    }
-                    self.fetch(position).await?
-                }
+            // One document (the trigger's), or several (the wal leader's).
+            let notifications = match Notification::parse_payload(payload) {
+                Ok(notifications) => notifications,
                 Err(error) => {
                     tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
                     continue;
                 }
             };
-            changes.push(change);
+            for notification in notifications {
+                let change = match notification {
+                    Notification::Change(change) => change,
+                    Notification::Reference(position) => {
+                        if out.position().is_some_and(|p| position <= p) {
+                            continue;
+                        }
+                        self.fetch(position).await?
+                    }
+                };
+                changes.push(change);
+            }
         }
         out.live(changes);
         Ok(())

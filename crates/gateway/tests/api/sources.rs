@@ -219,3 +219,197 @@ async fn slot_lag_is_reported_while_no_leader_runs() {
     })
     .await;
 }
+
+/// A lost slot (dropped by hand, or invalidated past
+/// `max_slot_wal_keep_size`) cannot be streamed again: what it held is
+/// gone. The leader recreates it and writes a reset of every room
+/// (`history_lost`) at a position after the gap, so that live subscribers
+/// and resumes across it (from memory and from the outbox) are told, and
+/// nothing committed after the new slot is lost.
+#[tokio::test]
+async fn a_lost_slot_resets_every_room_live_and_on_resume_and_loses_nothing_after() {
+    use crate::application::messages_until_marker;
+    use crate::helpers::barrier;
+    let db = fresh_database_for(CaptureSource::Wal).await;
+    let shared = db.shared();
+    let pool = shared.pool.clone();
+    let slot: String = sqlx::query_scalar("select wal_slot from realtime.settings")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let app = spawn_app_with(db, |_| {}).await;
+    let mut client = app.connect().await;
+    client.subscribe("markers").await;
+    let start: i64 = client.subscribe("project:1").await.parse().unwrap();
+    let exec = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::raw_sql(sql).execute(&pool).await.unwrap() }
+    };
+    exec("insert into items (id, project_id) values (1, 1)").await;
+    barrier(&pool, "before").await;
+    let before = messages_until_marker(&mut client, "before").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Lose the slot: end its walsender, and drop it before the leader is back.
+    eventually("the slot to be dropped", || async {
+        sqlx::query(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots \
+             where slot_name = $1 and active_pid is not null",
+        )
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let dropped = sqlx::query(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+             where slot_name = $1 and active_pid is null",
+        )
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .map(|done| done.rows_affected() == 1);
+        matches!(dropped, Ok(true)).then_some(())
+    })
+    .await;
+
+    // Every room the client is in is told, once.
+    let mut resets = Vec::new();
+    while resets.len() < 2 {
+        let message = client.next_json().await;
+        assert_eq!(message["type"], "reset", "{message}");
+        assert_eq!(message["reason"], "history_lost", "{message}");
+        resets.push(message);
+    }
+    let mut rooms: Vec<&str> = resets.iter().map(|m| m["room"].as_str().unwrap()).collect();
+    rooms.sort();
+    assert_eq!(rooms, ["markers", "project:1"]);
+    assert_eq!(resets[0]["position"], resets[1]["position"]);
+    let reset_at: i64 = resets[0]["position"].as_str().unwrap().parse().unwrap();
+    let stored: (String, Vec<String>, String) =
+        sqlx::query_as("select op, rooms, event from realtime.changes where position = $1")
+            .bind(reset_at)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ("RESET".into(), vec!["*".into()], "history_lost".into()));
+
+    // The new slot captures everything from here.
+    exec("insert into items (id, project_id) values (2, 1)").await;
+    barrier(&pool, "after").await;
+    let after = messages_until_marker(&mut client, "after").await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["key"]["id"], 2);
+    assert!(after[0]["position"].as_str().unwrap().parse::<i64>().unwrap() > reset_at);
+    let (_, metrics) = http_get(app.address, "/metrics").await;
+    assert!(metrics.contains("ws_gateway_slot_resets_total 1"), "{metrics}");
+
+    // Resuming across it: from memory here, from the outbox on an instance
+    // that started after it.
+    let second = spawn_app_with(shared, |_| {}).await;
+    for (instance, gateway) in [&app, &second].into_iter().enumerate() {
+        let mut resumed = gateway.connect().await;
+        resumed.subscribe("markers").await;
+        resumed.subscribe_since("project:1", Some(&start.to_string())).await;
+        let marker = format!("resume{instance}");
+        barrier(&pool, &marker).await;
+        let replayed = messages_until_marker(&mut resumed, &marker).await;
+        let seen: Vec<String> = replayed
+            .iter()
+            .map(|m| match m["type"].as_str().unwrap() {
+                "reset" => format!("reset {}", m["reason"].as_str().unwrap()),
+                _ => format!("{} {}", m["op"].as_str().unwrap(), m["key"]["id"]),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            ["INSERT 1", "reset history_lost", "INSERT 2"],
+            "instance {instance}"
+        );
+        assert_eq!(replayed[1]["position"].as_str().unwrap(), reset_at.to_string());
+    }
+    second.stop().await.unwrap();
+    app.stop().await.unwrap();
+}
+
+/// 0004 (application capture) and 0005 (the wal source) each replaced
+/// `install_trigger` and `untrack`; on a database that applied 0005 before
+/// 0004 (the wal branch's databases) the later one overwrote the other's.
+/// 0006 defines them once for both sources: whatever the order before it,
+/// a tracked table gets its TRUNCATE trigger and projection in notify mode,
+/// and no trigger but the publication in wal mode.
+#[tokio::test]
+async fn migration_0006_repairs_a_database_that_applied_0005_before_0004() {
+    let (_url, pool) = crate::helpers::empty_database().await;
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("create schema realtime; set search_path to realtime")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for sql in [
+        include_str!("../../migrations/0001_realtime.sql"),
+        include_str!("../../migrations/0002_probe.sql"),
+        include_str!("../../migrations/0003_generated_capture.sql"),
+        include_str!("../../migrations/0005_wal_source.sql"),
+        include_str!("../../migrations/0004_application_capture.sql"),
+        include_str!("../../migrations/0006_wal_application.sql"),
+    ] {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap();
+    }
+    sqlx::raw_sql(
+        "reset search_path;
+         create table docs (id bigint primary key, project_id int, secret text);
+         select realtime.track('public.docs', array['project:{project_id}'], exclude => array['secret']);
+         insert into docs values (1, 1, 'hidden');",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("truncate docs").execute(&mut *conn).await.unwrap();
+    let stored: Vec<(String, Option<serde_json::Value>)> =
+        sqlx::query_as("select op, row from realtime.changes where table_name = 'docs' order by position")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("INSERT".to_owned(), Some(serde_json::json!({"id": 1, "project_id": 1}))),
+            ("TRUNCATE".to_owned(), None)
+        ]
+    );
+    async fn triggers(pool: &sqlx::PgPool) -> Vec<String> {
+        sqlx::query_scalar("select tgname::text from pg_trigger where tgrelid = 'public.docs'::regclass order by 1")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    }
+    async fn published(pool: &sqlx::PgPool) -> i64 {
+        sqlx::query_scalar("select count(*) from pg_publication_rel where prrelid = 'public.docs'::regclass")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+    assert_eq!(triggers(&pool).await, ["realtime_capture", "realtime_truncate"]);
+
+    drop(conn);
+    ws_gateway::switch_to_wal(&pool, Some(&format!("ws_gateway_order_{}", std::process::id())))
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(triggers(&pool).await.is_empty(), "no trigger of ours in wal mode");
+    assert_eq!(published(&pool).await, 1);
+    sqlx::query("select realtime.untrack('public.docs')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(published(&pool).await, 0, "untrack in wal mode leaves the publication");
+    let slot: String = sqlx::query_scalar("select wal_slot from realtime.settings")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("select pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}

@@ -21,13 +21,9 @@ pub enum Concern {
     /// An UPDATE or DELETE without the whole old row (REPLICA IDENTITY not
     /// FULL): the old row's rooms, or a DELETE's row, are incomplete.
     PartialOldRow { table: String },
-    /// A TRUNCATE of tracked tables: its outbox entry (a reset of the
-    /// tables' rooms) comes with the application features (SPEC section
-    /// 10); until then it only moves the progress.
-    Truncated { tables: Vec<String> },
-    /// A `realtime` message (`realtime.publish` in wal mode), not carried
-    /// yet either.
-    Event { bytes: usize },
+    /// A `realtime` logical message that is not `realtime.publish`'s
+    /// document (someone else's `pg_logical_emit_message`): not carried.
+    BadEvent { error: String },
 }
 
 /// A [`WalBatch`] being filled, with its size.
@@ -56,20 +52,51 @@ impl Batch {
     pub fn push(&mut self, at: At, committed_at_us: i64, item: &Item) -> Option<Concern> {
         match item {
             Item::Row(change) => self.push_row(at, committed_at_us, change),
-            // Their outbox entries come with the application features
-            // (realtime.publish, TRUNCATE): until then they only move the
-            // progress, so that they are never replayed.
             Item::Truncate(relations) => {
+                // One entry per table (a TRUNCATE of several, or CASCADE),
+                // at the item's place: the database gives it the table's
+                // room patterns, and skips a table that is not tracked.
+                for relation in relations {
+                    self.push_entry(at, committed_at_us, Entry::of(relation, "TRUNCATE"));
+                }
                 self.rows.upto = Some((at.commit_lsn.to_string(), at.seq));
-                Some(Concern::Truncated {
-                    tables: relations.iter().map(|r| format!("{}.{}", r.schema, r.name)).collect(),
-                })
+                None
             }
             Item::Event(content) => {
                 self.rows.upto = Some((at.commit_lsn.to_string(), at.seq));
-                Some(Concern::Event { bytes: content.len() })
+                match event_document(content) {
+                    Ok(document) => {
+                        self.bytes += document.len();
+                        let entry = Entry {
+                            table: 0,
+                            schema: "",
+                            name: "",
+                            op: "EVENT",
+                            new: Some(document),
+                            old: None,
+                        };
+                        self.push_entry(at, committed_at_us, entry);
+                        None
+                    }
+                    Err(error) => Some(Concern::BadEvent { error }),
+                }
             }
         }
+    }
+
+    fn push_entry(&mut self, at: At, committed_at_us: i64, entry: Entry<'_>) {
+        let rows = &mut self.rows;
+        rows.commit_lsns.push(at.commit_lsn.to_string());
+        rows.seqs.push(at.seq);
+        rows.committed_ats
+            .push(crate::change::format_rfc3339_micros(committed_at_us));
+        rows.tables.push(entry.table);
+        rows.schemas.push(entry.schema.to_owned());
+        rows.names.push(entry.name.to_owned());
+        rows.ops.push(entry.op);
+        rows.news.push(entry.new);
+        rows.olds.push(entry.old);
+        rows.upto = Some((at.commit_lsn.to_string(), at.seq));
     }
 
     fn push_row(&mut self, at: At, committed_at_us: i64, change: &RowChange) -> Option<Concern> {
@@ -93,18 +120,12 @@ impl Batch {
         });
         let old = old.map(|(_, values)| pgoutput::row_json(relation, values));
         self.bytes += new.as_ref().map_or(0, String::len) + old.as_ref().map_or(0, String::len);
-        let rows = &mut self.rows;
-        rows.commit_lsns.push(at.commit_lsn.to_string());
-        rows.seqs.push(at.seq);
-        rows.committed_ats
-            .push(crate::change::format_rfc3339_micros(committed_at_us));
-        rows.tables.push(i64::from(relation.id));
-        rows.schemas.push(relation.schema.clone());
-        rows.names.push(relation.name.clone());
-        rows.ops.push(change.op.as_str());
-        rows.news.push(new);
-        rows.olds.push(old);
-        rows.upto = Some((at.commit_lsn.to_string(), at.seq));
+        let entry = Entry {
+            new,
+            old,
+            ..Entry::of(relation, change.op.as_str())
+        };
+        self.push_entry(at, committed_at_us, entry);
         concern
     }
 
@@ -114,6 +135,49 @@ impl Batch {
         self.rows.upto = Some((commit_lsn.to_string(), last_seq.max(0)));
         self.rows.end_lsn = Some(end_lsn.to_string());
     }
+}
+
+/// One element of the batch's arrays.
+struct Entry<'a> {
+    /// The table's oid (0 for an event).
+    table: i64,
+    schema: &'a str,
+    name: &'a str,
+    /// INSERT, UPDATE, DELETE, TRUNCATE or EVENT.
+    op: &'static str,
+    new: Option<String>,
+    old: Option<String>,
+}
+
+impl Entry<'_> {
+    fn of<'a>(relation: &'a pgoutput::Relation, op: &'static str) -> Entry<'a> {
+        Entry {
+            table: i64::from(relation.id),
+            schema: &relation.schema,
+            name: &relation.name,
+            op,
+            new: None,
+            old: None,
+        }
+    }
+}
+
+/// `realtime.publish`'s message (`{"room","event","payload"}`, migrations
+/// 0006), checked: a malformed one would fail the whole batch's write.
+fn event_document(content: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[allow(dead_code)]
+        room: &'a str,
+        #[allow(dead_code)]
+        event: &'a str,
+        #[allow(dead_code)]
+        #[serde(borrow)]
+        payload: Option<&'a serde_json::value::RawValue>,
+    }
+    let text = std::str::from_utf8(content).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<Event>(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
 }
 
 #[cfg(test)]
@@ -205,5 +269,30 @@ mod tests {
             })
         );
         assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn events_and_truncations_take_their_place_and_a_foreign_message_is_refused() {
+        let mut batch = Batch::default();
+        let at = |seq| At {
+            commit_lsn: Lsn(0x500),
+            seq,
+        };
+        let event = Bytes::from_static(br#"{"room":"project:1","event":"passed","payload":{"id":7}}"#);
+        assert_eq!(batch.push(at(1), 0, &Item::Event(event.clone())), None);
+        assert_eq!(
+            batch.push(at(2), 0, &Item::Truncate(vec![relation(), relation()])),
+            None
+        );
+        let foreign = Item::Event(Bytes::from_static(b"not json"));
+        assert!(matches!(batch.push(at(3), 0, &foreign), Some(Concern::BadEvent { .. })));
+        let rows = &batch.rows;
+        assert_eq!(rows.ops, ["EVENT", "TRUNCATE", "TRUNCATE"]);
+        assert_eq!(rows.tables, [0, 42, 42]);
+        assert_eq!(rows.seqs, [1, 2, 2]);
+        assert_eq!(rows.news[0].as_deref(), std::str::from_utf8(&event).ok());
+        assert_eq!(rows.names, ["", "items", "items"]);
+        // The refused one still moves the progress past it.
+        assert_eq!(rows.upto, Some(("0/500".to_owned(), 3)));
     }
 }

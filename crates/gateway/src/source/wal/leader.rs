@@ -185,8 +185,11 @@ async fn release_slot(conn: &mut PgConnection, slot: &str) -> anyhow::Result<()>
 
 /// The slot is gone (invalidated, or dropped): what it held is lost.
 /// Recreates it, then writes a reset of every room (`history_lost`) at a
-/// fresh position, after the new slot's start, so that a client that
-/// refetches on the reset sees everything the lost slot held.
+/// fresh position, in the transaction that starts the progress over at the
+/// new slot's consistent point: every change committed after that point
+/// comes after the reset, so a client that refetches on the reset misses
+/// nothing. A leader that dies in between finds the state `resetting` and
+/// does it again.
 async fn recreate_slot(
     conn: &mut PgConnection,
     telemetry: &Telemetry,
@@ -218,6 +221,7 @@ async fn recreate_slot(
         db::write_slot_reset(conn, epoch, &start),
     )
     .await?;
+    telemetry.wal.set_slot_health(SlotHealth::Reserved);
     telemetry.wal.slot_resets.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(slot, start = %start, position = reset, "recreated the wal slot; every room was told to reset");
     Ok(Progress {
@@ -375,17 +379,10 @@ impl Leading {
 
     fn warn_once(&mut self, concern: Concern) {
         let (table, message) = match &concern {
-            Concern::Truncated { tables } => {
-                tracing::error!(
-                    tables = ?tables,
-                    "TRUNCATE of tracked tables in wal mode: their subscribers are not told (no reset yet); they keep the rows they had"
-                );
-                return;
-            }
-            Concern::Event { bytes } => {
+            Concern::BadEvent { error } => {
                 tracing::warn!(
-                    bytes,
-                    "a `realtime` logical message is not carried in wal mode yet: dropped"
+                    %error,
+                    "a logical message with the prefix `realtime` is not an event of realtime.publish: not delivered"
                 );
                 return;
             }
