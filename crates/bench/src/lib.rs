@@ -6,13 +6,15 @@
 //! database and gateway under test) -> `table` -> `clients` (WebSocket side)
 //! and `writers` with `floor` (database side, on their own thread) ->
 //! `ledger`, `frames`, `latency` (what arrived, and how fast) -> `report`,
-//! `baseline` (what it means). `run` ties a delivery run together;
+//! `baseline` (what it means). `run` ties a delivery run together, with
+//! `fanout` (`--fanout-floor`) the minimal server it runs first to compare;
 //! `writer_cost` is the `--writers-only` mode, `soak` the chaos soak
 //! (faults against two instances, an exact count at the end).
 
 mod baseline;
 mod clients;
 mod clock;
+mod fanout;
 mod floor;
 mod frames;
 mod latency;
@@ -39,6 +41,11 @@ pub use plan::BenchArgs;
 use baseline::Severity;
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(addr) = &args.serve_fanout_floor {
+        // The child a `--fanout-floor` run starts in the gateway's place.
+        let db = args.db.as_deref().context("--serve-fanout-floor needs --db")?;
+        return fanout::serve(addr, db, &args.channel).await;
+    }
     // Read the baseline first: a typo in its name should not cost a run.
     let baseline = match &args.baseline {
         Some(path) => Some((path.display().to_string(), read_json(path)?)),

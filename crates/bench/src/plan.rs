@@ -83,6 +83,17 @@ pub struct BenchOptions {
     /// run: the physical floor. With --connections 0 no gateway is started.
     #[arg(long)]
     pub floor: bool,
+    /// Run the same scenario first against the bench's own minimal fan-out
+    /// server in the gateway's place (one thread, epoll, each change's frame
+    /// built once, one send() per delivery, no queue), then against the
+    /// gateway: the report gives the gateway's CPU, wake-ups and system
+    /// calls per delivery beside the floor's, and their ratio.
+    #[arg(long, conflicts_with_all = ["gateway", "writers_only"])]
+    pub fanout_floor: bool,
+    /// Internal: serve as the fan-out floor on this address (what a
+    /// --fanout-floor run starts as a child, with --db and --channel).
+    #[arg(long, hide = true)]
+    pub serve_fanout_floor: Option<String>,
     /// Measure writer throughput instead: commits/s of --writers connections
     /// on an untracked table, with a plain pg_notify trigger, and tracked by
     /// ws-gateway, each with synchronous_commit on and off.
@@ -259,6 +270,8 @@ pub struct Plan {
     pub writers: usize,
     pub encoding: Encoding,
     pub floor: bool,
+    /// Run the scenario against the fan-out floor first (`fanout.rs`).
+    pub fanout_floor: bool,
     pub source: Source,
     pub connect_concurrency: usize,
     pub report_every: Option<Duration>,
@@ -369,9 +382,15 @@ impl Plan {
                 "--connections 0 leaves nobody to receive: add --floor to time the raw NOTIFY floor alone".into(),
             );
         }
-        if args.floor && payload_bytes > MAX_FLOOR_PAYLOAD {
+        if args.fanout_floor && connections == 0 {
+            return Err("--fanout-floor needs clients: --connections 0 has nobody to fan out to".into());
+        }
+        if args.fanout_floor && args.source != Source::Notify {
+            return Err("--fanout-floor listens to the notify source's NOTIFYs: use --source notify".into());
+        }
+        if (args.floor || args.fanout_floor) && payload_bytes > MAX_FLOOR_PAYLOAD {
             return Err(format!(
-                "--floor needs --payload-bytes at most {MAX_FLOOR_PAYLOAD}: larger changes are notified as a reference without the row"
+                "--floor and --fanout-floor need --payload-bytes at most {MAX_FLOOR_PAYLOAD}: larger changes are notified as a reference without the row"
             ));
         }
         if args.client_read_buffer < 256 {
@@ -408,6 +427,7 @@ impl Plan {
             writers,
             encoding: args.encoding,
             floor: args.floor,
+            fanout_floor: args.fanout_floor,
             source: args.source,
             connect_concurrency,
             report_every,
@@ -527,10 +547,18 @@ mod tests {
             &["--connections", "0"],
             &["--floor", "--payload-bytes", "9000"],
             &["--duration", "0"],
+            &["--fanout-floor", "--source", "wal"],
+            &["--fanout-floor", "--connections", "0", "--floor"],
+            &["--fanout-floor", "--payload-bytes", "9000"],
         ] {
             assert!(Plan::resolve(&args(bad)).is_err(), "{bad:?} accepted");
         }
         assert!(Plan::resolve(&args(&["--connections", "0", "--floor"])).is_ok());
+        assert!(
+            Plan::resolve(&args(&["--fanout-floor", "--scenario", "high"]))
+                .unwrap()
+                .fanout_floor
+        );
     }
 
     #[test]

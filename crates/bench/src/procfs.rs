@@ -1,6 +1,7 @@
-//! Resource use read from the kernel: CPU seconds and memory of the gateway
-//! and PostgreSQL processes (/proc), the bench's own CPU (getrusage), how busy
-//! the machine's cores were (/proc/stat), and the open-file limit.
+//! Resource use read from the kernel: CPU seconds, memory and context
+//! switches of the gateway and PostgreSQL processes (/proc), the gateway's
+//! system calls (`perf stat`), the bench's own CPU (getrusage), how busy the
+//! machine's cores were (/proc/stat), and the open-file limit.
 
 use std::path::Path;
 use std::time::Duration;
@@ -91,6 +92,87 @@ pub fn self_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Context switches of every thread of a process, summed: voluntary ones
+/// (the thread waited and was woken: its wake-ups) and involuntary ones
+/// (preempted). A thread that exited between two readings takes its counts
+/// with it; the gateway's threads live as long as it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Switches {
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+pub fn process_switches(pid: u32) -> Option<Switches> {
+    let mut total = Switches::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("status")) {
+            let s = parse_switches(&text);
+            total.voluntary += s.voluntary;
+            total.involuntary += s.involuntary;
+        }
+    }
+    Some(total)
+}
+
+fn parse_switches(text: &str) -> Switches {
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Switches {
+        voluntary: count("voluntary_ctxt_switches:"),
+        involuntary: count("nonvoluntary_ctxt_switches:"),
+    }
+}
+
+/// Counts a process's system calls between [`SyscallCount::start`] and
+/// [`SyscallCount::finish`], with `perf stat` on the `raw_syscalls:sys_enter`
+/// tracepoint (Debian's linux-perf). None when perf is missing or may not
+/// trace: the report then says so rather than guessing.
+pub struct SyscallCount {
+    perf: std::process::Child,
+    output: std::path::PathBuf,
+}
+
+impl SyscallCount {
+    pub fn start(pid: u32) -> Option<SyscallCount> {
+        let output = std::env::temp_dir().join(format!("ws-gateway-bench-syscalls-{}-{pid}", std::process::id()));
+        let perf = std::process::Command::new("perf")
+            .args(["stat", "--no-big-num", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&output)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(SyscallCount { perf, output })
+    }
+
+    /// Stops counting: the system calls made since the start.
+    pub fn finish(mut self) -> Option<u64> {
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        let status = self.perf.wait().ok()?;
+        let text = std::fs::read_to_string(&self.output).ok();
+        let _ = std::fs::remove_file(&self.output);
+        if !status.success() && text.is_none() {
+            return None;
+        }
+        parse_perf_count(&text?, "raw_syscalls:sys_enter")
+    }
+}
+
+/// The count of `event` in `perf stat -x ,` output.
+fn parse_perf_count(text: &str, event: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.split(',').nth(2) == Some(event))
+        .and_then(|l| l.split(',').next()?.trim().parse().ok())
 }
 
 /// Jiffies the machine's cores spent busy and in all, from /proc/stat.
@@ -200,6 +282,18 @@ mod tests {
             })
         );
 
+        let switches = parse_switches("Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n");
+        assert_eq!((switches.voluntary, switches.involuntary), (120, 7));
+        let perf = "# started on Tue Dec  1 16:05:51 2026\n\n29,,raw_syscalls:sys_enter,493595,100.00,,\n";
+        assert_eq!(parse_perf_count(perf, "raw_syscalls:sys_enter"), Some(29));
+        assert_eq!(
+            parse_perf_count(
+                "<not counted>,,raw_syscalls:sys_enter,0,0,,\n",
+                "raw_syscalls:sys_enter"
+            ),
+            None
+        );
+
         let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
         let b = parse_proc_stat("cpu  180 0 100 850 50 5 15 9 0 0\n").unwrap();
         assert_eq!(b.busy_pct_since(&a), Some(75.0));
@@ -211,6 +305,7 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(process_cpu(me).is_some());
+        assert!(process_switches(me).is_some_and(|s| s.voluntary + s.involuntary > 0));
         let memory = process_memory(me).unwrap();
         assert!(memory.rss > 0 && memory.peak_rss >= memory.rss);
         assert!(MachineCpu::now().is_some());

@@ -33,6 +33,10 @@ pub struct Report {
     pub machine: MachineUsage,
     /// Commit-to-NOTIFY at one plain LISTEN connection in the same run.
     pub floor: Option<FloorResult>,
+    /// The same scenario served by the bench's minimal fan-out server,
+    /// just before the gateway (`--fanout-floor`).
+    #[serde(default)]
+    pub fanout_floor: Option<FanoutFloorResult>,
     /// Stability lines (`--report-every`).
     pub intervals: Vec<Interval>,
     /// Why the run failed; empty when it passed.
@@ -85,6 +89,10 @@ pub struct Deliveries {
     /// Distinct deliveries over the time from the first send to the last
     /// arrival.
     pub per_s: f64,
+    /// Frames that carried changes over deliveries: 1 when every change
+    /// went in a frame of its own, less when the server merged them.
+    #[serde(default)]
+    pub frames_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +127,21 @@ pub struct GatewayUsage {
     /// (RSS with every client connected and subscribed, idle) minus (RSS
     /// before any), over the clients.
     pub rss_per_connection_bytes: Option<f64>,
+    /// Voluntary context switches of all its threads over the measured
+    /// window: each is a thread that waited (epoll, a futex) and was woken.
+    #[serde(default)]
+    pub wakeups: Option<u64>,
+    /// Involuntary ones: a thread preempted (by the bench, PostgreSQL...).
+    #[serde(default)]
+    pub preemptions: Option<u64>,
+    #[serde(default)]
+    pub wakeups_per_delivery: Option<f64>,
+    /// System calls over the measured window (`perf stat` on
+    /// raw_syscalls:sys_enter; none without perf).
+    #[serde(default)]
+    pub syscalls: Option<u64>,
+    #[serde(default)]
+    pub syscalls_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +180,27 @@ pub struct FloorResult {
     pub error: Option<String>,
 }
 
+/// The fan-out floor's run, as the gateway's report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FanoutFloorResult {
+    /// What served the clients.
+    pub target: String,
+    #[serde(flatten)]
+    pub tally: Tally,
+    pub per_s: f64,
+    pub latency_ms: LatencySummary,
+    pub cpu_s: Option<f64>,
+    pub cpu_ms_per_1k_deliveries: Option<f64>,
+    pub frames_per_delivery: Option<f64>,
+    pub wakeups_per_delivery: Option<f64>,
+    pub syscalls_per_delivery: Option<f64>,
+    pub machine_busy_pct: Option<f64>,
+    /// The gateway's CPU per 1k deliveries over the floor's, in this run.
+    pub gateway_cpu_ratio: Option<f64>,
+    /// Why the floor's own run failed (its clients lost something...).
+    pub failures: Vec<String>,
+}
+
 /// One stability line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
@@ -174,6 +218,37 @@ pub struct Interval {
 }
 
 impl Report {
+    /// Adds the fan-out floor's run (`floor`, the same scenario just before
+    /// this one) and the ratio of this run's CPU per delivery to it; the
+    /// floor's failures fail this report too.
+    pub fn attach_fanout_floor(&mut self, floor: &Report) {
+        let usage = floor.gateway.as_ref();
+        let floor_cpu = usage.and_then(|g| g.cpu_ms_per_1k_deliveries);
+        let gateway_cpu = self.gateway.as_ref().and_then(|g| g.cpu_ms_per_1k_deliveries);
+        let result = FanoutFloorResult {
+            target: floor.target.clone(),
+            tally: floor.deliveries.tally,
+            per_s: floor.deliveries.per_s,
+            latency_ms: floor.latency_ms,
+            cpu_s: usage.and_then(|g| g.cpu_s),
+            cpu_ms_per_1k_deliveries: floor_cpu,
+            frames_per_delivery: floor.deliveries.frames_per_delivery,
+            wakeups_per_delivery: usage.and_then(|g| g.wakeups_per_delivery),
+            syscalls_per_delivery: usage.and_then(|g| g.syscalls_per_delivery),
+            machine_busy_pct: floor.machine.busy_pct,
+            gateway_cpu_ratio: match (gateway_cpu, floor_cpu) {
+                (Some(g), Some(f)) if f > 0.0 => Some(g / f),
+                _ => None,
+            },
+            failures: floor.failures.clone(),
+        };
+        for failure in &result.failures {
+            self.failures.push(format!("fan-out floor: {failure}"));
+        }
+        self.passed = self.failures.is_empty();
+        self.fanout_floor = Some(result);
+    }
+
     /// Fills `failures` and `passed` from the counts.
     pub fn judge(&mut self, extra: Vec<String>) {
         let mut failures = Vec::new();
@@ -316,6 +391,35 @@ impl Report {
                     .map(|b| bytes(b as u64))
                     .unwrap_or_else(|| "-".into())
             );
+            let _ = writeln!(
+                s,
+                "per delivery  {} frames, {} wake-ups, {} system calls ({} wake-ups, {} preemptions, {} system calls in all)",
+                opt(self.deliveries.frames_per_delivery),
+                opt(g.wakeups_per_delivery),
+                opt(g.syscalls_per_delivery),
+                g.wakeups.map_or("-".into(), |n| n.to_string()),
+                g.preemptions.map_or("-".into(), |n| n.to_string()),
+                g.syscalls.map_or("-".into(), |n| n.to_string())
+            );
+        }
+        if let Some(f) = &self.fanout_floor {
+            let _ = writeln!(
+                s,
+                "fan-out floor cpu {} ms per 1k deliveries: the gateway's is {}x; {} deliveries/s, {} lost, latency {}",
+                opt(f.cpu_ms_per_1k_deliveries),
+                opt(f.gateway_cpu_ratio),
+                num(f.per_s),
+                f.tally.lost,
+                percentiles(&f.latency_ms)
+            );
+            let _ = writeln!(
+                s,
+                "              per delivery {} frames, {} wake-ups, {} system calls; machine {} % busy (the same scenario, just before)",
+                opt(f.frames_per_delivery),
+                opt(f.wakeups_per_delivery),
+                opt(f.syscalls_per_delivery),
+                opt(f.machine_busy_pct)
+            );
         }
         if let Some(p) = &self.postgres {
             let _ = writeln!(s, "postgres      cpu {} s", num(p.cpu_s));
@@ -457,6 +561,7 @@ pub mod tests {
                     ..Tally::default()
                 },
                 per_s: 50_000.0,
+                frames_per_delivery: Some(1.0),
             },
             latency_ms: LatencySummary {
                 count: 1_500_000,
@@ -487,6 +592,11 @@ pub mod tests {
                 rss_before_clients_bytes: Some(10 << 20),
                 rss_after_clients_bytes: Some(15 << 20),
                 rss_per_connection_bytes: Some(5120.0),
+                wakeups: Some(1_000_000),
+                preemptions: Some(1000),
+                wakeups_per_delivery: Some(0.625),
+                syscalls: Some(3_200_000),
+                syscalls_per_delivery: Some(2.0),
             }),
             postgres: Some(PostgresUsage { cpu_s: 12.0 }),
             bench: BenchUsage {
@@ -512,6 +622,7 @@ pub mod tests {
                 },
                 error: None,
             }),
+            fanout_floor: None,
             intervals: Vec::new(),
             failures: Vec::new(),
             passed: true,

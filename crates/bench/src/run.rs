@@ -23,7 +23,7 @@ use super::report::{
     Report, RunConfig, Writes,
 };
 use super::table;
-use super::target::{Target, TargetOptions};
+use super::target::{Server, Target, TargetOptions};
 use super::writers::{DbSide, WriteOutcome, WriteProgress, WriterSpec};
 
 /// Latency histogram shards for the clients (see latency.rs).
@@ -45,17 +45,33 @@ pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<Repor
             plan.connections
         );
     }
-    let mut target = Target::start(&TargetOptions {
+    let options = TargetOptions {
         gateway: args.gateway.clone(),
         gateway_pid: args.gateway_pid,
         db: args.db.clone(),
-        needs_gateway: plan.needs_gateway(),
+        // With --fanout-floor, the floor serves first (`serve_with`).
+        needs_gateway: plan.needs_gateway() && !plan.fanout_floor,
         connections: plan.connections,
         channel: args.channel.clone(),
         source: args.source,
-    })
-    .await?;
-    let outcome = measure(&plan, args, &mut target, &interrupt).await;
+    };
+    let mut target = Target::start(&options).await?;
+    let outcome = async {
+        let floor = if plan.fanout_floor {
+            target.serve_with(Server::FanoutFloor, &options).await?;
+            let floor = measure(&plan, args, &mut target, &interrupt).await?;
+            target.serve_with(Server::Gateway, &options).await?;
+            Some(floor)
+        } else {
+            None
+        };
+        let mut report = measure(&plan, args, &mut target, &interrupt).await?;
+        if let Some(floor) = &floor {
+            report.attach_fanout_floor(floor);
+        }
+        Ok::<_, anyhow::Error>(report)
+    }
+    .await;
     let stopped = target.shutdown().await;
     let report = outcome?;
     if let Err(e) = stopped {
@@ -68,6 +84,7 @@ pub async fn run(args: &BenchArgs, interrupt: CancellationToken) -> Result<Repor
 struct Usage {
     at: Instant,
     gateway_cpu: Option<Duration>,
+    gateway_switches: Option<procfs::Switches>,
     postgres_cpu: Option<Duration>,
     bench_cpu: Duration,
     machine: Option<MachineCpu>,
@@ -78,6 +95,7 @@ impl Usage {
         Usage {
             at: Instant::now(),
             gateway_cpu: target.gateway_pid.and_then(procfs::process_cpu),
+            gateway_switches: target.gateway_pid.and_then(procfs::process_switches),
             postgres_cpu: target.postgres_pid.and_then(procfs::process_tree_cpu),
             bench_cpu: procfs::self_cpu(),
             machine: MachineCpu::now(),
@@ -159,6 +177,11 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
 
     let bar = Progress::new(!args.no_progress, total_rows, plan.scenario.as_str());
     let mut collector = Collector::new();
+    let syscalls = target.gateway_pid.and_then(procfs::SyscallCount::start);
+    if syscalls.is_some() {
+        // perf attaches to the process's threads.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let usage_start = Usage::now(target);
     db_side.go();
     let watched = Watch {
@@ -173,6 +196,7 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
     .run(target, &mut db_side, &mut collector)
     .await?;
     let usage_end = Usage::now(target);
+    let syscalls = syscalls.and_then(procfs::SyscallCount::finish);
     let memory_end = target.gateway_pid.and_then(procfs::process_memory);
     bar.finish();
 
@@ -202,6 +226,7 @@ async fn measure(plan: &Plan, args: &BenchArgs, target: &mut Target, interrupt: 
         connected: clients.connected,
         connect_s: clients.connect_s,
         usage: (&usage_start, &usage_end),
+        syscalls,
         memory: (memory_before, memory_after, memory_end),
         intervals: watched.intervals,
         extra_failures: watched.failures,
@@ -408,6 +433,8 @@ struct Assembly<'a> {
     connected: usize,
     connect_s: f64,
     usage: (&'a Usage, &'a Usage),
+    /// The gateway's system calls over the window, when perf could count them.
+    syscalls: Option<u64>,
     memory: (Option<procfs::Memory>, Option<procfs::Memory>, Option<procfs::Memory>),
     intervals: Vec<Interval>,
     extra_failures: Vec<String>,
@@ -468,6 +495,14 @@ fn assemble(a: Assembly<'_>) -> Report {
     let (start, end) = a.usage;
     let gateway_cpu = delta(end.gateway_cpu, start.gateway_cpu);
     let (before, after, at_end) = a.memory;
+    let switches = match (end.gateway_switches, start.gateway_switches) {
+        (Some(e), Some(s)) => Some((
+            e.voluntary.saturating_sub(s.voluntary),
+            e.involuntary.saturating_sub(s.involuntary),
+        )),
+        _ => None,
+    };
+    let per_delivery = |n: u64| (tally.delivered > 0).then(|| n as f64 / tally.delivered as f64);
     let gateway = a.target.gateway_pid.map(|pid| GatewayUsage {
         pid,
         cpu_s: gateway_cpu,
@@ -479,6 +514,11 @@ fn assemble(a: Assembly<'_>) -> Report {
             (Some(b), Some(af)) if a.connected > 0 => Some((af.rss as f64 - b.rss as f64) / a.connected as f64),
             _ => None,
         },
+        wakeups: switches.map(|(voluntary, _)| voluntary),
+        preemptions: switches.map(|(_, involuntary)| involuntary),
+        wakeups_per_delivery: switches.and_then(|(voluntary, _)| per_delivery(voluntary)),
+        syscalls: a.syscalls,
+        syscalls_per_delivery: a.syscalls.and_then(per_delivery),
     });
     let bench_cpu = end.bench_cpu.saturating_sub(start.bench_cpu).as_secs_f64();
     let floor = a.floor.map(|f| {
@@ -518,7 +558,11 @@ fn assemble(a: Assembly<'_>) -> Report {
             commit_ms: a.commit_latency,
             first_error: writes.first_error.clone(),
         },
-        deliveries: Deliveries { tally, per_s },
+        deliveries: Deliveries {
+            tally,
+            per_s,
+            frames_per_delivery: (tally.delivered > 0).then(|| change_frames as f64 / tally.delivered as f64),
+        },
         latency_ms: a.latency,
         connections: Connections {
             requested: plan.connections,
@@ -560,6 +604,7 @@ fn assemble(a: Assembly<'_>) -> Report {
             },
         },
         floor,
+        fanout_floor: None,
         intervals: a.intervals,
         failures: Vec::new(),
         passed: false,

@@ -36,6 +36,16 @@ pub struct TargetOptions {
     pub source: Source,
 }
 
+/// What serves the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// `ws-gateway serve`.
+    Gateway,
+    /// The bench's own minimal fan-out server (`fanout.rs`), started as
+    /// `ws-gateway bench --serve-fanout-floor`.
+    FanoutFloor,
+}
+
 pub struct Target {
     pub db_url: String,
     /// `host:port` of the gateway's HTTP side, when there is a gateway.
@@ -49,6 +59,8 @@ pub struct Target {
     gateway: Option<GatewayChild>,
     cluster: Option<PrivateCluster>,
     scratch: PathBuf,
+    /// The database half of `description`.
+    database: String,
 }
 
 struct GatewayChild {
@@ -76,6 +88,7 @@ impl Target {
             gateway: None,
             cluster: None,
             scratch,
+            database: String::new(),
         };
         let mut parts = Vec::new();
         match &opts.db {
@@ -98,6 +111,7 @@ impl Target {
                 parts.push("private PostgreSQL (fsync off, full_page_writes off, synchronous_commit on)".to_owned());
             }
         }
+        target.database = parts.join(" + ");
         if opts.needs_gateway {
             prepare_source(&target.db_url, opts).await?;
             parts.push(format!("source {}", opts.source.as_str()));
@@ -109,7 +123,7 @@ impl Target {
                     parts.push(format!("gateway {url}"));
                 }
                 None => {
-                    let (child, addr) = start_gateway(opts, &target).await?;
+                    let (child, addr) = start_server(Server::Gateway, opts, &target).await?;
                     target.gateway_pid = child.child.id();
                     target.gateway = Some(child);
                     target.gateway_addr = Some(addr);
@@ -140,6 +154,29 @@ impl Target {
         }
     }
 
+    /// Stops the server this bench started (if any) and starts `server` in
+    /// its place on the same database: a `--fanout-floor` run serves its
+    /// clients with the floor first, then with the gateway.
+    pub async fn serve_with(&mut self, server: Server, opts: &TargetOptions) -> Result<()> {
+        self.stop_gateway().await?;
+        prepare_source(&self.db_url, opts).await?;
+        let (child, addr) = start_server(server, opts, self).await?;
+        self.gateway_pid = child.child.id();
+        self.gateway = Some(child);
+        self.gateway_addr = Some(addr);
+        let what = match server {
+            Server::Gateway => "gateway `ws-gateway serve`",
+            Server::FanoutFloor => "fan-out floor `ws-gateway bench --serve-fanout-floor`",
+        };
+        self.description = format!(
+            "{} + source {} + {what} as pid {}",
+            self.database,
+            opts.source.as_str(),
+            self.gateway_pid.unwrap_or(0)
+        );
+        Ok(())
+    }
+
     /// Starts a gateway with GATEWAY_SOURCE=wal and no clients, to lead the
     /// wal source while `--writers-only` measures its writers (the database
     /// is on wal already).
@@ -153,7 +190,7 @@ impl Target {
             channel: channel.to_owned(),
             source: Source::Wal,
         };
-        let (child, addr) = start_gateway(&opts, self).await?;
+        let (child, addr) = start_server(Server::Gateway, &opts, self).await?;
         self.gateway_pid = child.child.id();
         self.gateway = Some(child);
         self.gateway_addr = Some(addr);
@@ -240,7 +277,7 @@ async fn prepare_source(db_url: &str, opts: &TargetOptions) -> Result<()> {
     outcome
 }
 
-async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(GatewayChild, String)> {
+async fn start_server(server: Server, opts: &TargetOptions, target: &Target) -> Result<(GatewayChild, String)> {
     let exe = std::env::current_exe().context("finding this executable to start the gateway")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -250,8 +287,22 @@ async fn start_gateway(opts: &TargetOptions, target: &Target) -> Result<(Gateway
     let log = target.scratch.join("gateway.log");
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating the gateway log {}", log.display()))?;
-    let child = tokio::process::Command::new(&exe)
-        .arg("serve")
+    let mut command = tokio::process::Command::new(&exe);
+    if server == Server::FanoutFloor {
+        command
+            .args([
+                "bench",
+                "--no-progress",
+                "--serve-fanout-floor",
+                &addr,
+                "--db",
+                &target.db_url,
+            ])
+            .args(["--channel", &opts.channel]);
+    } else {
+        command.arg("serve");
+    }
+    let child = command
         .env("DATABASE_URL", &target.db_url)
         .env("GATEWAY_AUTH", "none")
         .env("GATEWAY_LISTEN", &addr)

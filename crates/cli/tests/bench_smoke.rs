@@ -208,6 +208,43 @@ fn high_delivers_everything_once() {
     assert_eq!(run.report()["scenario"], "high");
 }
 
+/// `--fanout-floor`: the same scenario served first by the bench's own
+/// minimal fan-out server, then by the gateway; both deliver everything
+/// once, and the report gives the floor's numbers beside the gateway's.
+#[test]
+fn high_with_the_fanout_floor_reports_both_and_their_ratio() {
+    let mut args = SMALL.to_vec();
+    args.extend(["--scenario", "high", "--fanout-floor"]);
+    let run = bench("fanout-floor", &args);
+    assert_clean(&run, 1500);
+    let report = run.report();
+    let floor = &report["fanout_floor"];
+    assert_eq!(floor["delivered"], 1500, "{floor:#}");
+    for zero in ["lost", "duplicated", "out_of_order", "unexpected"] {
+        assert_eq!(floor[zero], 0, "{zero} in {floor:#}");
+    }
+    assert_eq!(floor["failures"], serde_json::json!([]));
+    assert!(floor["target"].as_str().unwrap().contains("fan-out floor"), "{floor:#}");
+    assert!(
+        report["target"].as_str().unwrap().contains("ws-gateway serve"),
+        "{report:#}"
+    );
+    // One frame per delivery is what the floor does.
+    assert_eq!(floor["frames_per_delivery"], 1.0, "{floor:#}");
+    assert!(
+        floor["gateway_cpu_ratio"].as_f64().is_some_and(|r| r > 0.0),
+        "{floor:#}"
+    );
+    assert!(floor["wakeups_per_delivery"].as_f64().is_some(), "{floor:#}");
+    let frames = report["deliveries"]["frames_per_delivery"].as_f64().unwrap();
+    assert!(frames > 0.0 && frames <= 1.0, "{report:#}");
+    assert!(
+        report["gateway"]["wakeups_per_delivery"].as_f64().is_some(),
+        "{report:#}"
+    );
+    assert!(run.stdout().contains("fan-out floor cpu"), "{}", run.explain());
+}
+
 #[test]
 fn high_with_the_wal_source_delivers_everything_once() {
     let mut args = SMALL.to_vec();
