@@ -104,6 +104,7 @@ fn describe(s: &Settings) -> Vec<Described> {
                 .unwrap_or_default(),
         ),
         shown("GATEWAY_BATCH_SIZE", s.pipeline.batch_size),
+        ms("GATEWAY_BATCH_LINGER_MS", s.pipeline.batch_linger),
         shown("GATEWAY_PRIORITY_TABLES", priority.join(",")),
         shown("GATEWAY_COMPRESSION_THRESHOLD", s.pipeline.compression_threshold),
         shown("GATEWAY_COMPRESSION_LEVEL", s.pipeline.compression_level),

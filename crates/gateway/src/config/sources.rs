@@ -27,6 +27,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "GATEWAY_POOL_SIZE",
     "GATEWAY_CONFIG_FILE",
     "GATEWAY_BATCH_SIZE",
+    "GATEWAY_BATCH_LINGER_MS",
     "GATEWAY_PRIORITY_TABLES",
     "GATEWAY_COMPRESSION_THRESHOLD",
     "GATEWAY_COMPRESSION_LEVEL",
@@ -63,8 +64,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
 /// does something.
 pub const REMOVED_VARIABLES: &[(&str, &str)] = &[(
     "GATEWAY_BATCH_TIMEOUT_MS",
-    "ws-gateway never holds a change on a timer (a change goes out as soon as its socket can take it, \
-     together with what waited while the socket was busy)",
+    "use GATEWAY_BATCH_LINGER_MS, which holds a socket's next write (not each change) until that long \
+     after its last, and sends what arrived meanwhile together; by default nothing waits",
 )];
 
 /// Why `name` is refused, when it is a removed variable.

@@ -50,6 +50,7 @@ fn defaults_parse() {
     assert_eq!(s.pool_size, 4);
     assert_eq!(s.config_file, None);
     assert_eq!(s.pipeline.batch_size, 10);
+    assert_eq!(s.pipeline.batch_linger, Duration::ZERO, "nothing waits by default");
     assert!(s.pipeline.priority_tables.is_empty());
     assert_eq!(s.pipeline.compression_threshold, 1024);
     assert_eq!(s.pipeline.compression_level, 6);
@@ -504,6 +505,21 @@ fn refuses_the_removed_low_priority() {
 }
 
 #[test]
+fn takes_a_batch_linger_and_refuses_bad_ones() {
+    let s = settings(&[("GATEWAY_BATCH_LINGER_MS", "100")]).unwrap();
+    assert_eq!(s.pipeline.batch_linger, Duration::from_millis(100));
+    let s = settings(&[("GATEWAY_BATCH_LINGER_MS", "0")]).unwrap();
+    assert_eq!(s.pipeline.batch_linger, Duration::ZERO);
+    for bad in ["-1", "10001", "100ms", "abc", "1.5"] {
+        let err = assert_refused(&[("GATEWAY_BATCH_LINGER_MS", bad)], "GATEWAY_BATCH_LINGER_MS", bad);
+        assert_eq!(
+            err.to_string(),
+            format!("GATEWAY_BATCH_LINGER_MS={bad:?} is not allowed: expected an integer from 0 to 10000"),
+        );
+    }
+}
+
+#[test]
 fn refuses_the_removed_batch_timeout() {
     let err = assert_refused(
         &[("GATEWAY_BATCH_TIMEOUT_MS", "100")],
@@ -512,7 +528,7 @@ fn refuses_the_removed_batch_timeout() {
     );
     assert!(
         err.allowed
-            .starts_with("GATEWAY_BATCH_TIMEOUT_MS was removed: ws-gateway never holds a change on a timer"),
+            .starts_with("GATEWAY_BATCH_TIMEOUT_MS was removed: use GATEWAY_BATCH_LINGER_MS"),
         "{err}"
     );
     assert!(err.allowed.ends_with("; remove it"), "{err}");

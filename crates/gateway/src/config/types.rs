@@ -189,6 +189,10 @@ pub struct DatabaseSettings {
 pub struct PipelineSettings {
     /// Most changes sent together in one `batch` frame.
     pub batch_size: usize,
+    /// How long a socket that wrote changes waits before its next write of
+    /// normal-priority changes, to send what arrived meanwhile together
+    /// (`GATEWAY_BATCH_LINGER_MS`). Zero: never waits.
+    pub batch_linger: Duration,
     /// Tables whose changes are not normal priority, keyed by the name as
     /// configured (`table` or `schema.table`, lowercase): see
     /// [`PipelineSettings::priority_of`].

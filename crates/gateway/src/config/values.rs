@@ -44,6 +44,7 @@ pub(super) fn parse_channel(raw: &str) -> Result<String, String> {
 pub(super) fn read_pipeline(vars: &Vars<'_>) -> Result<PipelineSettings, ConfigError> {
     Ok(PipelineSettings {
         batch_size: vars.int("GATEWAY_BATCH_SIZE", 10, 1..=1000)?,
+        batch_linger: vars.millis("GATEWAY_BATCH_LINGER_MS", 0, 0..=10_000)?,
         priority_tables: vars.parse("GATEWAY_PRIORITY_TABLES", HashMap::new(), parse_priority_tables)?,
         compression_threshold: vars.int("GATEWAY_COMPRESSION_THRESHOLD", 1024, 0..=1 << 20)?,
         compression_level: vars.int("GATEWAY_COMPRESSION_LEVEL", 6, 0..=11)?,

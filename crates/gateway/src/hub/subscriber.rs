@@ -38,6 +38,15 @@ pub struct ReplayRange {
 }
 
 impl Outbound {
+    /// Whether it goes out at once even while the socket lingers
+    /// (`GATEWAY_BATCH_LINGER_MS`): everything but normal-priority changes.
+    pub fn must_not_wait(&self) -> bool {
+        match self {
+            Outbound::Changes(unit) => unit.priority,
+            Outbound::Control(_) | Outbound::Replay(_) => true,
+        }
+    }
+
     /// Bytes it holds in the queue, as counted against the queue's bound.
     pub fn queued_size(&self) -> usize {
         match self {
@@ -67,6 +76,9 @@ pub struct Subscriber {
     /// Wakes the send task: an item was queued into an empty queue, or a
     /// close was requested. The send task waits on this one thing only.
     queued: Notify,
+    /// The send task is lingering after a write (`QueueReceiver::linger`):
+    /// only an item that must not wait wakes it.
+    lingering: AtomicBool,
     /// Bytes queued and not yet written to the socket: the queue's bound
     /// (`GATEWAY_SEND_QUEUE_BYTES`).
     queued_bytes: AtomicUsize,
@@ -115,6 +127,31 @@ impl QueueReceiver {
         }
     }
 
+    /// Waits until `until` (`GATEWAY_BATCH_LINGER_MS` after the socket's
+    /// last write), or until an item that must not wait is queued
+    /// (a protocol message, a replay, a critical or high priority change)
+    /// or a close is requested. Meanwhile other pushes do not wake the send
+    /// task: what they queue goes out together when the wait ends.
+    pub async fn linger(&mut self, until: tokio::time::Instant) {
+        let subscriber = &self.subscriber;
+        subscriber.lingering.store(true, Ordering::SeqCst);
+        let deadline = std::pin::pin!(tokio::time::sleep_until(until));
+        let mut deadline = deadline;
+        loop {
+            // A permit stored by an earlier push wakes this once for
+            // nothing: the checks below send it back to sleep.
+            let woken = subscriber.queued.notified();
+            if subscriber.is_closing() || subscriber.has_urgent() {
+                break;
+            }
+            tokio::select! {
+                () = woken => {}
+                () = &mut deadline => break,
+            }
+        }
+        subscriber.lingering.store(false, Ordering::SeqCst);
+    }
+
     /// Resolves once a close has been requested.
     pub async fn closed(&self) -> CloseReason {
         loop {
@@ -148,6 +185,7 @@ impl Subscriber {
             ordered,
             queue: Mutex::new(QueueState::default()),
             queued: Notify::new(),
+            lingering: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
             queue_limit,
             closing: AtomicBool::new(false),
@@ -186,6 +224,7 @@ impl Subscriber {
             ));
             return false;
         }
+        let urgent = item.must_not_wait();
         let was_empty = {
             let mut queue = self.queue.lock().expect("queue lock");
             if queue.detached {
@@ -195,11 +234,29 @@ impl Subscriber {
             queue.items.len() == 1
         };
         // The send task only waits after finding the queue empty: a push
-        // into a queue that has items needs no wake-up.
-        if was_empty {
+        // into a queue that has items needs no wake-up. A lingering one
+        // takes what waits when the linger ends: only an item that must
+        // not wait wakes it. (Read after the queue's lock: a linger that
+        // began after this push saw the item when it looked.)
+        let wake = if self.lingering.load(Ordering::SeqCst) {
+            urgent
+        } else {
+            was_empty
+        };
+        if wake {
             self.queued.notify_one();
         }
         true
+    }
+
+    /// Whether an item that must not wait is queued.
+    fn has_urgent(&self) -> bool {
+        self.queue
+            .lock()
+            .expect("queue lock")
+            .items
+            .iter()
+            .any(Outbound::must_not_wait)
     }
 
     fn pop(&self) -> Option<Outbound> {
@@ -287,6 +344,84 @@ mod tests {
             sub.sent(item.queued_size());
         }
         assert_eq!(sub.queued_bytes(), 0, "taking items gives back what they counted");
+    }
+
+    fn unit(priority: bool) -> Outbound {
+        let key = serde_json::value::RawValue::from_string("{\"id\":1}".into()).unwrap();
+        let row = serde_json::value::RawValue::from_string("{\"id\":1}".into()).unwrap();
+        let change = crate::change::Change::new(
+            Position(1),
+            0,
+            "public".into(),
+            "tasks".into(),
+            crate::change::Op::Insert,
+            &key,
+            &row,
+            vec!["r".into()],
+        );
+        Outbound::Changes(Arc::new(Unit::new("r", &[&change], priority)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_linger_is_ended_by_its_deadline_an_urgent_item_or_a_close_not_by_normal_changes() {
+        use tokio::time::{Duration, Instant};
+        let linger = Duration::from_millis(100);
+        let (sub, mut rx) = Subscriber::new(1, 1 << 20);
+        // Normal changes queued while it lingers wait for the deadline.
+        let started = Instant::now();
+        let pushing = {
+            let sub = Arc::clone(&sub);
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    assert!(sub.push(unit(false)));
+                }
+            })
+        };
+        rx.linger(started + linger).await;
+        pushing.await.unwrap();
+        assert_eq!(Instant::now() - started, linger, "the normal changes did not end it");
+        let mut waiting = 0;
+        while rx.try_recv().is_some() {
+            waiting += 1;
+        }
+        assert_eq!(waiting, 5, "all of them wait for the one write after it");
+        // A critical (or high) change ends it at once; so does a protocol
+        // message (a pong, an error).
+        for urgent in [unit(true), Outbound::Control(Box::new("pong".into()))] {
+            let started = Instant::now();
+            let pushing = {
+                let sub = Arc::clone(&sub);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    assert!(sub.push(unit(false)));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    assert!(sub.push(urgent));
+                })
+            };
+            rx.linger(started + linger).await;
+            pushing.await.unwrap();
+            assert_eq!(Instant::now() - started, Duration::from_millis(20));
+            assert!(rx.try_recv().is_some() && rx.try_recv().is_some() && rx.try_recv().is_none());
+        }
+        // Already queued: it does not wait at all.
+        assert!(sub.push(unit(true)));
+        let started = Instant::now();
+        rx.linger(started + linger).await;
+        assert_eq!(Instant::now(), started);
+        rx.try_recv();
+        // A close ends it.
+        let closing = {
+            let sub = Arc::clone(&sub);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                sub.close(CloseReason::going_away());
+            })
+        };
+        let started = Instant::now();
+        rx.linger(started + linger).await;
+        closing.await.unwrap();
+        assert_eq!(Instant::now() - started, Duration::from_millis(30));
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub(super) async fn send_loop(
         encoding,
         latencies: Vec::new(),
         carry: None,
+        wrote_changes: false,
         replay: None,
         local: LocalTelemetry::default(),
     };
@@ -111,6 +112,13 @@ pub(super) async fn send_loop(
                     }
                 }
                 writer.record_flush(state, subscriber.id, write_started);
+                // GATEWAY_BATCH_LINGER_MS: after a write of changes, the
+                // next waits until the linger has passed (or something
+                // that must not wait, or a close, comes), and takes what
+                // arrived meanwhile as one batch.
+                if let Some(until) = writer.linger_after(settings.get(state), write_started) {
+                    queue.linger(until).await;
+                }
             }
             () = &mut timer => {
                 if writer.local.due().is_some_and(|due| Instant::now() >= due) {
@@ -262,6 +270,8 @@ struct Writer {
     latencies: Vec<i64>,
     /// An item taken from the queue that did not fit the last merge.
     carry: Option<Outbound>,
+    /// The last write carried live changes (a linger may follow it).
+    wrote_changes: bool,
     /// The resume being replayed, a page per write: nothing queued goes out
     /// before it ends. Boxed: most connections never replay.
     replay: Option<Box<ReplayCursor>>,
@@ -376,6 +386,7 @@ impl Writer {
                     return self.write_replay_page(sink, state).await;
                 }
                 Outbound::Changes(unit) => {
+                    self.wrote_changes = true;
                     let mergeable =
                         |u: &Unit| self.encoding == Encoding::None && settings.features.batching && !u.priority;
                     let mut units = vec![unit];
@@ -516,6 +527,16 @@ impl Writer {
             *replay = None;
         }
         Ok(())
+    }
+
+    /// Until when to linger after the write that started at `started`:
+    /// only after live changes, with a linger configured, and with nothing
+    /// in hand that must not wait (a replay in progress, a carried item).
+    fn linger_after(&mut self, settings: &Settings, started: std::time::Instant) -> Option<Instant> {
+        let wrote_changes = std::mem::take(&mut self.wrote_changes);
+        let linger = settings.pipeline.batch_linger;
+        let idle_handed = self.replay.is_none() && !self.carry.as_ref().is_some_and(Outbound::must_not_wait);
+        (wrote_changes && !linger.is_zero() && idle_handed).then(|| Instant::from_std(started) + linger)
     }
 
     fn next_ready(&mut self, queue: &mut QueueReceiver) -> Option<Outbound> {

@@ -112,6 +112,80 @@ fn parse_rfc3339_us(s: &str) -> i64 {
     secs * 1_000_000 + us.parse::<i64>().unwrap()
 }
 
+/// `GATEWAY_BATCH_LINGER_MS`: after a write, a socket waits out the linger
+/// before its next; ten changes committed one transaction at a time right
+/// after the first go out together, in fewer frames, in commit order.
+#[tokio::test]
+async fn a_linger_sends_what_arrived_meanwhile_as_one_batch() {
+    let app = spawn_app_with(fresh_database().await, |s| {
+        s.pipeline.batch_linger = Duration::from_millis(3000);
+    })
+    .await;
+    let mut client = app.connect().await;
+    client.subscribe("project:1").await;
+    for id in 1..=10 {
+        sqlx::query("insert into items (id, project_id) values ($1, 1)")
+            .bind(id)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
+    }
+    let mut frames = Vec::new();
+    let mut ids = Vec::new();
+    while ids.len() < 10 {
+        let changes = changes_in(&client.next_json().await);
+        frames.push(changes.len());
+        ids.extend(changes.iter().map(|c| c["row"]["id"].as_i64().unwrap()));
+    }
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>(), "commit order, once");
+    assert!(
+        frames.len() < 10,
+        "ten transactions in {} frames: {frames:?}",
+        frames.len()
+    );
+}
+
+/// With a long linger, a critical table's change still goes at once, and
+/// takes what waited ahead of it along: the normal change committed just
+/// before it, held by the linger, arrives first, long before the linger
+/// would have let it go.
+#[tokio::test]
+async fn critical_tables_bypass_the_linger() {
+    const LINGER_MS: f64 = 10_000.0;
+    let app = spawn_app_with(fresh_database().await, |s| {
+        s.pipeline.batch_linger = Duration::from_millis(LINGER_MS as u64);
+        s.pipeline.priority_tables.insert("markers".into(), Priority::Critical);
+    })
+    .await;
+    let mut client = app.connect().await;
+    client.subscribe("project:1").await;
+    client.subscribe("markers").await;
+    let insert = |id: i64| {
+        sqlx::query("insert into items (id, project_id) values ($1, 1)")
+            .bind(id)
+            .execute(&app.db.pool)
+    };
+    // The first change goes at once; the linger starts with its write.
+    insert(1).await.unwrap();
+    assert_eq!(changes_in(&client.next_json().await)[0]["row"]["id"], 1);
+    insert(2).await.unwrap();
+    barrier(&app.db.pool, "critical").await;
+    let held = changes_in(&client.next_json().await);
+    assert_eq!(held[0]["row"]["id"], 2, "the held change first: {held:?}");
+    let marker = client.next_json().await;
+    assert_eq!(marker["type"], "change", "critical changes go alone: {marker}");
+    assert_eq!(marker["row"]["note"], "critical");
+    let received_at = ws_gateway::change::now_us();
+    for change in [&held[0], &marker] {
+        let committed = change["committed_at"].as_str().unwrap();
+        let waited_ms = (received_at - parse_rfc3339_us(committed)) as f64 / 1000.0;
+        assert!(
+            waited_ms < LINGER_MS / 2.0,
+            "{waited_ms} ms: the critical change did not end the linger"
+        );
+    }
+}
+
 #[tokio::test]
 async fn critical_tables_are_never_batched() {
     let app = spawn_app_with(fresh_database().await, |s| {

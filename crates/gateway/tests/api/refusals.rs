@@ -164,7 +164,7 @@ async fn removed_settings_are_refused_at_start_with_why() {
 
     let stderr = refused(serve(&[("GATEWAY_BATCH_TIMEOUT_MS", "100")]).output().await.unwrap());
     assert!(
-        stderr.contains("GATEWAY_BATCH_TIMEOUT_MS was removed: ws-gateway never holds a change on a timer")
+        stderr.contains("GATEWAY_BATCH_TIMEOUT_MS was removed: use GATEWAY_BATCH_LINGER_MS")
             && stderr.contains("remove it"),
         "{stderr}"
     );
