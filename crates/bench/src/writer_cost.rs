@@ -12,7 +12,10 @@
 //! channel, as a gateway would: a notification nobody listens to costs less.
 //! The wal variant runs a real gateway leading the source (`ws-gateway
 //! serve`, no clients), on the same machine: its decoding and outbox writes
-//! compete with the writers, as they would in production on one host.
+//! compete with the writers, as they would in production on one host. The
+//! next variant waits (up to 30 s) for it to catch up, and the report says
+//! how fast it wrote; after the wal variants the slot is dropped, since what
+//! the leader has not written yet of the bench's rows is not needed.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -110,7 +113,37 @@ pub struct CostResult {
     /// with the wal source: what the leader wrote to the outbox meanwhile).
     pub notifications: Option<u64>,
     pub errors: u64,
+    /// With the wal source: how the leader kept up with these writers.
+    #[serde(default)]
+    pub leader: Option<LeaderCatchUp>,
 }
+
+/// How the wal leader kept up with one variant's writers: it competes
+/// with them for the same cores, and its outbox writes are what every
+/// client waits for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderCatchUp {
+    /// The variant's changes in the outbox once the leader caught up.
+    pub changes: u64,
+    /// Seconds from the writers' stop until the slot was confirmed past
+    /// their last commit (0: it kept up).
+    pub behind_s: f64,
+    /// `changes` over the writers' whole run (warmup too) plus `behind_s`.
+    pub changes_per_s: f64,
+    /// Whether it caught up within [`LEADER_CATCH_UP_TIMEOUT`]; if not,
+    /// `changes` is what it had written by then.
+    #[serde(default = "yes")]
+    pub caught_up: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How long the next variant waits for the leader to catch up with this
+/// one (a wide-row variant can leave far more than that behind: each
+/// UPDATE carries its 100 KB old and new rows).
+const LEADER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn insert_shape() -> Shape {
     Shape::Insert
@@ -242,23 +275,36 @@ async fn measure(
                     // Our own throwaway database: start each run with an empty outbox.
                     sqlx::raw_sql("truncate realtime.changes").execute(&pool).await?;
                 }
+                // In wal mode the leading gateway is the listener (its feed
+                // LISTENs), and its NOTIFYs carry several changes each.
                 let listen = match capture {
-                    Capture::None => None,
+                    Capture::None | Capture::Wal => None,
                     Capture::PlainNotify => Some(PLAIN_CHANNEL),
-                    Capture::Tracked | Capture::Wal => Some(channel.as_str()),
+                    Capture::Tracked => Some(channel.as_str()),
                 };
+                let outbox_before = outbox_end(&pool).await?;
                 let listener = match listen {
                     Some(channel) => Some(Listener::start(&target.db_url, channel).await?),
                     None => None,
                 };
                 bar.update(step * per_variant.as_secs(), what.clone());
                 step += 1;
+                let writers_started = Instant::now();
                 let (commits, errors, first_error) =
                     hammer(&target.db_url, config, shape, synchronous_commit, interrupt).await?;
                 // Let the listener drain what is still queued for it.
-                let notifications = match listener {
+                let mut notifications = match listener {
                     Some(l) => Some(l.finish(commits).await),
                     None => None,
+                };
+                // The next variant starts once the leader has written this
+                // one's changes (and the switch back to notify needs it).
+                let leader = if capture == Capture::Wal {
+                    let caught_up = wait_for_leader(&pool, outbox_before, writers_started).await?;
+                    notifications = Some(caught_up.changes);
+                    Some(caught_up)
+                } else {
+                    None
                 };
                 if let Some(e) = first_error {
                     failures.push(format!("{what}: {e}"));
@@ -274,11 +320,21 @@ async fn measure(
                     commits,
                     notifications,
                     errors,
+                    leader,
                 });
             }
         }
         if capture == Capture::Wal {
-            // Back to notify while the leader still runs (it drains the slot).
+            // What the leader has not written yet is not needed (the bench's
+            // own rows): the slot is dropped and a leader recreates it (and
+            // writes a history_lost reset), so the switch back to notify
+            // drains a fresh slot instead of the wide rows. The slot must
+            // exist before the switch: creating one waits for running
+            // transactions, the switch's own among them.
+            target.stop_gateway().await?;
+            discard_slot(&pool).await?;
+            target.start_wal_leader(&channel).await?;
+            wait_for_slot(&pool).await?;
             set_capture(&pool, Capture::None, &target.db_url).await?;
             target.stop_gateway().await?;
         }
@@ -316,6 +372,120 @@ async fn measure(
         failures,
         passed,
     })
+}
+
+/// The last position in the outbox.
+async fn outbox_end(pool: &PgPool) -> Result<i64> {
+    sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
+        .fetch_one(pool)
+        .await
+        .context("reading the end of the outbox")
+}
+
+/// Waits until the wal leader has confirmed the slot past everything
+/// committed now (the writers have stopped), and counts what it wrote.
+async fn wait_for_leader(pool: &PgPool, outbox_before: i64, writers_started: Instant) -> Result<LeaderCatchUp> {
+    let stopped = Instant::now();
+    let slot = ws_gateway::db::source_settings(pool)
+        .await?
+        .and_then(|s| s.slot)
+        .context("the database has no wal slot")?;
+    let written_upto: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await?;
+    let mut caught_up_in_time = true;
+    loop {
+        let caught_up: Option<bool> = sqlx::query_scalar(
+            "select confirmed_flush_lsn >= $2::pg_lsn from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&slot)
+        .bind(&written_upto)
+        .fetch_optional(pool)
+        .await?
+        .flatten();
+        if caught_up == Some(true) {
+            break;
+        }
+        if stopped.elapsed() > LEADER_CATCH_UP_TIMEOUT {
+            caught_up_in_time = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let behind_s = stopped.elapsed().as_secs_f64();
+    let changes: i64 = sqlx::query_scalar("select count(*) from realtime.changes where position > $1")
+        .bind(outbox_before)
+        .fetch_one(pool)
+        .await?;
+    let changes = changes.max(0) as u64;
+    let run_s = stopped.duration_since(writers_started).as_secs_f64() + behind_s;
+    Ok(LeaderCatchUp {
+        changes,
+        behind_s,
+        changes_per_s: changes as f64 / run_s.max(1e-9),
+        caught_up: caught_up_in_time,
+    })
+}
+
+/// Waits until the database's wal slot exists (a leader recreated it).
+async fn wait_for_slot(pool: &PgPool) -> Result<()> {
+    let slot = ws_gateway::db::source_settings(pool)
+        .await?
+        .and_then(|s| s.slot)
+        .context("the database has no wal slot")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state: Option<String> = sqlx::query_scalar(
+            "select p.state from realtime.wal_progress p
+              where exists (select 1 from pg_replication_slots where slot_name = $1)",
+        )
+        .bind(&slot)
+        .fetch_optional(pool)
+        .await?;
+        if state.as_deref() == Some("ok") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("no wal leader recreated the slot {slot} within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drops the database's wal slot (no leader runs): what it held is given up.
+async fn discard_slot(pool: &PgPool) -> Result<()> {
+    let Some(slot) = ws_gateway::db::source_settings(pool).await?.and_then(|s| s.slot) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        sqlx::query(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots
+              where slot_name = $1 and active_pid is not null",
+        )
+        .bind(&slot)
+        .execute(pool)
+        .await?;
+        sqlx::query(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+              where slot_name = $1 and active_pid is null",
+        )
+        .bind(&slot)
+        .execute(pool)
+        .await?;
+        let gone: bool =
+            sqlx::query_scalar("select not exists (select 1 from pg_replication_slots where slot_name = $1)")
+                .bind(&slot)
+                .fetch_one(pool)
+                .await?;
+        if gone {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("the replication slot {slot} is still in use after 10 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn on_off(b: bool) -> &'static str {
@@ -591,6 +761,20 @@ impl CostReport {
             s,
             "              (notify: % of the plain pg_notify trigger; wal: % of untracked; the targets are at least 90 %)"
         );
+        for r in &self.results {
+            if let Some(leader) = &r.leader {
+                let _ = writeln!(
+                    s,
+                    "wal leader    {}, sync_commit={}: {} changes written, {} changes/s, {} {:.1} s after the writers stopped",
+                    r.shape.label(),
+                    on_off(r.synchronous_commit),
+                    leader.changes,
+                    report::num(leader.changes_per_s),
+                    if leader.caught_up { "caught up" } else { "still behind" },
+                    leader.behind_s
+                );
+            }
+        }
         if self.passed {
             let _ = writeln!(s, "result        PASS");
         } else {

@@ -293,7 +293,11 @@ impl Leading {
                 if boundary && self.written_in_open + self.batch.len() >= MAX_BATCH_CHANGES {
                     break;
                 }
-                event = self.client.recv().now_or_never();
+                // Unconstrained: tokio's cooperative budget would make a
+                // ready channel look empty after ~128 receives, cutting
+                // every batch there (batches of ~40 transactions, the
+                // leader's throughput capped at ~5k changes/s).
+                event = tokio::task::unconstrained(self.client.recv()).now_or_never();
             }
             if !self.transactions.in_transaction() {
                 self.flush(true, safe_until).await?;
