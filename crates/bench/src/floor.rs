@@ -47,6 +47,21 @@ struct Key {
     id: u64,
 }
 
+/// The wal leader's payload: several documents (migrations/0006).
+#[derive(Deserialize)]
+struct Documents<'a> {
+    #[serde(borrow)]
+    docs: Vec<Document<'a>>,
+}
+
+fn documents(payload: &str) -> Vec<Document<'_>> {
+    if payload.starts_with("{\"docs\":") {
+        serde_json::from_str::<Documents>(payload).map_or_else(|_| Vec::new(), |d| d.docs)
+    } else {
+        serde_json::from_str::<Document>(payload).map_or_else(|_| Vec::new(), |d| vec![d])
+    }
+}
+
 /// The table name the capture trigger reports for bench rows.
 const TABLE_NAME: &str = "bench_events";
 
@@ -99,19 +114,18 @@ impl Floor {
                     }
                 };
                 let now = send_log.clock.now_us();
-                let Ok(doc) = serde_json::from_str::<Document>(payload.payload()) else {
-                    continue;
-                };
-                if doc.tb.as_deref() != Some(TABLE_NAME) {
-                    continue;
-                }
-                let Some(key) = doc.k else { continue };
-                if ledger.observe(key.id, doc.p) == super::ledger::Seen::First {
-                    delivered.store(ledger.unique(), Ordering::Relaxed);
-                    if key.id > measure_after
-                        && let Some(sent) = send_log.sent_at(key.id)
-                    {
-                        recorder.record(0, &[now.saturating_sub(sent)]);
+                for doc in documents(payload.payload()) {
+                    if doc.tb.as_deref() != Some(TABLE_NAME) {
+                        continue;
+                    }
+                    let Some(key) = doc.k else { continue };
+                    if ledger.observe(key.id, doc.p) == super::ledger::Seen::First {
+                        delivered.store(ledger.unique(), Ordering::Relaxed);
+                        if key.id > measure_after
+                            && let Some(sent) = send_log.sent_at(key.id)
+                        {
+                            recorder.record(0, &[now.saturating_sub(sent)]);
+                        }
                     }
                 }
             }
@@ -137,5 +151,24 @@ impl Floor {
                 error: Some(format!("floor task failed: {e}")),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_one_document_or_the_wal_leaders_several() {
+        let one = r#"{"p":5,"t":1,"s":"public","tb":"bench_events","op":"INSERT","k":{"id":9},"r":{},"rooms":[]}"#;
+        let docs = documents(one);
+        assert_eq!(
+            (docs.len(), docs[0].p, docs[0].k.as_ref().map(|k| k.id)),
+            (1, 5, Some(9))
+        );
+        let several = format!(r#"{{"docs":[{one},{{"p":6,"ref":true}}]}}"#);
+        let docs = documents(&several);
+        assert_eq!(docs.iter().map(|d| d.p).collect::<Vec<_>>(), [5, 6]);
+        assert!(documents("not json").is_empty());
     }
 }
