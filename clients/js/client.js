@@ -812,6 +812,13 @@ export class GatewayClient {
   #onReset(conn, message) {
     const record = this.#subs.get(message.room);
     if (!record || record.conn !== conn || record.ended) return;
+    // A reset carries its position (protocol 2): one at or below what the
+    // room has is a repeat (sent again across a seam); onReset hears of
+    // each reset once.
+    if (isPosition(message.position) && record.big !== null && BigInt(message.position) <= record.big) {
+      this.#stats.duplicates++;
+      return;
+    }
     // What was missed is gone; the stream goes on after the reset's
     // position (protocol 2), or else from where this connection's
     // subscription went live, so a later resume does not ask for the lost

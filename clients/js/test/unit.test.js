@@ -379,6 +379,17 @@ describe("protocol 2 (welcome says protocol: 2)", () => {
     Socket.last.welcome({ protocol: 2 });
     assert.equal(Socket.last.sentOf("subscribe")[0].since, "90");
   });
+
+  test("a reset repeated by the gateway reaches onReset once (dropped by position, as changes are)", async () => {
+    const { c, socket, events } = await connected({ position: "10", welcome: { protocol: 2 } });
+    socket.deliver({ type: "reset", room: "project:1", reason: "truncated", position: "20" });
+    socket.deliver({ type: "reset", room: "project:1", reason: "truncated", position: "20" });
+    socket.deliver({ type: "reset", room: "project:1", reason: "truncated", position: "15" });
+    socket.deliver({ type: "reset", room: "project:1", reason: "truncated", position: "21" });
+    const resets = events.filter((e) => e.reset).map((e) => e.reset.position);
+    assert.deepEqual(resets, ["20", "21"]);
+    assert.equal(c.stats.duplicates, 2);
+  });
 });
 
 describe("acks", () => {

@@ -344,6 +344,15 @@ impl Rooms {
         let Some(state) = self.rooms.get_mut(name).filter(|s| s.live) else {
             return;
         };
+        // A reset carries its position (protocol 2): one at or below what
+        // the room has is a repeat (the gateway sent it again across a
+        // seam), and the application hears of each reset once.
+        if let (Some(at), Some(seen)) = (Position::of(message), state.position)
+            && at <= seen
+        {
+            Stats::add(&self.stats.duplicates, 1);
+            return;
+        }
         // What was missed is gone; the stream goes on after the reset's
         // position (protocol 2), or else after where this connection's
         // subscription went live: a later resume does not ask for the lost
@@ -684,6 +693,22 @@ mod tests {
         );
         m.rooms.connection_ended();
         assert_eq!(m.welcome(2), [json!({"room":"a","since":"91","type":"subscribe"})]);
+        // The same reset again (a resume across it, a repeat): dropped by
+        // position, as changes are; the next one is delivered.
+        m.feed(json!({"type": "subscribed", "room": "a", "position": "95"}));
+        m.feed(json!({"type": "reset", "room": "a", "reason": "truncated", "position": "90"}));
+        m.feed(json!({"type": "reset", "room": "a", "reason": "truncated", "position": "96"}));
+        m.feed(json!({"type": "reset", "room": "a", "reason": "truncated", "position": "96"}));
+        let resets: Vec<Position> = m
+            .updates("a")
+            .into_iter()
+            .filter_map(|u| match u {
+                Update::Reset { position, .. } => Some(position),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resets, [Position(96)], "each reset once");
+        assert_eq!(m.rooms.stats.duplicates.load(std::sync::atomic::Ordering::Relaxed), 2);
         // Protocol 1: the resume's reset continues from where it went live.
         let mut m = Machine::new(&["a"]);
         m.rooms.rooms.get_mut("a").unwrap().position = Some(Position(1));
