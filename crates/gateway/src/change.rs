@@ -227,24 +227,13 @@ impl Change {
         row: &RawValue,
         rooms: Vec<String>,
     ) -> Change {
-        let mut tail = String::with_capacity(row.get().len() + key.get().len() + 160);
-        tail.push_str(",\"position\":\"");
-        tail.push_str(&position.0.to_string());
-        tail.push_str("\",\"schema\":");
-        push_json_str(&mut tail, &schema);
-        tail.push_str(",\"table\":");
-        push_json_str(&mut tail, &table);
-        tail.push_str(",\"op\":\"");
-        tail.push_str(op.as_str());
-        tail.push_str("\",\"key\":");
-        let key_at = tail.len()..tail.len() + key.get().len();
-        tail.push_str(key.get());
-        tail.push_str(",\"row\":");
-        let row_at = tail.len()..tail.len() + row.get().len();
-        tail.push_str(row.get());
-        tail.push_str(",\"committed_at\":\"");
-        tail.push_str(&format_rfc3339_micros(committed_at_us));
-        tail.push_str("\"}");
+        let mut tail = Tail::new(position, row.get().len() + key.get().len() + 160);
+        tail.string("schema", &schema);
+        tail.string("table", &table);
+        tail.string("op", op.as_str());
+        let key_at = tail.raw("key", key.get());
+        let row_at = tail.raw("row", row.get());
+        let tail = tail.end(committed_at_us);
         Change {
             position,
             committed_at_us,
@@ -267,17 +256,10 @@ impl Change {
         payload: &RawValue,
         rooms: Vec<String>,
     ) -> Change {
-        let mut tail = String::with_capacity(payload.get().len() + event.len() + 96);
-        tail.push_str(",\"position\":\"");
-        tail.push_str(&position.0.to_string());
-        tail.push_str("\",\"event\":");
-        push_json_str(&mut tail, &event);
-        tail.push_str(",\"payload\":");
-        let row_at = tail.len()..tail.len() + payload.get().len();
-        tail.push_str(payload.get());
-        tail.push_str(",\"committed_at\":\"");
-        tail.push_str(&format_rfc3339_micros(committed_at_us));
-        tail.push_str("\"}");
+        let mut tail = Tail::new(position, payload.get().len() + event.len() + 96);
+        tail.string("event", &event);
+        let row_at = tail.raw("payload", payload.get());
+        let tail = tail.end(committed_at_us);
         Change {
             position,
             committed_at_us,
@@ -300,16 +282,10 @@ impl Change {
         table: String,
         patterns: Vec<String>,
     ) -> Change {
-        let mut tail = String::with_capacity(128);
-        tail.push_str(",\"reason\":\"truncated\",\"position\":\"");
-        tail.push_str(&position.0.to_string());
-        tail.push_str("\",\"schema\":");
-        push_json_str(&mut tail, &schema);
-        tail.push_str(",\"table\":");
-        push_json_str(&mut tail, &table);
-        tail.push_str(",\"committed_at\":\"");
-        tail.push_str(&format_rfc3339_micros(committed_at_us));
-        tail.push_str("\"}");
+        let mut tail = Tail::with_reason("truncated", position, 128);
+        tail.string("schema", &schema);
+        tail.string("table", &table);
+        let tail = tail.end(committed_at_us);
         Change {
             position,
             committed_at_us,
@@ -326,14 +302,7 @@ impl Change {
     /// A reset of every room one of `patterns` can produce (`*`: all), for
     /// `reason`: each gets `{"type":"reset","room":..,"reason":..,"position":..,"committed_at":..}`.
     pub fn reset(position: Position, committed_at_us: i64, reason: &str, patterns: Vec<String>) -> Change {
-        let mut tail = String::with_capacity(96);
-        tail.push_str(",\"reason\":");
-        push_json_str(&mut tail, reason);
-        tail.push_str(",\"position\":\"");
-        tail.push_str(&position.0.to_string());
-        tail.push_str("\",\"committed_at\":\"");
-        tail.push_str(&format_rfc3339_micros(committed_at_us));
-        tail.push_str("\"}");
+        let tail = Tail::with_reason(reason, position, 96).end(committed_at_us);
         Change {
             position,
             committed_at_us,
@@ -388,6 +357,57 @@ impl Change {
         push_json_str(&mut msg, room);
         msg.push_str(&self.message_tail);
         msg
+    }
+}
+
+/// The part of a client's message after its `room` field, built once per
+/// change: `,"position":"..."`, the kind's own fields, then
+/// `,"committed_at":"..."}`. Every kind of change (row, event, truncation,
+/// reset) builds its tail here, so they agree on the shared fields.
+struct Tail(String);
+
+impl Tail {
+    fn new(position: Position, capacity: usize) -> Tail {
+        let mut text = String::with_capacity(capacity);
+        text.push_str(",\"position\":\"");
+        text.push_str(&position.0.to_string());
+        text.push('"');
+        Tail(text)
+    }
+
+    /// A `reset`'s tail: its reason first, then as [`Tail::new`].
+    fn with_reason(reason: &str, position: Position, capacity: usize) -> Tail {
+        let mut tail = Tail(String::with_capacity(capacity));
+        tail.string("reason", reason);
+        tail.0.push_str(&Tail::new(position, 32).0);
+        tail
+    }
+
+    /// `,"name":"value"`, the value JSON-escaped.
+    fn string(&mut self, name: &str, value: &str) {
+        self.name(name);
+        push_json_str(&mut self.0, value);
+    }
+
+    /// `,"name":json`, the value as it is; returns where it sits.
+    fn raw(&mut self, name: &str, json: &str) -> std::ops::Range<usize> {
+        self.name(name);
+        let at = self.0.len()..self.0.len() + json.len();
+        self.0.push_str(json);
+        at
+    }
+
+    fn name(&mut self, name: &str) {
+        self.0.push_str(",\"");
+        self.0.push_str(name);
+        self.0.push_str("\":");
+    }
+
+    fn end(mut self, committed_at_us: i64) -> String {
+        self.0.push_str(",\"committed_at\":\"");
+        self.0.push_str(&format_rfc3339_micros(committed_at_us));
+        self.0.push_str("\"}");
+        self.0
     }
 }
 
