@@ -91,3 +91,25 @@ impl Drop for Slot {
         self.uncount();
     }
 }
+
+/// Drops a request's TCP connection at once, whatever hyper is writing:
+/// how a streamed response (`/sse`) ends a client that stopped reading,
+/// which hyper alone would wait on for ever. The accept loop makes one per
+/// connection and hands it to each request.
+#[derive(Clone, Default)]
+pub struct ConnectionAbort(tokio_util::sync::CancellationToken);
+
+impl ConnectionAbort {
+    pub fn new() -> ConnectionAbort {
+        ConnectionAbort::default()
+    }
+
+    pub fn abort(&self) {
+        self.0.cancel();
+    }
+
+    /// Cancelled by [`ConnectionAbort::abort`]: what the accept loop waits on.
+    pub fn token(&self) -> tokio_util::sync::CancellationToken {
+        self.0.clone()
+    }
+}

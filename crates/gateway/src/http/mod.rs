@@ -11,15 +11,16 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::auth::Identity;
+use crate::change::Position;
 use crate::pipeline::encode::Encoding;
-use crate::slots::Slot;
+use crate::slots::{ConnectionAbort, Slot};
 use crate::socket;
 use crate::state::AppState;
 use crate::telemetry::Counters;
@@ -45,6 +46,7 @@ const MAX_OUTBOUND_FRAME_BYTES: usize = 256 * 1024 * 1024;
 fn client_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/ws", get(upgrade))
+        .route("/sse", get(sse).options(sse_preflight))
         .route(
             "/publish",
             post(publish::publish).layer(Extension(Arc::new(publish::PublishRates::default()))),
@@ -226,4 +228,167 @@ async fn upgrade(
                 }
             })
         })
+}
+
+/// `GET /sse?room=R&room=R2`: the rooms' messages as server-sent events
+/// (SPEC section 10). Token as for `/ws` (`?token=` or `Authorization:
+/// Bearer`); `Last-Event-ID` (or `?since=`) resumes every room after it.
+/// Refusals before the stream starts are HTTP errors with a JSON reason;
+/// after, a last `close` event ends it.
+async fn sse(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    slot: Option<Extension<Arc<Slot>>>,
+    abort: Option<Extension<ConnectionAbort>>,
+    headers: HeaderMap,
+) -> Response {
+    let settings = state.settings();
+    let json_refusal = |status: StatusCode, code: &str, message: String| {
+        Counters::add(&state.telemetry.counters.connections_refused, 1);
+        state.refusals.count(code);
+        let body = serde_json::json!({"error": code, "message": message}).to_string();
+        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    };
+    if state.shutdown.is_cancelled() {
+        return json_refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "gateway shutting down".into(),
+        );
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(origin) = origin
+        && !settings.history.origin_allowed(origin)
+    {
+        return json_refusal(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            format!("origin {origin} is not allowed"),
+        );
+    }
+    let mut rooms = Vec::new();
+    let mut token = None;
+    let mut since = None;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "room" => rooms.push(value.into_owned()),
+            "token" => token = Some(value.into_owned()),
+            "since" => since = Some(value.into_owned()),
+            other => {
+                return json_refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_message",
+                    format!("unknown parameter {other:?}: /sse takes room (repeated), token and since"),
+                );
+            }
+        }
+    }
+    if rooms.is_empty() {
+        return json_refusal(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            "give at least one room: /sse?room=project:42&room=project:43".into(),
+        );
+    }
+    for room in &rooms {
+        if let Err(error) = crate::protocol::validate_room(room) {
+            return json_refusal(StatusCode::BAD_REQUEST, error.code, error.message);
+        }
+    }
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let since = match last_id.or(since).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => match text.parse::<Position>() {
+            Ok(position) => Some(position),
+            Err(_) => {
+                return json_refusal(
+                    StatusCode::BAD_REQUEST,
+                    crate::protocol::codes::INVALID_POSITION,
+                    format!("{text:?} is not a position (an event id this gateway sent)"),
+                );
+            }
+        },
+    };
+    let slot = slot.map(|Extension(slot)| slot);
+    if slot.as_ref().is_some_and(|s| s.over_limit()) {
+        return connection_limit(&state);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let identity = match state.auth.authenticate(token.as_deref().or(bearer)).await {
+        Ok(identity) => identity,
+        Err(error) => return json_refusal(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()),
+    };
+    // Compressed only if asked for, and while the compression switch is on.
+    let gzip = settings.features.compression
+        && headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(socket::sse::accepts_gzip);
+    let request = socket::sse::SseRequest {
+        identity,
+        rooms,
+        since,
+        slot,
+        abort: abort.map(|Extension(abort)| abort),
+        gzip,
+    };
+    let body = match socket::sse::open(Arc::clone(&state), request).await {
+        Ok(body) => body,
+        Err(error) => {
+            use crate::protocol::codes;
+            let status = match error.code {
+                codes::FORBIDDEN => StatusCode::FORBIDDEN,
+                codes::HISTORY_UNAVAILABLE | codes::AUTHORIZATION_UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+                _ if error.message.contains("not connected to the database") => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return json_refusal(status, error.code, error.message);
+        }
+    };
+    let allow_origin = origin.unwrap_or("*").to_owned();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // nginx would otherwise buffer the stream.
+        .header("x-accel-buffering", "no")
+        .header(header::VARY, "accept-encoding, origin")
+        // One stream per connection: when it ends, so does the connection
+        // (EventSource reconnects on a new one anyway).
+        .header(header::CONNECTION, "close")
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+    if gzip {
+        response = response.header(header::CONTENT_ENCODING, "gzip");
+    }
+    response.body(body).expect("a valid response")
+}
+
+/// The CORS preflight of a cross-origin `/sse` request that sends
+/// `Last-Event-ID` (a reconnecting `EventSource`) or `Authorization`.
+async fn sse_preflight(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(origin) = origin
+        && !state.settings().history.origin_allowed(origin)
+    {
+        return (StatusCode::FORBIDDEN, format!("origin {origin} is not allowed")).into_response();
+    }
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.unwrap_or("*").to_owned()),
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "GET".to_owned()),
+            (
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "last-event-id, authorization, cache-control".to_owned(),
+            ),
+            (header::ACCESS_CONTROL_MAX_AGE, "86400".to_owned()),
+            (header::VARY, "origin".to_owned()),
+        ],
+    )
+        .into_response()
 }

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use crate::slots::{Slot, Slots};
+use crate::slots::{ConnectionAbort, Slot, Slots};
 use crate::state::AppState;
 use crate::telemetry::Counters;
 
@@ -123,18 +123,22 @@ fn is_per_connection(error: &std::io::Error) -> bool {
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, router: Router, slot: Arc<Slot>, state: Arc<AppState>) {
     let timeout = state.settings().limits.handshake_timeout;
     let over_limit = slot.over_limit();
+    let abort = ConnectionAbort::new();
+    let aborted = abort.token();
     let service = {
         let state = Arc::clone(&state);
         hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let mut router = router.clone();
             let slot = Arc::clone(&slot);
             let state = Arc::clone(&state);
+            let abort = abort.clone();
             async move {
                 if slot.over_limit() && !RESERVED_PATHS.contains(&request.uri().path()) {
                     return Ok::<_, Infallible>(super::connection_limit(&state));
                 }
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request.extensions_mut().insert(slot);
+                request.extensions_mut().insert(abort.clone());
                 // A request must be answered within the timeout too: a
                 // slow body holds its slot no longer than slow headers.
                 match tokio::time::timeout(timeout, router.call(request.map(Body::new))).await {
@@ -162,8 +166,14 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, router: Router, slot
         result = connection.as_mut() => result,
         () = state.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = aborted.cancelled() => Ok(()),
+            }
         }
+        // Dropped with whatever hyper still holds for a client that does
+        // not read (an `/sse` stream's slow consumer).
+        () = aborted.cancelled() => Ok(()),
     };
     if let Err(error) = result {
         if error.is_timeout() {

@@ -21,6 +21,7 @@ pub mod limits;
 mod replay;
 mod send;
 mod session;
+pub mod sse;
 
 /// How long a client closed as a slow consumer has to read on: first to
 /// take what the socket still holds and the close frame (the send loop),
@@ -103,16 +104,22 @@ pub fn serve(
             }
         }
         session.leave_all();
-        state.unregister_connection(connection_id);
-        // Slow-consumer closes were counted by the send loop when decided.
-        let reason = subscriber.close_reason();
-        // A connection that ended without a close (1006, abnormal closure)
-        // failed too.
-        if reason.as_ref().is_none_or(|r| r.kind.is_failure()) && !state.telemetry.is_probe(connection_id) {
-            Counters::add(&state.telemetry.counters.connection_failures, 1);
-        }
-        let kind = reason.map_or(DROPPED, |r| r.kind.label());
-        state.closes.count(kind);
-        tracing::debug!(connection_id, kind, "connection closed");
+        ended(&state, &subscriber, connection_id);
     }
+}
+
+/// A connection (a WebSocket, or an `/sse` stream) is gone: forgets it and
+/// counts its close.
+fn ended(state: &AppState, subscriber: &Subscriber, connection_id: u64) {
+    state.unregister_connection(connection_id);
+    // Slow-consumer closes were counted by the send loop when decided.
+    let reason = subscriber.close_reason();
+    // A connection that ended without a close (1006, abnormal closure)
+    // failed too.
+    if reason.as_ref().is_none_or(|r| r.kind.is_failure()) && !state.telemetry.is_probe(connection_id) {
+        Counters::add(&state.telemetry.counters.connection_failures, 1);
+    }
+    let kind = reason.map_or(DROPPED, |r| r.kind.label());
+    state.closes.count(kind);
+    tracing::debug!(connection_id, kind, "connection closed");
 }

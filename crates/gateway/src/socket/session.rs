@@ -31,6 +31,21 @@ const FEED_READY_WAIT: Duration = Duration::from_secs(10);
 /// The longest single sleep towards a token's expiry.
 const EXPIRY_STEP: Duration = Duration::from_secs(24 * 3600);
 
+/// Returns at `expiry` (never for None). Far deadlines (a token valid for
+/// centuries) are slept in steps the timer holds exactly.
+pub(super) async fn until(expiry: Option<Instant>) {
+    match expiry {
+        Some(at) => loop {
+            let step = Instant::now() + EXPIRY_STEP;
+            if at <= step {
+                break tokio::time::sleep_until(at).await;
+            }
+            tokio::time::sleep_until(step).await;
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// The receiving half's state.
 pub(super) struct Session {
     state: Arc<AppState>,
@@ -71,7 +86,7 @@ impl Session {
     /// When the token stops being valid: its `exp` plus the leeway (a token
     /// accepted within the leeway after `exp` lives until then, no longer).
     /// None: never, or too far ahead for the clock to hold.
-    fn expires_at(&self) -> Option<Instant> {
+    pub(super) fn expires_at(&self) -> Option<Instant> {
         let exp = self.identity.expires_at?;
         let leeway = self.state.settings().history.jwt_leeway;
         // In microseconds as i128: any exp up to year 9999 fits exactly.
@@ -84,20 +99,7 @@ impl Session {
             let expiry = self.expires_at();
             let next = tokio::select! {
                 next = stream.next() => next,
-                () = async {
-                    // Far deadlines (a token valid for centuries) are slept
-                    // in steps the timer holds exactly.
-                    match expiry {
-                        Some(at) => loop {
-                            let step = Instant::now() + EXPIRY_STEP;
-                            if at <= step {
-                                break tokio::time::sleep_until(at).await;
-                            }
-                            tokio::time::sleep_until(step).await;
-                        },
-                        None => std::future::pending().await,
-                    }
-                } => {
+                () = until(expiry) => {
                     self.state.refusals.count("token_expired");
                     self.subscriber.close(CloseReason::new(
                         CloseKind::TokenExpired,

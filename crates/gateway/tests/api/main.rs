@@ -20,5 +20,6 @@ mod pools;
 mod refusals;
 mod security;
 mod sources;
+mod sse;
 mod streaming;
 mod tokens;
