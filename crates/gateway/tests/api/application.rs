@@ -368,6 +368,11 @@ async fn truncate_resets_every_room_the_templates_can_produce_live_and_on_resume
     for (instance, gateway) in [&app, &second].into_iter().enumerate() {
         let mut client = gateway.connect().await;
         client.subscribe("markers").await;
+        // The second instance's feed may still be catching up on earlier
+        // markers: take them before the subscribe, whose reply comes next.
+        let ready = format!("ready{instance}");
+        barrier(&pool, &ready).await;
+        messages_until_marker(&mut client, &ready).await;
         client.subscribe_since("project:2", Some(&start.to_string())).await;
         let marker = format!("resume{instance}");
         barrier(&pool, &marker).await;
