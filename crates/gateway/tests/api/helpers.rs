@@ -236,14 +236,16 @@ impl Drop for TestDb {
     }
 }
 
-pub async fn fresh_database_on(server: &str) -> TestDb {
+/// Creates a database of a name unique to this run (`prefix` first) on the
+/// test server: its URL.
+async fn create_database(server: &str, prefix: &str) -> String {
     let admin = PgPoolOptions::new()
         .max_connections(1)
         .connect(server)
         .await
         .expect("connecting to the test server");
     let name = format!(
-        "t{}_{}_{}",
+        "{prefix}{}_{}_{}",
         std::process::id(),
         DATABASES.fetch_add(1, Ordering::Relaxed),
         std::time::SystemTime::now()
@@ -256,7 +258,11 @@ pub async fn fresh_database_on(server: &str) -> TestDb {
         .await
         .expect("create database");
     admin.close().await;
-    let url = replace_database(server, &name);
+    replace_database(server, &name)
+}
+
+pub async fn fresh_database_on(server: &str) -> TestDb {
+    let url = create_database(server, "t").await;
     let pool = PgPoolOptions::new()
         .max_connections(10)
         .connect(&url)
@@ -346,27 +352,7 @@ fn replace_database(url: &str, database: &str) -> String {
 /// A database on the test server with nothing in it (no realtime schema):
 /// what an operator's first `migrate` meets. Its URL and a pool.
 pub async fn empty_database() -> (String, PgPool) {
-    let server = server_url().await;
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&server)
-        .await
-        .expect("connecting to the test server");
-    let name = format!(
-        "e{}_{}_{}",
-        std::process::id(),
-        DATABASES.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_micros()
-    );
-    sqlx::query(&format!("create database {name}"))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    admin.close().await;
-    let url = replace_database(&server, &name);
+    let url = create_database(&server_url().await, "e").await;
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .connect(&url)

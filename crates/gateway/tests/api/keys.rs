@@ -10,10 +10,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, encode};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use ws_gateway::config::{Auth, JwtKeys, PublicKeyFile};
 
 use crate::helpers::{Client, TestApp, TestDb, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
+use crate::security::refused_upgrade;
 
 fn key_file(name: &str) -> String {
     let path = format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -39,19 +39,7 @@ async fn accepted(app: &TestApp, token: &str) {
 
 /// The status and body of an upgrade refused for `token`.
 async fn refused(app: &TestApp, token: &str) -> (u16, String) {
-    let request = format!("{}?token={token}", app.ws_url()).into_client_request().unwrap();
-    match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => panic!("the token was accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (response.status().as_u16(), body)
-        }
-        Err(other) => panic!("unexpected error {other}"),
-    }
+    refused_upgrade(&format!("{}?token={token}", app.ws_url()), &[]).await
 }
 
 async fn jwt_app(db: TestDb, keys: JwtKeys) -> TestApp {

@@ -124,7 +124,7 @@ impl Bystanders {
 }
 
 /// The HTTP status and body of a refused upgrade.
-async fn refused_upgrade(url: &str, headers: &[(&'static str, &str)]) -> (u16, String) {
+pub async fn refused_upgrade(url: &str, headers: &[(&'static str, &str)]) -> (u16, String) {
     let mut request = url.into_client_request().unwrap();
     for (k, v) in headers {
         request.headers_mut().insert(*k, v.parse().unwrap());
