@@ -237,6 +237,37 @@ async fn the_dashboard_never_contradicts_itself() {
     assert_eq!(text_of(&page.dom().await, "status"), "unhealthy · feed down");
     drop(page);
 
+    // Before: HEALTHY in green beside a red probe tile (P99 over the 250 ms
+    // target, no alert because the baseline was as slow).
+    let slow = with_points(stats.clone(), |_, p| {
+        p["probe_p50"] = json!(120.0);
+        p["probe_p99"] = json!(400.0);
+        p["probe_count"] = json!(60);
+    });
+    let page = StatePage::start(app.admin, slow.clone()).await;
+    let dom = page.dom().await;
+    assert_eq!(
+        attribute(&dom, "id=\"status\"", "data-state").as_deref(),
+        Some("warning")
+    );
+    assert_eq!(text_of(&dom, "status"), "warning · probe P99 over 250 ms");
+    assert!(
+        dom.contains("class=\"card bad\" id=\"card-probe\"") || dom.contains("id=\"card-probe\" class=\"card bad\""),
+        "the probe tile is red"
+    );
+    drop(page);
+    let mut slow_and_warned = slow;
+    slow_and_warned["health"]["regressionDetection"] = json!({
+        "totalAlerts": 1, "criticalAlerts": 0, "warningAlerts": 1,
+        "affectedMetrics": ["p99_latency"], "recommendations": ["check it"],
+    });
+    let page = StatePage::start(app.admin, slow_and_warned).await;
+    assert_eq!(
+        text_of(&page.dom().await, "status"),
+        "warning · 1 alert · probe P99 over 250 ms"
+    );
+    drop(page);
+
     // Before: stage bars on an unlabelled log scale (0.094 ms drawn half
     // as long as 20.5 ms). Now the scale is labelled at every decade and the
     // bars sit where the labels say.

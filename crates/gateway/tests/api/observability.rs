@@ -535,7 +535,18 @@ async fn the_dashboard_renders_live_charts_in_headless_chromium() {
             "no {stage} row: {dom}"
         );
     }
-    assert!(dom.contains("class=\"pill healthy\""), "{dom}");
+    // Healthy, unless this (debug, shared) machine made a minute's P99 miss
+    // the 250 ms target: then the header says which, as the red tile does.
+    let p99_of = |id: &str| -> f64 {
+        let at = dom.find(&format!("id=\"{id}\">")).unwrap() + id.len() + 6;
+        dom[at..at + dom[at..].find('<').unwrap()].parse().unwrap_or(0.0)
+    };
+    if p99_of("send-p99") > 250.0 || p99_of("probe-p99") > 250.0 {
+        assert!(dom.contains("class=\"pill warning\""), "{dom}");
+        assert!(dom.contains("over 250 ms<"), "{dom}");
+    } else {
+        assert!(dom.contains("class=\"pill healthy\""), "{dom}");
+    }
     assert!(!dom.contains("id=\"probe-p99\">–<"), "probe card filled: {dom}");
     // Tiles and charts show the same minute: the tile is the legend's
     // (the newest point's) value.
