@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::bystander::Bystander;
 use crate::fault_kit::{GatewayProcess, free_port};
-use crate::helpers::{DEADLINE, eventually, fresh_database, http_get};
+use crate::helpers::{DEADLINE, eventually, fresh_database, http_get, metric};
 
 fn open_fds(gateway: &GatewayProcess) -> usize {
     let pid = gateway.child.id().expect("running");
@@ -28,13 +28,6 @@ fn rss_kb(gateway: &GatewayProcess) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-async fn metric(gateway: &GatewayProcess, series: &str) -> f64 {
-    let (_, text) = http_get(gateway.address, "/metrics").await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Reads until the server closes; what it sent.
@@ -82,7 +75,7 @@ async fn silent_and_slow_connections_count_and_are_closed_by_the_handshake_timeo
     let gateway = GatewayProcess::start(&db.url, free_port().await, &env).await;
     let bystander = Bystander::start(&gateway.ws_url(), &db.pool, 1, 200).await;
     eventually("the probe to connect", || async {
-        (metric(&gateway, "ws_gateway_probes_received_total").await > 0.0).then_some(())
+        (metric(gateway.address, "ws_gateway_probes_received_total").await > 0.0).then_some(())
     })
     .await;
     let baseline = open_fds(&gateway);
@@ -110,7 +103,7 @@ async fn silent_and_slow_connections_count_and_are_closed_by_the_handshake_timeo
         });
     }
     eventually("39 connections to be counted", || async {
-        (metric(&gateway, "ws_gateway_tcp_connections").await >= 40.0).then_some(())
+        (metric(gateway.address, "ws_gateway_tcp_connections").await >= 40.0).then_some(())
     })
     .await;
     // Full: a client is refused (on a reserved slot), health still answers.
@@ -122,7 +115,7 @@ async fn silent_and_slow_connections_count_and_are_closed_by_the_handshake_timeo
     tokio::time::timeout(DEADLINE, async { while held.join_next().await.is_some() {} })
         .await
         .expect("the handshake timeout closes every silent and slow connection");
-    assert!(metric(&gateway, "ws_gateway_handshake_timeouts_total").await >= 39.0);
+    assert!(metric(gateway.address, "ws_gateway_handshake_timeouts_total").await >= 39.0);
     eventually("the gateway's descriptors to be back to their baseline", || async {
         (open_fds(&gateway) <= baseline).then_some(())
     })
@@ -201,7 +194,7 @@ async fn accept_failures_back_off_and_are_counted() {
     .expect("every silent connection is accepted in turn and timed out");
     let (health, _) = http_get(gateway.address, "/healthz").await;
     assert_eq!(health, 200);
-    let errors = metric(&gateway, "ws_gateway_accept_errors_total").await;
+    let errors = metric(gateway.address, "ws_gateway_accept_errors_total").await;
     // A busy loop fails accept hundreds of thousands of times a second;
     // the backoff (5 ms doubling to 1 s) a few dozen times in all.
     assert!((1.0..200.0).contains(&errors), "{errors} accept errors");

@@ -474,6 +474,26 @@ where
     }
 }
 
+/// The value of one series in a Prometheus text exposition: the sample
+/// whose name and labels are written exactly as `series` (`ws_gateway_rooms`,
+/// `ws_gateway_closes_total{reason="protocol_error"}`); None when absent.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            if name == series { value.parse().ok() } else { None }
+        })
+}
+
+/// `series` in the `/metrics` served at `address`; 0 when it is not there
+/// (a labelled counter appears with its first increment).
+pub async fn metric(address: std::net::SocketAddr, series: &str) -> f64 {
+    let (_, text) = http_get(address, "/metrics").await;
+    sample(&text, series).unwrap_or(0.0)
+}
+
 /// GETs `path` from the gateway at `address`: the status and the body.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
     // No idle connections: a pooled one would belong to the runtime of the

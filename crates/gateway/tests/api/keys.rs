@@ -12,7 +12,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use ws_gateway::config::{Auth, JwtKeys, PublicKeyFile};
 
-use crate::helpers::{Client, TestApp, TestDb, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
+use crate::helpers::{
+    Client, TestApp, TestDb, eventually, fresh_database, http_get, http_get_json, sample, spawn_app_with,
+};
 use crate::security::refused_upgrade;
 
 fn key_file(name: &str) -> String {
@@ -188,11 +190,8 @@ async fn jwks_status(app: &TestApp) -> Value {
     health["auth"]["jwks"].clone()
 }
 
-async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    let (_, text) = http_get(app.admin, "/metrics").await;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    sample(&http_get(app.admin, "/metrics").await.1, series)
 }
 
 /// Before: no key sources but one HS256 secret. The provider rotates its key
@@ -237,7 +236,7 @@ async fn keys_from_a_jwks_with_rotation_and_failures() {
     let status = jwks_status(&app).await;
     assert_eq!(status["state"], "ok", "{status}");
     assert_eq!(status["keys"], 1, "{status}");
-    assert_eq!(metric(&app, "ws_gateway_jwks_up ").await, Some(1.0));
+    assert_eq!(metric(&app, "ws_gateway_jwks_up").await, Some(1.0));
     assert_eq!(
         metric(&app, "ws_gateway_jwks_fetches_total{result=\"ok\"}").await,
         Some(2.0)
@@ -260,12 +259,12 @@ async fn keys_from_a_jwks_with_rotation_and_failures() {
     assert_eq!(status["keys"], 1, "the last good keys are kept: {status}");
     assert!(status["last_error"].as_str().unwrap().contains("500"), "{status}");
     assert!(status["last_success_s"].as_f64().unwrap() > 0.0, "{status}");
-    assert_eq!(metric(&app, "ws_gateway_jwks_up ").await, Some(0.0));
+    assert_eq!(metric(&app, "ws_gateway_jwks_up").await, Some(0.0));
     assert_eq!(
         metric(&app, "ws_gateway_jwks_fetches_total{result=\"error\"}").await,
         Some(1.0)
     );
-    assert_eq!(metric(&app, "ws_gateway_jwks_keys ").await, Some(1.0));
+    assert_eq!(metric(&app, "ws_gateway_jwks_keys").await, Some(1.0));
     app.stop().await.expect("a clean stop");
 
     // A provider down at start: the gateway starts, says why nobody can

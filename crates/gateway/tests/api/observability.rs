@@ -12,7 +12,7 @@ use ws_gateway::Application;
 use ws_gateway::config::{Auth, Settings};
 
 use crate::fault_kit::{KillSwitch, redirect};
-use crate::helpers::{TestApp, eventually, fresh_database, http_get, http_get_json, spawn_app_with};
+use crate::helpers::{TestApp, eventually, fresh_database, http_get, http_get_json, sample, spawn_app_with};
 
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
@@ -33,15 +33,9 @@ async fn wait_for_probes(app: &TestApp, n: u64) -> Value {
     .await
 }
 
+/// `name` in the app's `/metrics`, which must have it.
 async fn metric(app: &TestApp, name: &str) -> f64 {
-    let (_, text) = http_get(app.address, "/metrics").await;
-    let families = prometheus::parse(&text).expect("valid exposition");
-    families
-        .values()
-        .flat_map(|f| &f.samples)
-        .find(|s| s.name == name && s.labels.is_empty())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-        .value
+    sample(&http_get(app.address, "/metrics").await.1, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 #[tokio::test]

@@ -7,15 +7,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::bystander::Bystander;
-use crate::helpers::{Client, TestApp, eventually, fresh_database, http_get, spawn_app_with};
+use crate::helpers::{Client, TestApp, eventually, fresh_database, http_get, metric, spawn_app_with};
 use crate::security::{jwt, now_s, token};
-
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let (_, text) = http_get(app.address, "/metrics").await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Samples `/healthz` every 50 ms until `done`; the statuses that were not 200.
 async fn health_while<F: Future>(app: &TestApp, done: F) -> (F::Output, Vec<u16>) {
@@ -63,9 +56,9 @@ async fn resumers_that_never_read_hold_no_database_connection() {
         eventually("every resumer to be stuck on a full socket", || async {
             // 8 stuck resumers have read some pages, and none holds a
             // connection of the clients' pool.
-            let replayed = metric(&app, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await;
+            let replayed = metric(app.address, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await;
             let in_use = metric(
-                &app,
+                app.address,
                 "ws_gateway_db_pool_connections{pool=\"clients\",state=\"in_use\"}",
             )
             .await;
@@ -75,7 +68,7 @@ async fn resumers_that_never_read_hold_no_database_connection() {
         // And it stays so while the bystander's rows keep coming.
         for _ in 0..20 {
             let in_use = metric(
-                &app,
+                app.address,
                 "ws_gateway_db_pool_connections{pool=\"clients\",state=\"in_use\"}",
             )
             .await;
@@ -166,7 +159,7 @@ async fn a_slow_authorizer_times_out_and_delays_no_one_else() {
         bad.is_empty(),
         "/healthz answered {bad:?} during the authorization storm"
     );
-    assert!(metric(&app, "ws_gateway_authorize_timeouts_total").await >= 4.0);
+    assert!(metric(app.address, "ws_gateway_authorize_timeouts_total").await >= 4.0);
     let seen = bystander.check(&app.db.pool).await;
     println!("bystander beside a slow authorizer: {seen} ({subscribed} of 100 fast checks in time)");
 }

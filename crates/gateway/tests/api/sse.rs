@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fault_kit::{GatewayProcess, Workload, committed_positions, free_port, wait_outbox_caught_up};
-use crate::helpers::{DEADLINE, eventually, fresh_database, http_get, spawn_app_with};
+use crate::helpers::{DEADLINE, eventually, fresh_database, http_get, metric, spawn_app_with};
 use crate::security::{jwt, now_s, token};
 
 /// One server-sent event: its id (if any) and its data.
@@ -194,14 +194,6 @@ async fn an_sse_stream_of_two_rooms_resumes_across_a_gateway_restart_with_nothin
     assert!(restarted);
 }
 
-/// A metric's value in a `/metrics` text (0 when absent).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// What a raw HTTP/1.1 client got of an `/sse` response: its chunked body
 /// decoded as far as it came, and the complete events in it as (id, data).
 fn complete_events(raw: &[u8]) -> Vec<(Option<String>, Value)> {
@@ -278,8 +270,7 @@ async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer_and_resumes_with
     let mut id = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let (_, metrics) = http_get(address, "/metrics").await;
-        if metric(&metrics, "ws_gateway_slow_consumer_disconnects_total") >= 1.0 {
+        if metric(address, "ws_gateway_slow_consumer_disconnects_total").await >= 1.0 {
             break;
         }
         assert!(
@@ -302,8 +293,7 @@ async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer_and_resumes_with
     // (Within the grace it had to take its close, and a little more.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     loop {
-        let (_, metrics) = http_get(address, "/metrics").await;
-        if metric(&metrics, "ws_gateway_tcp_connections") <= 2.0 {
+        if metric(address, "ws_gateway_tcp_connections").await <= 2.0 {
             break;
         }
         assert!(

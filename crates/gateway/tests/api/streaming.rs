@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::bystander::{Bystander, Socket, changes_of, connect_unlimited, next_json, subscribe};
 use crate::fault_kit::committed_positions;
-use crate::helpers::{Client, DEADLINE, TestApp, eventually, fresh_database, http_get, spawn_app_with};
+use crate::helpers::{Client, DEADLINE, TestApp, eventually, fresh_database, metric, spawn_app_with};
 
 const QUEUE_BYTES: usize = 1 << 20;
 
@@ -52,13 +52,6 @@ async fn wait_dispatched(app: &TestApp) {
         (position >= end).then_some(())
     })
     .await
-}
-
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let (_, text) = http_get(app.address, "/metrics").await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Reads changes of `room` until the socket closes; the positions, and the
@@ -166,7 +159,7 @@ async fn a_resume_far_larger_than_the_send_queue_streams_from_memory() {
         .send_json(serde_json::json!({"type": "subscribe", "room": room, "since": since.to_string()}))
         .await;
     eventually("the replay to start", || async {
-        (metric(&app, "ws_gateway_replayed_changes_total{source=\"memory\"}").await > 0.0).then_some(())
+        (metric(app.address, "ws_gateway_replayed_changes_total{source=\"memory\"}").await > 0.0).then_some(())
     })
     .await;
     // More than the queue holds, queued behind the replay.
@@ -188,9 +181,9 @@ async fn a_resume_far_larger_than_the_send_queue_streams_from_memory() {
     subscribe(&mut again, room, Some(last)).await;
     let rest = read_changes(&mut again, owed.len() - prefix.len()).await;
     assert_eq!(rest[..], owed[prefix.len()..]);
-    assert!(metric(&app, "ws_gateway_replayed_changes_total{source=\"memory\"}").await >= 1000.0);
+    assert!(metric(app.address, "ws_gateway_replayed_changes_total{source=\"memory\"}").await >= 1000.0);
     assert_eq!(
-        metric(&app, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await,
+        metric(app.address, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await,
         0.0
     );
 
@@ -234,7 +227,7 @@ async fn a_row_far_larger_than_the_send_queue_reaches_every_reader() {
     subscribe(&mut resumed, room, Some(readers[0].1)).await;
     assert_eq!(body_lengths(&mut resumed, 2).await, [20_000_000, 5]);
     assert_eq!(
-        metric(&second, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await,
+        metric(second.address, "ws_gateway_replayed_changes_total{source=\"outbox\"}").await,
         2.0
     );
 
