@@ -39,6 +39,22 @@ fn as_user(url: &str, user: &str) -> String {
     format!("{}{user}{}", &url[..scheme_end], &url[at..])
 }
 
+/// `ws-gateway serve` on 127.0.0.1:`port` against `database_url`, no auth,
+/// nothing else from this environment, stdout discarded: a test adds its
+/// variables and its stderr, then spawns it.
+fn serve_command(database_url: &str, port: u16) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(gateway_binary());
+    command
+        .arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", database_url)
+        .env("GATEWAY_AUTH", "none")
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// Runs `ws-gateway ARGS` with only `env` (and PATH) set; its output.
 async fn command(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = tokio::process::Command::new(gateway_binary());
@@ -341,17 +357,7 @@ async fn shutdown_works_whatever_stderr_is() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         // stderr a pipe whose reader read three lines and went away.
         let port = free_port().await;
-        let mut child = tokio::process::Command::new(gateway_binary())
-            .arg("serve")
-            .env_clear()
-            .env("DATABASE_URL", &db.url)
-            .env("GATEWAY_AUTH", "none")
-            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = serve_command(&db.url, port).stderr(Stdio::piped()).spawn().unwrap();
         let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
         for _ in 0..3 {
             reader.next_line().await.unwrap().expect("three lines");
@@ -379,17 +385,10 @@ async fn shutdown_works_whatever_stderr_is() {
     // stderr a pipe nobody reads, filled by debug logging.
     let port = free_port().await;
     let (reader, writer) = pipe();
-    let mut child = tokio::process::Command::new(gateway_binary())
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", &db.url)
-        .env("GATEWAY_AUTH", "none")
-        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+    let mut child = serve_command(&db.url, port)
         .env("GATEWAY_LOG", "trace")
         .env("GATEWAY_PROBE_INTERVAL_MS", "100")
-        .stdout(Stdio::null())
         .stderr(writer)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let address = format!("127.0.0.1:{port}").parse().unwrap();
@@ -469,17 +468,10 @@ async fn logs_read_well_in_text_and_json() {
     let config = std::env::temp_dir().join(format!("ws-gateway-logs-{}.env", std::process::id()));
     std::fs::write(&config, "GATEWAY_BATCH_SIZE=10\n").unwrap();
     let port = free_port().await;
-    let mut child = tokio::process::Command::new(gateway_binary())
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", &via_proxy)
-        .env("GATEWAY_AUTH", "none")
-        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+    let mut child = serve_command(&via_proxy, port)
         .env("GATEWAY_CONFIG_FILE", &config)
         .env("GATEWAY_PROBE_INTERVAL_MS", "0")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let lines = collect_lines(child.stderr.take().unwrap());
@@ -549,16 +541,9 @@ async fn logs_read_well_in_text_and_json() {
 
     // JSON: one object per line, fields as fields.
     let port = free_port().await;
-    let mut child = tokio::process::Command::new(gateway_binary())
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", &db.url)
-        .env("GATEWAY_AUTH", "none")
-        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+    let mut child = serve_command(&db.url, port)
         .env("GATEWAY_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let lines = collect_lines(child.stderr.take().unwrap());
