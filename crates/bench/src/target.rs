@@ -266,7 +266,9 @@ async fn prepare_source(db_url: &str, opts: &TargetOptions) -> Result<()> {
         ))
     } else {
         match opts.source {
-            Source::Wal => ws_gateway::switch_to_wal(&pool, None).await.map(|_| ()),
+            Source::Wal => ws_gateway::switch_to_wal(&pool, None, Duration::from_secs(30))
+                .await
+                .map(|_| ()),
             Source::Notify => ws_gateway::switch_to_notify(&pool, db_url, Duration::from_secs(30))
                 .await
                 .map(|_| ()),

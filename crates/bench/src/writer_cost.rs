@@ -563,7 +563,7 @@ async fn set_capture(pool: &PgPool, capture: Capture, db_url: &str) -> Result<()
         }
         Capture::Tracked | Capture::Wal => {
             if capture == Capture::Wal && !on_wal {
-                ws_gateway::switch_to_wal(pool, None)
+                ws_gateway::switch_to_wal(pool, None, Duration::from_secs(60))
                     .await
                     .context("switching the bench database to wal")?;
             }

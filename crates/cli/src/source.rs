@@ -8,8 +8,9 @@ use anyhow::Context;
 use ws_gateway::config::DatabaseSettings;
 use ws_gateway::{SwitchOutcome, db};
 
-/// How long `source notify` waits for the wal leader to catch up.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a switch waits for the writers' locks (and `source notify` for
+/// the wal leader to catch up).
+const WAIT: Duration = Duration::from_secs(30);
 
 pub async fn source(target: Option<&str>, slot: Option<&str>) -> anyhow::Result<()> {
     let settings = DatabaseSettings::from_env()?;
@@ -17,8 +18,8 @@ pub async fn source(target: Option<&str>, slot: Option<&str>) -> anyhow::Result<
     let pool = db::connect(url, 3, "ws-gateway source").await?;
     let outcome = match target {
         None => return show(&pool).await,
-        Some("wal") => ws_gateway::switch_to_wal(&pool, slot).await?,
-        Some(_) => ws_gateway::switch_to_notify(&pool, url, DRAIN_TIMEOUT).await?,
+        Some("wal") => ws_gateway::switch_to_wal(&pool, slot, WAIT).await?,
+        Some(_) => ws_gateway::switch_to_notify(&pool, url, WAIT).await?,
     };
     print_outcome(&outcome);
     Ok(())
@@ -36,12 +37,22 @@ fn print_outcome(outcome: &SwitchOutcome) {
             outcome.tables,
             outcome.slot.as_deref().unwrap_or("?")
         ),
-        _ => println!(
-            "switched the capture source from wal to notify: {} tracked tables, replication slot {} dropped; \
-             restart the gateways with GATEWAY_SOURCE=notify",
-            outcome.tables,
-            outcome.slot.as_deref().unwrap_or("-")
-        ),
+        _ => {
+            if let Some(position) = outcome.history_lost {
+                println!(
+                    "the replication slot {} was gone (dropped, or invalidated past max_slot_wal_keep_size): \
+                     changes committed since the wal leader's last write are lost; every room was reset \
+                     (reason history_lost) at position {position}",
+                    outcome.slot.as_deref().unwrap_or("-")
+                );
+            }
+            println!(
+                "switched the capture source from wal to notify: {} tracked tables, replication slot {} dropped; \
+                 restart the gateways with GATEWAY_SOURCE=notify",
+                outcome.tables,
+                outcome.slot.as_deref().unwrap_or("-")
+            )
+        }
     }
 }
 

@@ -8,6 +8,10 @@ use sqlx::{Executor, PgConnection, PgPool, Row};
 /// The session-level advisory lock whose holder is the wal leader.
 pub const LEADER_LOCK: i64 = 7_310_582_919_341_551_618;
 
+/// The transaction-level advisory lock `realtime.publish` takes shared and
+/// a switch exclusively (migrations/0008_publish_switch_lock.sql).
+pub const SWITCH_LOCK: i64 = 7_310_582_919_341_551_619;
+
 /// SQLSTATE of `realtime.wal_write` when the epoch moved on: another
 /// instance leads.
 pub const STALE_LEADER: &str = "RT001";
@@ -422,12 +426,54 @@ pub async fn switch_to_wal(conn: &mut PgConnection, slot: &str, start: &str) -> 
         .await
 }
 
-/// `realtime.lock_tracked_tables`, in the caller's transaction.
-pub async fn lock_tracked_tables(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select realtime.lock_tracked_tables()")
+/// The tracked tables that exist, as `regclass` text (quoted where needed),
+/// in oid order.
+pub async fn tracked_table_names(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select t::text from realtime.tracked_tables() t")
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// `lock_timeout` for the rest of the caller's transaction.
+pub async fn set_local_lock_timeout(conn: &mut PgConnection, wait: std::time::Duration) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", wait.as_millis().max(1)))
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// The server's `deadlock_timeout`: how long a lock wait lasts before
+/// PostgreSQL looks for a cycle (and aborts a transaction in one).
+pub async fn deadlock_timeout(conn: &mut PgConnection) -> Result<std::time::Duration, sqlx::Error> {
+    let ms: i64 =
+        sqlx::query_scalar("select (extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)::bigint")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(std::time::Duration::from_millis(ms.max(1) as u64))
+}
+
+/// The progress row's state (`idle`, `switching`, `ok`, `resetting`),
+/// unlocked.
+pub async fn progress_state(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("select state from realtime.wal_progress")
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// In the switch transaction that holds the progress row: a new epoch,
+/// which fences every leader (their writes fail with RT001).
+pub async fn fence_leaders(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("update realtime.wal_progress set epoch = epoch + 1 returning epoch")
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// Whether `error` is a lock wait that gave up (`lock_timeout`) or that
+/// PostgreSQL ended as part of a deadlock: the transaction may be retried.
+pub fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e)
+        if matches!(e.code().as_deref(), Some(LOCK_NOT_AVAILABLE) | Some("40P01")))
 }
 
 /// Commits a drain marker (its own transaction, on its own connection);
@@ -448,5 +494,11 @@ pub async fn switch_to_notify(conn: &mut PgConnection, drain: &str, timeout_s: f
         .await
 }
 
-/// SQLSTATE of `realtime.switch_to_notify` when no leader drained in time.
-pub const NOT_DRAINED: &str = "RT002";
+/// Whether the leader's progress is at or past `drain` (committed state:
+/// each statement of a read-committed transaction sees the latest).
+pub async fn drained_past(conn: &mut PgConnection, drain: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select end_lsn >= $1::pg_lsn from realtime.wal_progress")
+        .bind(drain)
+        .fetch_one(&mut *conn)
+        .await
+}

@@ -168,20 +168,23 @@ impl TestDb {
 
     /// Switches the database to `source` (`ws-gateway source`'s library call).
     pub async fn switch_to(&mut self, source: CaptureSource) {
-        match source {
+        self.try_switch_to(source)
+            .await
+            .unwrap_or_else(|e| panic!("switching the test database to {source:?}: {e:#}"));
+    }
+
+    /// [`TestDb::switch_to`], returning the switch's outcome or its refusal.
+    pub async fn try_switch_to(&mut self, source: CaptureSource) -> anyhow::Result<ws_gateway::SwitchOutcome> {
+        let outcome = match source {
             CaptureSource::Wal => {
-                let outcome = ws_gateway::switch_to_wal(&self.pool, None)
-                    .await
-                    .expect("switching the test database to wal");
-                self.slot = outcome.slot.or(self.slot.take());
+                let outcome = ws_gateway::switch_to_wal(&self.pool, None, DEADLINE).await?;
+                self.slot = outcome.slot.clone().or(self.slot.take());
+                outcome
             }
-            CaptureSource::Notify => {
-                ws_gateway::switch_to_notify(&self.pool, &self.url, DEADLINE)
-                    .await
-                    .expect("switching the test database to notify");
-            }
-        }
+            CaptureSource::Notify => ws_gateway::switch_to_notify(&self.pool, &self.url, DEADLINE).await?,
+        };
         self.source = source;
+        Ok(outcome)
     }
 }
 

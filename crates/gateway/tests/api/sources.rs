@@ -158,7 +158,7 @@ async fn a_gateway_that_disagrees_with_the_database_refuses_to_start_naming_both
         .connect_with(plain_role)
         .await
         .unwrap();
-    let refused = ws_gateway::switch_to_wal(&pool, None).await.unwrap_err();
+    let refused = ws_gateway::switch_to_wal(&pool, None, DEADLINE).await.unwrap_err();
     let message = format!("{refused:#}");
     assert!(
         message.contains("ws_gateway_no_replication") && message.contains("REPLICATION"),
@@ -392,9 +392,13 @@ async fn migration_0006_repairs_a_database_that_applied_0005_before_0004() {
     assert_eq!(triggers(&pool).await, ["realtime_capture", "realtime_truncate"]);
 
     drop(conn);
-    ws_gateway::switch_to_wal(&pool, Some(&format!("ws_gateway_order_{}", std::process::id())))
-        .await
-        .unwrap();
+    ws_gateway::switch_to_wal(
+        &pool,
+        Some(&format!("ws_gateway_order_{}", std::process::id())),
+        DEADLINE,
+    )
+    .await
+    .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     assert!(triggers(&pool).await.is_empty(), "no trigger of ours in wal mode");
     assert_eq!(published(&pool).await, 1);
@@ -412,4 +416,257 @@ async fn migration_0006_repairs_a_database_that_applied_0005_before_0004() {
         .execute(&mut *conn)
         .await
         .unwrap();
+}
+
+/// `realtime.publish` reads the source under a lock a switch takes, and a
+/// switch locks every tracked table. A transaction that publishes and
+/// writes a tracked table holds one of the two while it waits for the
+/// other, in its own order; a switch that held one while waiting for the
+/// other made a cycle, and PostgreSQL aborted one of them (often the
+/// application's transaction: "deadlock detected"). Here publishers of both
+/// orders, and publish-only ones, run in tight loops while the database
+/// switches notify -> wal -> notify twice: no application transaction
+/// fails, and every committed event and row is in the outbox once. Under
+/// this load (some transaction always between its two locks) a switch may
+/// give way until its wait runs out and refuse: that refusal is the only
+/// other outcome allowed.
+#[tokio::test]
+async fn publishers_of_both_orders_racing_switches_never_fail_and_every_event_lands_once() {
+    let refused = race_publishers_and_switches(&[Steps::InsertFirst, Steps::PublishFirst, Steps::PublishOnly]).await;
+    for refusal in refused {
+        assert!(
+            refusal.contains("gives way") && refusal.contains("pause the writers"),
+            "{refusal}"
+        );
+    }
+}
+
+/// The same race with the usual order (write the rows, then publish about
+/// them) and publish-only transactions (POST /publish): every switch
+/// succeeds under the load, because publishers queue behind a waiting
+/// switch rather than overtake it.
+#[tokio::test]
+async fn publishers_writing_then_publishing_never_fail_and_switches_succeed_under_load() {
+    let refused = race_publishers_and_switches(&[Steps::InsertFirst, Steps::PublishOnly]).await;
+    assert!(refused.is_empty(), "switches refused: {refused:?}");
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Steps {
+    InsertFirst,
+    PublishFirst,
+    PublishOnly,
+}
+
+/// Two publishers of each of `kinds` in tight loops (each statement its
+/// own round trip, so that a switch can come between) while the database
+/// switches notify -> wal -> notify twice, each switch allowed 5 s. Asserts
+/// that no publishing transaction failed and that the outbox has every
+/// committed event and row once; returns the switches' refusals.
+async fn race_publishers_and_switches(kinds: &[Steps]) -> Vec<String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let mut db = fresh_database().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_id = Arc::new(AtomicI64::new(1_000_000));
+    let publishers: Vec<_> = kinds
+        .iter()
+        .chain(kinds)
+        .map(|&kind| {
+            let (url, stop, next_id) = (db.url.clone(), Arc::clone(&stop), Arc::clone(&next_id));
+            tokio::spawn(async move {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+                let (mut events, mut rows, mut failures) = (0i64, 0i64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let insert = format!("insert into items (id, project_id) values ({id}, 1)");
+                    let publish = format!("select realtime.publish('project:1', 'race', '{{\"id\": {id}}}')");
+                    let steps = match kind {
+                        Steps::InsertFirst => vec![insert, publish],
+                        Steps::PublishFirst => vec![publish, insert],
+                        Steps::PublishOnly => vec![publish],
+                    };
+                    let inserts = steps.len() as i64 - 1;
+                    match one_transaction(&mut conn, steps).await {
+                        Ok(()) => {
+                            events += 1;
+                            rows += inserts;
+                        }
+                        Err(error) => {
+                            let _ = sqlx::Executor::execute(&mut conn, "rollback").await;
+                            failures.push(format!("{kind:?}: {error}"));
+                        }
+                    }
+                }
+                (events, rows, failures)
+            })
+        })
+        .collect();
+
+    let mut refusals = Vec::new();
+    for _ in 0..2 {
+        for source in [CaptureSource::Wal, CaptureSource::Notify] {
+            let switched = match source {
+                CaptureSource::Wal => {
+                    ws_gateway::switch_to_wal(&db.pool, None, std::time::Duration::from_secs(5)).await
+                }
+                CaptureSource::Notify => {
+                    ws_gateway::switch_to_notify(&db.pool, &db.url, std::time::Duration::from_secs(5)).await
+                }
+            };
+            if let Err(error) = switched {
+                refusals.push(format!("to {source:?}: {error:#}"));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut events, mut rows, mut failures) = (0, 0, Vec::new());
+    for publisher in publishers {
+        let (e, r, f) = publisher.await.unwrap();
+        events += e;
+        rows += r;
+        failures.extend(f);
+    }
+    // Back to notify with the writers stopped (the wal period's changes
+    // drained into the outbox), whatever the last switch did.
+    db.switch_to(CaptureSource::Wal).await;
+    db.switch_to(CaptureSource::Notify).await;
+    assert!(
+        failures.is_empty(),
+        "{} publishing transactions failed: {failures:?}",
+        failures.len()
+    );
+    assert!(events > 50, "the publishers ran ({events} transactions)");
+
+    let (stored_events, distinct_events): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct row->>'id') from realtime.changes where op = 'EVENT' and event = 'race'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (stored_rows, distinct_rows): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct key->>'id') from realtime.changes \
+          where table_name = 'items' and op = 'INSERT'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (stored_events, distinct_events),
+        (events, events),
+        "every committed event once"
+    );
+    assert_eq!((stored_rows, distinct_rows), (rows, rows), "every committed row once");
+    refusals
+}
+
+/// `steps` in one transaction, each its own round trip.
+async fn one_transaction(conn: &mut sqlx::PgConnection, steps: Vec<String>) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    conn.execute("begin").await?;
+    for step in steps {
+        conn.execute(step.as_str()).await?;
+    }
+    conn.execute("commit").await?;
+    Ok(())
+}
+
+/// `ws-gateway source notify` when the slot is gone (an operator dropped
+/// it, or `max_slot_wal_keep_size` invalidated it): nothing can be drained,
+/// so the switch needs no leader (one would try to recreate the slot, and
+/// slot creation waits for the switch's own transaction). It says what was
+/// lost, resets every room (`history_lost`) at the next position, as a
+/// leader does for a lost slot, and capture goes on by trigger after it.
+#[tokio::test]
+async fn switching_to_notify_with_the_slot_gone_resets_every_room_and_needs_no_leader() {
+    let db = fresh_database_for(CaptureSource::Wal).await;
+    let slot: String = sqlx::query_scalar("select wal_slot from realtime.settings")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // No gateway runs: this change is in the slot only, and goes with it.
+    sqlx::raw_sql("insert into items (id, project_id) values (1, 1)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("select pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before: i64 = sqlx::query_scalar("select coalesce(max(position), 0) from realtime.changes")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    let (ok, out) = ws_gateway(&db.url, &["source", "notify"], &[]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("from wal to notify"), "{out}");
+    assert!(
+        out.contains(&format!("replication slot {slot} was gone")) && out.contains("history_lost"),
+        "{out}"
+    );
+    let (position, op, rooms, reason): (i64, String, Vec<String>, String) =
+        sqlx::query_as("select position, op, rooms, event from realtime.changes order by position desc limit 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(position > before, "{position} after {before}");
+    assert_eq!(
+        (op.as_str(), rooms, reason.as_str()),
+        ("RESET", vec!["*".to_owned()], "history_lost")
+    );
+    assert!(out.contains(&format!("at position {position}")), "{out}");
+
+    let (ok, out) = ws_gateway(&db.url, &["source"], &[]).await;
+    assert!(ok && out.contains("notify"), "{out}");
+    let (triggers, slots, publications): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from pg_trigger where tgrelid = 'public.items'::regclass and tgname = 'realtime_capture'),
+                (select count(*) from pg_replication_slots where database = current_database()),
+                (select count(*) from pg_publication)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((triggers, slots, publications), (1, 0, 0));
+    sqlx::raw_sql("insert into items (id, project_id) values (2, 1)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let after: Vec<(i64, serde_json::Value)> =
+        sqlx::query_as("select position, key from realtime.changes where position > $1 order by position")
+            .bind(position)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].1, serde_json::json!({"id": 2}));
+}
+
+/// A switch that cannot take its locks in time (a transaction holds a
+/// tracked table) refuses, naming the table, and changes nothing: the
+/// source stays, and the slot it created for the switch is dropped again.
+#[tokio::test]
+async fn a_switch_that_cannot_lock_a_tracked_table_in_time_refuses_naming_it() {
+    use sqlx::{Connection, Executor};
+    let db = fresh_database().await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    holder.execute("begin; lock table items in share mode").await.unwrap();
+    let refused = ws_gateway::switch_to_wal(&db.pool, None, std::time::Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("switching to wal") && message.contains("items") && message.contains("pause the writers"),
+        "{message}"
+    );
+    holder.execute("commit").await.unwrap();
+    let (source, slots): (String, i64) = sqlx::query_as(
+        "select (select source from realtime.settings),
+                (select count(*) from pg_replication_slots where database = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((source.as_str(), slots), ("notify", 0));
 }

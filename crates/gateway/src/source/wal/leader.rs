@@ -216,11 +216,25 @@ async fn recreate_slot(
         .await
         .map_err(|_| anyhow!("creating the slot {slot}: still waiting for running transactions after 300 s"))?
         .with_context(|| format!("creating the replication slot {slot}"))?;
-    let reset = bounded(
+    let reset = match bounded(
         "writing the history_lost reset",
         db::write_slot_reset(conn, epoch, &start),
     )
-    .await?;
+    .await
+    {
+        Ok(reset) => reset,
+        Err(error) => {
+            // `ws-gateway source notify` found the slot gone while this
+            // leader was creating it (slot creation waits for its
+            // transaction): it wrote the reset and fenced this leader. The
+            // slot made here would only retain WAL.
+            let switched_away = db::source_settings_on(conn).await.is_ok_and(|s| s.source != "wal");
+            if switched_away {
+                let _ = db::drop_slot(conn, slot).await;
+            }
+            return Err(error);
+        }
+    };
     telemetry.wal.set_slot_health(SlotHealth::Reserved);
     telemetry.wal.slot_resets.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(slot, start = %start, position = reset, "recreated the wal slot; every room was told to reset");
