@@ -255,6 +255,11 @@ impl SettingsCache {
         }
         &self.settings
     }
+
+    /// Which reload the copy is of (as of the last [`SettingsCache::get`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
 }
 
 /// What the gateway keeps of each open connection for `/healthz`.

@@ -4,9 +4,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use super::Room;
 use super::close::{CloseKind, CloseReason};
@@ -74,8 +75,11 @@ pub struct Subscriber {
     pub ordered: bool,
     queue: Mutex<QueueState>,
     /// Wakes the send task: an item was queued into an empty queue, or a
-    /// close was requested. The send task waits on this one thing only.
-    queued: Notify,
+    /// close was requested. The send task waits on this one thing only, and
+    /// it is the only task that waits on it: one waker slot is enough, and
+    /// waking it takes no lock (a `Notify` locked its waiter list on every
+    /// wait and every wake, twice per delivery).
+    queued: AtomicWaker,
     /// The send task is lingering after a write (`QueueReceiver::linger`):
     /// only an item that must not wait wakes it.
     lingering: AtomicBool,
@@ -112,19 +116,24 @@ impl QueueReceiver {
     /// Waits for the next item; `None` once a close has been requested
     /// (what is still queued stays for [`QueueReceiver::try_recv`]).
     pub async fn recv(&mut self) -> Option<Outbound> {
-        loop {
-            // A push into an empty queue, or a close, stores a permit when
-            // nobody waits, so one between these checks and the await still
-            // wakes.
-            let queued = self.subscriber.queued.notified();
-            if self.subscriber.is_closing() {
-                return None;
+        let subscriber = &self.subscriber;
+        let look = || {
+            if subscriber.is_closing() {
+                return Poll::Ready(None);
             }
-            if let Some(item) = self.subscriber.pop() {
-                return Some(item);
+            subscriber.pop().map_or(Poll::Pending, |item| Poll::Ready(Some(item)))
+        };
+        std::future::poll_fn(|cx| {
+            // What waits is taken without registering; before going to
+            // sleep, register and look again: a push or a close after that
+            // second look wakes it.
+            if let Poll::Ready(item) = look() {
+                return Poll::Ready(item);
             }
-            queued.await;
-        }
+            subscriber.queued.register(cx.waker());
+            look()
+        })
+        .await
     }
 
     /// Waits until `until` (`GATEWAY_BATCH_LINGER_MS` after the socket's
@@ -135,32 +144,36 @@ impl QueueReceiver {
     pub async fn linger(&mut self, until: tokio::time::Instant) {
         let subscriber = &self.subscriber;
         subscriber.lingering.store(true, Ordering::SeqCst);
-        let deadline = std::pin::pin!(tokio::time::sleep_until(until));
-        let mut deadline = deadline;
-        loop {
-            // A permit stored by an earlier push wakes this once for
-            // nothing: the checks below send it back to sleep.
-            let woken = subscriber.queued.notified();
+        let mut deadline = std::pin::pin!(tokio::time::sleep_until(until));
+        std::future::poll_fn(|cx| {
+            // A wake from an earlier push polls this once for nothing: the
+            // checks below send it back to sleep.
+            subscriber.queued.register(cx.waker());
             if subscriber.is_closing() || subscriber.has_urgent() {
-                break;
+                return Poll::Ready(());
             }
-            tokio::select! {
-                () = woken => {}
-                () = &mut deadline => break,
-            }
-        }
+            deadline.as_mut().poll(cx)
+        })
+        .await;
         subscriber.lingering.store(false, Ordering::SeqCst);
     }
 
     /// Resolves once a close has been requested.
     pub async fn closed(&self) -> CloseReason {
-        loop {
-            let woken = self.subscriber.queued.notified();
-            if let Some(reason) = self.subscriber.close_reason() {
-                return reason;
+        let subscriber = &self.subscriber;
+        std::future::poll_fn(|cx| {
+            subscriber.queued.register(cx.waker());
+            if !subscriber.is_closing() {
+                return Poll::Pending;
             }
-            woken.await;
-        }
+            // Set before `closing` is seen only by a racing `close`, which
+            // wakes this again once the reason is in.
+            match subscriber.close_reason() {
+                Some(reason) => Poll::Ready(reason),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 
@@ -184,7 +197,7 @@ impl Subscriber {
             id,
             ordered,
             queue: Mutex::new(QueueState::default()),
-            queued: Notify::new(),
+            queued: AtomicWaker::new(),
             lingering: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
             queue_limit,
@@ -244,7 +257,7 @@ impl Subscriber {
             was_empty
         };
         if wake {
-            self.queued.notify_one();
+            self.queued.wake();
         }
         true
     }
@@ -283,7 +296,7 @@ impl Subscriber {
             return;
         }
         *self.close_reason.lock().expect("close reason lock") = Some(reason);
-        self.queued.notify_one();
+        self.queued.wake();
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {

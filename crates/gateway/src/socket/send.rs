@@ -71,16 +71,35 @@ pub(super) async fn send_loop(
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping));
     // Whether this close was counted when it was decided (see `count_close`).
     let mut counted = false;
+    // Whether the heartbeat and idle deadlines must be looked at again
+    // before the next wait, and whether the idle one applied when they last
+    // were. They only move later while the connection is heard from (the
+    // timer firing early is harmless), so they are read again only after
+    // the timer fired or when the idle deadline starts to apply (the last
+    // subscription went) or a reload: two clock reads per delivery saved.
+    let mut check_deadlines = true;
+    let mut idle_watched = false;
+    let mut deadlines_version = settings.version();
     // The close, and until when its frame may take to be written.
     let (close, grace) = loop {
+        let idle_watch = liveness.subscriptions.load(Ordering::Relaxed) == 0;
+        settings.get(state);
+        if check_deadlines || (idle_watch && !idle_watched) || settings.version() != deadlines_version {
+            let wake = next_ping.min(deadlines(settings.get(state), liveness));
+            if wake < timer.deadline() {
+                timer.as_mut().reset(wake);
+            }
+            check_deadlines = false;
+            deadlines_version = settings.version();
+        }
+        idle_watched = idle_watch;
         // The timer only moves earlier here (once fired, it is parked at the
         // next ping): firing early is harmless, the timer branch checks what
         // is actually due.
-        let wake = next_ping
-            .min(deadlines(settings.get(state), liveness))
-            .min(writer.local.due().unwrap_or(next_ping));
-        if wake < timer.deadline() {
-            timer.as_mut().reset(wake);
+        if let Some(due) = writer.local.due()
+            && due < timer.deadline()
+        {
+            timer.as_mut().reset(due);
         }
         tokio::select! {
             biased;
@@ -90,7 +109,7 @@ pub(super) async fn send_loop(
                 };
                 let write_started = std::time::Instant::now();
                 let written = writer
-                    .write_ready(&mut sink, item, &mut queue, subscriber, state, settings.get(state))
+                    .write_ready(&mut sink, item, &mut queue, subscriber, state, settings.get(state), write_started)
                     .await;
                 if let Err(reason) = written {
                     break (reason, Instant::now() + SLOW_CLOSE_GRACE);
@@ -100,6 +119,9 @@ pub(super) async fn send_loop(
                 // read on and get its close frame; then the socket is
                 // dropped: it must not hold a task or memory forever.
                 tokio::select! {
+                    // The flush first: it is nearly always done at once, and
+                    // the close is looked at only when it is not.
+                    biased;
                     flushed = sink.flush() => if flushed.is_err() { return },
                     reason = queue.closed() => {
                         let grace = Instant::now() + SLOW_CLOSE_GRACE;
@@ -121,6 +143,7 @@ pub(super) async fn send_loop(
                 }
             }
             () = &mut timer => {
+                check_deadlines = true;
                 if writer.local.due().is_some_and(|due| Instant::now() >= due) {
                     writer.local.publish(state, subscriber.id, false);
                 }
@@ -185,7 +208,15 @@ pub(super) async fn send_loop(
                     break;
                 }
                 if writer
-                    .write_ready(&mut sink, Work::Item(item), &mut queue, subscriber, state, &settings)
+                    .write_ready(
+                        &mut sink,
+                        Work::Item(item),
+                        &mut queue,
+                        subscriber,
+                        state,
+                        &settings,
+                        std::time::Instant::now(),
+                    )
                     .await
                     .is_err()
                 {
@@ -363,6 +394,8 @@ impl Writer {
     ///
     /// A replay writes one page and returns, so the page is flushed (the
     /// socket has taken it) before the next is read.
+    // `taken_at` is the caller's clock read, passed on to save one per write.
+    #[allow(clippy::too_many_arguments)]
     async fn write_ready(
         &mut self,
         sink: &mut impl Transport,
@@ -371,7 +404,11 @@ impl Writer {
         subscriber: &Subscriber,
         state: &AppState,
         settings: &Settings,
+        taken_at: std::time::Instant,
     ) -> Result<(), CloseReason> {
+        // When the item in hand was taken from the queue: the first at
+        // `taken_at` (read by the caller just before), later ones read anew.
+        let mut taken_at = Some(taken_at);
         let mut item = match first {
             Work::ReplayPage => return self.write_replay_page(sink, state).await,
             Work::Item(item) => item,
@@ -411,9 +448,12 @@ impl Writer {
                         }
                     }
                     self.local.touch();
+                    // One clock read per frame, not per unit merged into it.
+                    let taken = taken_at.take().unwrap_or_else(std::time::Instant::now);
                     for unit in &units {
                         self.latencies.extend_from_slice(&unit.committed_at_us);
-                        self.local.queueing_us.push(unit.queued_at.elapsed().as_micros() as u64);
+                        let queued = taken.saturating_duration_since(unit.queued_at);
+                        self.local.queueing_us.push(queued.as_micros() as u64);
                     }
                     if units.len() > 1 {
                         let waited = units[units.len() - 1].queued_at - units[0].queued_at;
@@ -474,7 +514,10 @@ impl Writer {
                 return Ok(());
             }
             match self.next_ready(queue) {
-                Some(next) => item = next,
+                Some(next) => {
+                    item = next;
+                    taken_at = None;
+                }
                 None => return Ok(()),
             }
         }
@@ -547,18 +590,22 @@ impl Writer {
     /// After a flush: commit-to-send of what was just written (computed
     /// now, published with the rest when due).
     fn record_flush(&mut self, state: &AppState, connection_id: u64, write_started: std::time::Instant) {
-        let now = state.telemetry.db_now_us();
-        self.local.commit_to_send_us.extend(
-            self.latencies
-                .drain(..)
-                .map(|committed| (now - committed).max(0) as u64),
-        );
+        if !self.latencies.is_empty() {
+            let now = state.telemetry.db_now_us();
+            self.local.commit_to_send_us.extend(
+                self.latencies
+                    .drain(..)
+                    .map(|committed| (now - committed).max(0) as u64),
+            );
+        }
+        // One clock read for the write's duration and the publish's due time.
+        let flushed = std::time::Instant::now();
         self.local
             .socket_write_us
-            .push(write_started.elapsed().as_micros() as u64);
+            .push(flushed.saturating_duration_since(write_started).as_micros() as u64);
         self.local.touch();
         let held = self.local.commit_to_send_us.len();
-        if held >= PUBLISH_SAMPLES || self.local.due().is_some_and(|due| Instant::now() >= due) {
+        if held >= PUBLISH_SAMPLES || self.local.due().is_some_and(|due| Instant::from_std(flushed) >= due) {
             self.local.publish(state, connection_id, held >= PUBLISH_FORCE_SAMPLES);
         }
     }
