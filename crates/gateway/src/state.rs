@@ -292,6 +292,18 @@ pub struct Liveness {
     /// A ping is out and its pong has not come back.
     pub ping_outstanding: AtomicBool,
     pub subscriptions: AtomicUsize,
+    /// The receive half's own wake-ups (the socket's `race`).
+    pub receive_wake: ReceiveWake,
+}
+
+/// A connection's receive half's wake-ups: its waker (the socket's `race`)
+/// points at the connection's [`Liveness`], one allocation it has anyway.
+#[derive(Debug, Default)]
+pub struct ReceiveWake {
+    /// Woken since its last poll.
+    pub(crate) woken: AtomicBool,
+    /// The connection's task.
+    pub(crate) task: futures_util::task::AtomicWaker,
 }
 
 impl Liveness {
@@ -303,6 +315,7 @@ impl Liveness {
             round_trip_us: AtomicI64::new(0),
             ping_outstanding: AtomicBool::new(false),
             subscriptions: AtomicUsize::new(0),
+            receive_wake: Default::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::telemetry::Counters;
 
 pub mod heartbeat;
 pub mod limits;
+pub(crate) mod race;
 mod replay;
 mod send;
 mod session;
@@ -82,21 +83,23 @@ pub fn serve(
             // moved-from copy of each future alive in this one's state).
             let mut send = std::pin::pin!(send::send_loop(sink, queue, &subscriber, &state, &liveness, encoding));
             let mut receive = std::pin::pin!(session.receive_loop(stream));
-            tokio::select! {
-                () = &mut send => {
+            match race::race(send.as_mut(), receive.as_mut(), &liveness).await {
+                race::First::Send => {
                     // We closed (slow consumer, shutdown, write error): give the
                     // client a moment to answer the close frame, reading (and
                     // dropping) what it sends meanwhile. A slow consumer is
                     // still working through its backlog: it gets its grace,
                     // unless the gateway is stopping.
-                    let slow = subscriber.close_reason().is_some_and(|r| r.kind == CloseKind::SlowConsumer);
+                    let slow = subscriber
+                        .close_reason()
+                        .is_some_and(|r| r.kind == CloseKind::SlowConsumer);
                     let linger = if slow { SLOW_CLOSE_GRACE } else { CLOSE_LINGER };
                     tokio::select! {
                         _ = tokio::time::timeout(linger, &mut receive) => {}
                         () = state.shutdown.cancelled(), if slow => {}
                     }
                 }
-                () = &mut receive => {
+                race::First::Receive => {
                     // The client closed or broke the protocol: answer its close.
                     subscriber.close(CloseReason::new(CloseKind::Client, ""));
                     let _ = tokio::time::timeout(CLOSE_LINGER, &mut send).await;
