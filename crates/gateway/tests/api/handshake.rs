@@ -107,8 +107,13 @@ async fn silent_and_slow_connections_count_and_are_closed_by_the_handshake_timeo
     })
     .await;
     // Full: a client is refused (on a reserved slot), health still answers.
-    let status = upgrade_status(&gateway).await;
-    assert!(status.contains("503"), "{status}");
+    // Eventually: counted is not yet accepted, and on a loaded machine the
+    // last of the 39 may still wait in the listen backlog while a client
+    // that came after them is accepted (and let go at once).
+    eventually("a new client to be refused with 503", || async {
+        upgrade_status(&gateway).await.contains("503").then_some(())
+    })
+    .await;
     let (health, _) = http_get(gateway.address, "/healthz").await;
     assert_eq!(health, 200);
 
