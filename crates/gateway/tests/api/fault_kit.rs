@@ -350,6 +350,9 @@ pub async fn assert_received_everything(pool: &PgPool, subscriber: &Subscriber, 
 /// The gateway as a separate process, for faults a process can suffer.
 pub struct GatewayProcess {
     pub address: SocketAddr,
+    /// Where the operator endpoints are: `GATEWAY_ADMIN_LISTEN` when the
+    /// start gave it, else `address`.
+    pub admin: SocketAddr,
     pub child: tokio::process::Child,
     pub log: PathBuf,
 }
@@ -411,7 +414,16 @@ impl GatewayProcess {
         }
         let child = command.spawn().expect("starting the gateway binary");
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let gateway = GatewayProcess { address, child, log };
+        let admin = extra_env
+            .iter()
+            .find(|(k, _)| *k == "GATEWAY_ADMIN_LISTEN")
+            .map_or(address, |(_, v)| v.parse().expect("GATEWAY_ADMIN_LISTEN as ip:port"));
+        let gateway = GatewayProcess {
+            address,
+            admin,
+            child,
+            log,
+        };
         gateway.wait_live().await;
         gateway
     }
@@ -421,7 +433,7 @@ impl GatewayProcess {
             let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.address)).await else {
                 return None;
             };
-            let (status, health) = http_get_json(self.address, "/healthz").await;
+            let (status, health) = http_get_json(self.admin, "/healthz").await;
             (status == 200 && health["feed"]["state"] == "live").then_some(())
         })
         .await
