@@ -39,7 +39,8 @@ test("a refused token (401 at the upgrade) backs off, is reported, and the clien
   cleanup.push(async () => client.close());
   client.on("state", (s) => states.push(s));
   const got = [];
-  client.subscribe("project:1", { onChange: (c) => got.push(c.position) });
+  let subscribed = false;
+  client.subscribe("project:1", { onChange: (c) => got.push(c.position), onSubscribed: () => (subscribed = true) });
   await eventually("four refused attempts", () => states.filter((s) => s.state === "disconnected").length >= 4);
   const refused = states.filter((s) => s.state === "disconnected");
   assert.ok(!states.some((s) => s.state === "connected"));
@@ -50,6 +51,9 @@ test("a refused token (401 at the upgrade) backs off, is reported, and the clien
   );
   good = true;
   await eventually("connected with a good token", () => client.state === "connected");
+  // Subscribed, not only connected: a row committed before the gateway
+  // took the subscription is before its starting position (CI saw that).
+  await eventually("the room subscribed", () => subscribed);
   await db.pool.query("insert into items (id, project_id) values (1, 1)");
   await eventually("a change", () => got.length === 1);
   client.close();
