@@ -304,11 +304,17 @@ async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer_and_resumes_with
     }
     let (_, health) = crate::helpers::http_get_json(address, "/healthz").await;
     assert_eq!(health["connections"], 1, "only the quick stream: {health}");
+    // The end comes once the client has read what the gateway's kernel
+    // still holds for it (3 MB here: 26 ms when idle). Once, in the full
+    // suite on a loaded machine, 20 s passed without it (cause not found);
+    // the fill's deadline then, and how far it got if even that passes.
     let mut raw = Vec::new();
-    tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut raw))
-        .await
-        .expect("the dropped connection reads to its end")
-        .ok();
+    let read = tokio::time::timeout(Duration::from_secs(90), stalled.read_to_end(&mut raw)).await;
+    assert!(
+        read.is_ok(),
+        "the dropped connection reads to its end (read {} bytes in 90 s)",
+        raw.len()
+    );
     let got = complete_events(&raw);
     assert_eq!(got[1].1["type"], "subscribed", "{:?}", &got[..2]);
     let mut seen: Vec<i64> = got
