@@ -70,6 +70,9 @@ extern "C" fn stop_shared_cluster() {
         && let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build()
     {
         let _ = runtime.block_on(pg_private::stop_dir(cluster.dir(), pg_private::StopMode::Immediate));
+        // Its files too: run without TEST_DATABASE_URL, every test process
+        // has a cluster of its own (~40 MB), and they piled up in /tmp.
+        let _ = std::fs::remove_dir_all(cluster.dir());
     }
 }
 
