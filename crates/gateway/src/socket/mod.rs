@@ -94,15 +94,21 @@ pub fn serve(
                         .close_reason()
                         .is_some_and(|r| r.kind == CloseKind::SlowConsumer);
                     let linger = if slow { SLOW_CLOSE_GRACE } else { CLOSE_LINGER };
-                    tokio::select! {
-                        _ = tokio::time::timeout(linger, &mut receive) => {}
-                        () = state.shutdown.cancelled(), if slow => {}
-                    }
+                    // Boxed, like the wait below: their timers are needed
+                    // only while closing; unboxed they would sit in every
+                    // open connection's task.
+                    Box::pin(async {
+                        tokio::select! {
+                            _ = tokio::time::timeout(linger, &mut receive) => {}
+                            () = state.shutdown.cancelled(), if slow => {}
+                        }
+                    })
+                    .await;
                 }
                 race::First::Receive => {
                     // The client closed or broke the protocol: answer its close.
                     subscriber.close(CloseReason::new(CloseKind::Client, ""));
-                    let _ = tokio::time::timeout(CLOSE_LINGER, &mut send).await;
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, &mut send)).await;
                 }
             }
         }

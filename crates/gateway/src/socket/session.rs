@@ -46,6 +46,16 @@ pub(super) async fn until(expiry: Option<Instant>) {
     }
 }
 
+/// [`until`] for the receive loop, which waits on it beside every read: the
+/// timer (and its registration) is made only for a token that expires, and
+/// lives on the heap while it is waited on, not in every connection's task.
+async fn expiring(expiry: Option<Instant>) {
+    match expiry {
+        Some(_) => Box::pin(until(expiry)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The receiving half's state.
 pub(super) struct Session {
     state: Arc<AppState>,
@@ -99,7 +109,7 @@ impl Session {
             let expiry = self.expires_at();
             let next = tokio::select! {
                 next = stream.next() => next,
-                () = until(expiry) => {
+                () = expiring(expiry) => {
                     self.state.refusals.count("token_expired");
                     self.subscriber.close(CloseReason::new(
                         CloseKind::TokenExpired,
@@ -132,7 +142,11 @@ impl Session {
                     Counters::add(&self.state.telemetry.counters.bytes_received, text.len() as u64);
                     self.liveness.last_message_us.store(now, Ordering::Relaxed);
                     if self.admit(&text) {
-                        self.on_text(&text).await;
+                        // Boxed: what handling a request holds (the decoded
+                        // request, the database calls) is needed only while
+                        // it runs; unboxed it would sit in every idle
+                        // connection's task.
+                        Box::pin(self.on_text(&text)).await;
                     }
                 }
                 Message::Binary(bytes) => {
