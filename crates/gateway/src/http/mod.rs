@@ -139,6 +139,7 @@ async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(params): Query<UpgradeParams>,
     slot: Option<Extension<Arc<Slot>>>,
+    fd: Option<Extension<crate::hub::SocketFd>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -210,6 +211,7 @@ async fn upgrade(
     }
     let upgraded = Box::new(Upgraded {
         slot,
+        fd: fd.map(|Extension(f)| f.0),
         identity,
         id,
         encoding,
@@ -230,6 +232,8 @@ async fn upgrade(
 struct Upgraded {
     /// The connection's slot, held until the socket is gone.
     slot: Option<Arc<Slot>>,
+    /// The TCP socket's descriptor, for the dispatcher's direct writes.
+    fd: Option<i32>,
     identity: Identity,
     id: u64,
     encoding: Encoding,
@@ -243,6 +247,7 @@ struct Upgraded {
 fn connection(socket: WebSocket, state: Arc<AppState>, upgraded: Box<Upgraded>) -> impl Future<Output = ()> + Send {
     let Upgraded {
         slot,
+        fd,
         identity,
         id,
         encoding,
@@ -252,7 +257,7 @@ fn connection(socket: WebSocket, state: Arc<AppState>, upgraded: Box<Upgraded>) 
         Counters::add(&state.telemetry.counters.connections_opened, 1);
         state.active_connections.fetch_add(1, Ordering::AcqRel);
     }
-    let serving = socket::serve(socket, Arc::clone(&state), identity, id, encoding);
+    let serving = socket::serve(socket, Arc::clone(&state), identity, id, encoding, fd);
     let tracker = state.connections.clone();
     tracker.track_future(serving.map(move |()| {
         if !is_probe {

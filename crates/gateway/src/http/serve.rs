@@ -122,6 +122,11 @@ fn is_per_connection(error: &std::io::Error) -> bool {
 /// upgraded (then the WebSocket's task holds the slot).
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, router: Router, slot: Arc<Slot>, state: Arc<AppState>) {
     let timeout = state.settings().limits.handshake_timeout;
+    // For the dispatcher's direct writes of WebSocket frames (`hub::
+    // Subscriber::push_live`): this is the plain TCP socket the frames go
+    // out on, since the gateway has no TLS of its own (a proxy in front
+    // terminates it).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let over_limit = slot.over_limit();
     let abort = ConnectionAbort::new();
     let aborted = abort.token();
@@ -137,6 +142,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, router: Router, slot
                     return Ok::<_, Infallible>(super::connection_limit(&state));
                 }
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(crate::hub::SocketFd(fd));
                 request.extensions_mut().insert(slot);
                 request.extensions_mut().insert(abort.clone());
                 // A request must be answered within the timeout too: a

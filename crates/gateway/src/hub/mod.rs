@@ -21,7 +21,7 @@ mod recent;
 mod subscriber;
 
 pub use close::{CloseKind, CloseReason, DROPPED};
-pub use subscriber::{Outbound, QueueReceiver, ReplayRange, Subscriber};
+pub use subscriber::{DirectWrites, Outbound, QueueReceiver, ReplayRange, SocketFd, Subscriber};
 
 use recent::Recent;
 pub use recent::{MemoryPage, PageLimits};
@@ -62,7 +62,7 @@ pub struct Hub {
 }
 
 /// What one [`Hub::dispatch_group`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Dispatched {
     /// Changes queued, counted once per member.
     pub deliveries: usize,
@@ -72,6 +72,8 @@ pub struct Dispatched {
     pub deduplicated: usize,
     /// Time spent serializing the units, microseconds.
     pub encoding_us: u64,
+    /// What was written to idle sockets at once (see `Subscriber::push_live`).
+    pub direct: DirectWrites,
 }
 
 /// What a subscribe did.
@@ -334,6 +336,9 @@ fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched)
         ..
     } = state;
     let now = tokio::time::Instant::now();
+    done.direct.compression = features
+        .compression
+        .then_some((pipeline.compression_threshold, pipeline.compression_level));
     // Each room's share of the group, in commit order.
     let mut shares: Vec<(&str, Vec<&Change>)> = Vec::new();
     let mut share_of: HashMap<&str, usize> = HashMap::new();
@@ -402,7 +407,10 @@ fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched)
                     Outbound::Changes(u) => u.change_count(),
                     _ => 0,
                 };
-                if member.subscriber.push(item) {
+                // Written at once to an idle socket, unless the socket
+                // lingers (GATEWAY_BATCH_LINGER_MS: its send task decides).
+                let direct = pipeline.batch_linger.is_zero().then_some(&mut done.direct);
+                if member.subscriber.push_live(item, direct) {
                     done.deliveries += count;
                 }
             }

@@ -2,7 +2,7 @@
 //! connection's send task works through, and a way to ask for a close.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -12,7 +12,7 @@ use futures_util::task::AtomicWaker;
 use super::Room;
 use super::close::{CloseKind, CloseReason};
 use crate::change::Position;
-use crate::pipeline::encode::Unit;
+use crate::pipeline::encode::{Encoding, Unit};
 
 /// What a connection's send task works through, in order. Kept to 16 bytes
 /// (each variant one pointer): every connection's queue holds these.
@@ -91,6 +91,43 @@ pub struct Subscriber {
     /// gap-free prefix it can resume from.
     closing: AtomicBool,
     close_reason: Mutex<Option<CloseReason>>,
+    /// The socket's descriptor while the dispatcher may write live changes
+    /// to it itself ([`Subscriber::push_live`]); -1 otherwise.
+    direct_fd: AtomicI32,
+    /// The client's encoding, for those writes ([`Encoding`] as u8).
+    direct_encoding: AtomicU8,
+    /// Who may write the socket: [`WRITER_IDLE`] (the send task waits with
+    /// nothing in hand: a pusher may take it), [`WRITER_TASK`] or
+    /// [`WRITER_DIRECT`] (a pusher is writing).
+    writer: AtomicU8,
+}
+
+/// The raw descriptor of a connection's TCP socket, from accept.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketFd(pub i32);
+
+const WRITER_IDLE: u8 = 0;
+const WRITER_TASK: u8 = 1;
+const WRITER_DIRECT: u8 = 2;
+
+/// How the dispatcher may write live changes itself, and what it wrote,
+/// for the feed to record as a send loop records its writes.
+#[derive(Debug, Default)]
+pub struct DirectWrites {
+    /// Compression as the send loop does it: (threshold, level), or None.
+    pub compression: Option<(usize, u32)>,
+    /// Per change written: its commit time (database clock) and when it
+    /// was written (this host's clock), microseconds.
+    pub sent: Vec<(i64, i64)>,
+    pub queueing_us: Vec<u64>,
+    pub encoding_us: Vec<u64>,
+    pub socket_write_us: Vec<u64>,
+    pub batch_sizes: Vec<u64>,
+    /// Per encoding (none, br, gzip): frames, changes, batched frames, raw
+    /// bytes, sent bytes.
+    pub frames: [[u64; 5]; 3],
+    pub messages: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -203,6 +240,9 @@ impl Subscriber {
             queue_limit,
             closing: AtomicBool::new(false),
             close_reason: Mutex::new(None),
+            direct_fd: AtomicI32::new(-1),
+            direct_encoding: AtomicU8::new(Encoding::None as u8),
+            writer: AtomicU8::new(WRITER_TASK),
         });
         let receiver = QueueReceiver {
             subscriber: Arc::clone(&sub),
@@ -272,8 +312,141 @@ impl Subscriber {
             .any(Outbound::must_not_wait)
     }
 
+    /// The next item; the send task holds the socket from here (under the
+    /// queue's lock, where a pusher looks before writing itself: an item
+    /// taken here is never overtaken by a later one written directly).
     fn pop(&self) -> Option<Outbound> {
-        self.queue.lock().expect("queue lock").items.pop_front()
+        let mut queue = self.queue.lock().expect("queue lock");
+        if queue.items.is_empty() {
+            return None;
+        }
+        self.writer_take();
+        queue.items.pop_front()
+    }
+
+    /// Lets the dispatcher write live changes to the socket `fd` itself
+    /// while the send task idles (a WebSocket; not the probe's).
+    pub fn write_directly(&self, fd: i32, encoding: Encoding) {
+        self.direct_encoding.store(encoding as u8, Ordering::Relaxed);
+        self.direct_fd.store(fd, Ordering::Release);
+    }
+
+    /// The send task waits with nothing in hand: a pusher may write.
+    pub fn writer_idle(&self) {
+        if self.direct_fd.load(Ordering::Relaxed) >= 0 {
+            self.writer.store(WRITER_IDLE, Ordering::Release);
+        }
+    }
+
+    /// The send task is about to write: waits out a pusher's write (one
+    /// frame into the socket's buffer, or the rest of one it began).
+    pub fn writer_take(&self) {
+        loop {
+            match self
+                .writer
+                .compare_exchange(WRITER_IDLE, WRITER_TASK, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) | Err(WRITER_TASK) => return,
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+    }
+
+    /// No more direct writes (the socket is about to go): waits out one in
+    /// progress.
+    pub fn stop_direct(&self) {
+        self.direct_fd.store(-1, Ordering::Release);
+        self.writer_take();
+    }
+
+    /// [`Subscriber::push`] for the dispatcher's live changes: written to
+    /// the socket at once when the send task idles with nothing queued
+    /// and the socket takes the whole frame without waiting (no task
+    /// wake-up, no queue); queued otherwise.
+    pub fn push_live(&self, item: Outbound, direct: Option<&mut DirectWrites>) -> bool {
+        if let (Some(direct), Outbound::Changes(unit)) = (direct, &item)
+            && self.direct_fd.load(Ordering::Acquire) >= 0
+            && !self.closing.load(Ordering::Relaxed)
+        {
+            let taken = {
+                let queue = self.queue.lock().expect("queue lock");
+                !queue.detached
+                    && queue.items.is_empty()
+                    && self
+                        .writer
+                        .compare_exchange(WRITER_IDLE, WRITER_DIRECT, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            };
+            if taken {
+                let wrote = self.write_unit(unit, direct);
+                self.writer.store(WRITER_IDLE, Ordering::Release);
+                if wrote {
+                    return true;
+                }
+            }
+        }
+        self.push(item)
+    }
+
+    /// One frame of `unit` to the socket, as the send loop would frame it.
+    fn write_unit(&self, unit: &Unit, direct: &mut DirectWrites) -> bool {
+        let fd = self.direct_fd.load(Ordering::Acquire);
+        if fd < 0 {
+            return false;
+        }
+        let encoding = match self.direct_encoding.load(Ordering::Relaxed) {
+            1 => Encoding::Brotli,
+            2 => Encoding::Gzip,
+            _ => Encoding::None,
+        };
+        let started = std::time::Instant::now();
+        let (opcode, payload, encoding) = match direct.compression {
+            Some((threshold, level)) if encoding != Encoding::None && unit.text.len() > threshold => {
+                let (bytes, took) = unit.compressed_timed(encoding, level);
+                if let Some(took) = took {
+                    direct.encoding_us.push(took.as_micros() as u64);
+                }
+                (0x82, bytes.as_ref(), encoding)
+            }
+            _ => (0x81, unit.text.as_bytes(), Encoding::None),
+        };
+        match write_frame(fd, opcode, payload) {
+            Frame::Written => {}
+            Frame::NotWritten => return false,
+            Frame::Cut => {
+                // Nothing more can follow half a frame: the connection
+                // ends, and the client resumes from its last position.
+                self.close(CloseReason::new(
+                    CloseKind::SlowConsumer,
+                    "slow consumer: a frame could not be written; resume from your last position",
+                ));
+                // SAFETY: shuts the socket down; its descriptor stays open.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                return false;
+            }
+        }
+        let written = std::time::Instant::now();
+        let written_us = crate::change::now_us();
+        let changes = unit.change_count();
+        direct
+            .sent
+            .extend(unit.committed_at_us.iter().map(|committed| (*committed, written_us)));
+        direct
+            .queueing_us
+            .push(started.saturating_duration_since(unit.queued_at).as_micros() as u64);
+        direct
+            .socket_write_us
+            .push(written.saturating_duration_since(started).as_micros() as u64);
+        direct.batch_sizes.push(changes as u64);
+        let frame = &mut direct.frames[encoding as usize];
+        frame[0] += 1;
+        frame[1] += changes as u64;
+        frame[2] += u64::from(changes > 1);
+        frame[3] += unit.text.len() as u64;
+        frame[4] += payload.len() as u64;
+        direct.messages += 1;
+        direct.bytes += payload.len() as u64;
+        true
     }
 
     /// What an item of `bytes` counts against the bound.
@@ -311,6 +484,56 @@ impl Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected TCP pair on loopback: (the gateway's end, non-blocking;
+    /// the client's end).
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (server, client)
+    }
+
+    #[test]
+    fn a_direct_write_is_one_whole_websocket_frame() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (server, mut client) = tcp_pair();
+        let fd = server.as_raw_fd();
+        // 7-bit and 16-bit lengths, text and binary.
+        let small = b"{\"type\":\"change\"}".to_vec();
+        let large = vec![b'x'; 300];
+        assert_eq!(write_frame(fd, 0x81, &small), Frame::Written);
+        assert_eq!(write_frame(fd, 0x82, &large), Frame::Written);
+        let mut got = vec![0u8; 2 + small.len() + 4 + large.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..2], &[0x81, small.len() as u8]);
+        assert_eq!(&got[2..2 + small.len()], &small[..]);
+        let rest = &got[2 + small.len()..];
+        assert_eq!(&rest[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(&rest[4..], &large[..]);
+    }
+
+    #[test]
+    fn a_direct_write_leaves_a_socket_that_is_behind_to_the_send_task() {
+        use std::os::fd::AsRawFd;
+        let (server, client) = tcp_pair();
+        let fd = server.as_raw_fd();
+        // Larger than a direct write may leave queued: never written.
+        assert_eq!(write_frame(fd, 0x81, &vec![b'x'; DIRECT_MAX_QUEUED]), Frame::NotWritten);
+        // A client that does not read: once its receive buffer is full and
+        // its socket holds more than the bound, nothing more is written
+        // directly, and no frame is cut.
+        let frame = vec![b'y'; 1000];
+        let mut written = 0;
+        while write_frame(fd, 0x81, &frame) == Frame::Written {
+            written += 1;
+            assert!(written < 100_000, "the bound stops direct writes");
+        }
+        assert!(written >= 1);
+        drop(client);
+    }
 
     #[test]
     fn queue_items_are_one_pointer_wide() {
@@ -444,4 +667,95 @@ mod tests {
         drop(rx);
         assert!(!sub.push_control("two".into()), "push after the send task is gone");
     }
+}
+
+/// Most bytes a direct write leaves in the socket's send queue: far below
+/// the smallest send buffer (16 KiB), so the frame is taken whole, and a
+/// client that has fallen behind (more than this unacknowledged) is served
+/// by its send task and queue, with their slow-consumer bound.
+const DIRECT_MAX_QUEUED: usize = 8 * 1024;
+
+/// What [`write_frame`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    Written,
+    /// Nothing written: the send task takes it.
+    NotWritten,
+    /// Part of the frame went out and the rest could not follow within a
+    /// second: the stream is cut mid-frame and must end.
+    Cut,
+}
+
+/// One unmasked WebSocket frame (`opcode`: 0x81 text, 0x82 binary) of
+/// `payload` on a non-blocking socket, if the socket's send queue has room
+/// for it (see [`DIRECT_MAX_QUEUED`]).
+fn write_frame(fd: i32, opcode: u8, payload: &[u8]) -> Frame {
+    let mut header = [0u8; 10];
+    let len = payload.len();
+    header[0] = opcode;
+    let header_len = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if len < 65536 {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    let total = header_len + len;
+    if total > DIRECT_MAX_QUEUED {
+        return Frame::NotWritten;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int: the bytes in the socket's
+    // send queue, unsent or unacknowledged.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 || queued as usize + total > DIRECT_MAX_QUEUED {
+        return Frame::NotWritten;
+    }
+    let mut done = 0usize;
+    while done < total {
+        let (head, body) = if done < header_len {
+            (&header[done..header_len], payload)
+        } else {
+            (&header[..0], &payload[done - header_len..])
+        };
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: body.as_ptr() as *mut libc::c_void,
+                iov_len: body.len(),
+            },
+        ];
+        // SAFETY: both iovecs point into live buffers of their lengths; the
+        // descriptor stays open while the writer is held (`stop_direct`).
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        let error = std::io::Error::last_os_error();
+        match error.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if done > 0 => {
+                let mut poll = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                if unsafe { libc::poll(&mut poll, 1, 1000) } <= 0 {
+                    return Frame::Cut;
+                }
+            }
+            _ if done > 0 => return Frame::Cut,
+            _ => return Frame::NotWritten,
+        }
+    }
+    Frame::Written
 }

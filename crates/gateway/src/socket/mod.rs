@@ -50,9 +50,17 @@ pub fn serve(
     identity: Identity,
     connection_id: u64,
     encoding: Encoding,
+    fd: Option<i32>,
 ) -> impl Future<Output = ()> + Send {
     let settings = state.settings();
     let (subscriber, queue) = Subscriber::new(connection_id, settings.limits.send_queue_bytes);
+    // The dispatcher writes live changes to this socket itself while its
+    // send task idles (not the probe's: its latencies are not the clients').
+    if let Some(fd) = fd
+        && !state.telemetry.is_probe(connection_id)
+    {
+        subscriber.write_directly(fd, encoding);
+    }
     let liveness = Arc::new(Liveness::new());
     state.register_connection(
         connection_id,

@@ -33,6 +33,16 @@ const MAX_FRAMES_PER_WRITE: usize = 256;
 pub(super) trait Transport: Sink<Message, Error = axum::Error> + Unpin + Send {}
 impl<S: Sink<Message, Error = axum::Error> + Unpin + Send> Transport for S {}
 
+/// Ends the dispatcher's direct writes to a connection's socket when its
+/// send loop ends, before the socket can close.
+struct StopDirect<'a>(&'a Subscriber);
+
+impl Drop for StopDirect<'_> {
+    fn drop(&mut self) {
+        self.0.stop_direct();
+    }
+}
+
 /// Writes queued items to the socket, flushing once per drained batch; sends
 /// pings; closes the socket when asked to.
 pub(super) async fn send_loop(
@@ -43,6 +53,9 @@ pub(super) async fn send_loop(
     liveness: &Liveness,
     encoding: Encoding,
 ) {
+    // However this future ends (dropped on the close path too), nothing
+    // is written directly after it: the socket goes with it.
+    let _direct = StopDirect(subscriber);
     let mut settings = state.settings_cache();
     let initial = settings.get(state);
     let mut heartbeat = Heartbeat::new(
@@ -101,9 +114,15 @@ pub(super) async fn send_loop(
         {
             timer.as_mut().reset(due);
         }
+        // Nothing in hand: the dispatcher may write to the socket itself
+        // while this waits (taking the next item takes the socket back).
+        if writer.carry.is_none() && writer.replay.is_none() {
+            subscriber.writer_idle();
+        }
         tokio::select! {
             biased;
             work = next_work(writer.replay.is_some(), &mut writer.carry, &mut queue, subscriber) => {
+                subscriber.writer_take();
                 let Some(item) = work else {
                     break (queue.closed().await, Instant::now() + SLOW_CLOSE_GRACE);
                 };
@@ -143,6 +162,7 @@ pub(super) async fn send_loop(
                 }
             }
             () = &mut timer => {
+                subscriber.writer_take();
                 check_deadlines = true;
                 if writer.local.due().is_some_and(|due| Instant::now() >= due) {
                     writer.local.publish(state, subscriber.id, false);
@@ -186,6 +206,7 @@ pub(super) async fn send_loop(
             }
         }
     };
+    subscriber.writer_take();
     writer.local.publish(state, subscriber.id, true);
     if !counted {
         count_close(state, &close);
