@@ -14,7 +14,7 @@ use crate::change::{Change, Position, push_json_str};
 use crate::config::{Features, PipelineSettings};
 use crate::pipeline::batch::plan_units;
 use crate::pipeline::dedup::{self, Dedup};
-use crate::pipeline::encode::Unit;
+use crate::pipeline::encode::{Compression, Unit};
 
 mod close;
 mod recent;
@@ -336,9 +336,10 @@ fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched)
         ..
     } = state;
     let now = tokio::time::Instant::now();
-    done.direct.compression = features
-        .compression
-        .then_some((pipeline.compression_threshold, pipeline.compression_level));
+    done.direct.compression = Compression::of(features.compression, pipeline);
+    // Written at once to idle sockets, unless sockets linger
+    // (GATEWAY_BATCH_LINGER_MS: their send tasks decide when to write).
+    let direct = pipeline.batch_linger.is_zero();
     // Each room's share of the group, in commit order.
     let mut shares: Vec<(&str, Vec<&Change>)> = Vec::new();
     let mut share_of: HashMap<&str, usize> = HashMap::new();
@@ -407,10 +408,7 @@ fn fan_out(state: &mut HubState, changes: &[Arc<Change>], done: &mut Dispatched)
                     Outbound::Changes(u) => u.change_count(),
                     _ => 0,
                 };
-                // Written at once to an idle socket, unless the socket
-                // lingers (GATEWAY_BATCH_LINGER_MS: its send task decides).
-                let direct = pipeline.batch_linger.is_zero().then_some(&mut done.direct);
-                if member.subscriber.push_live(item, direct) {
+                if member.subscriber.push_live(item, direct.then_some(&mut done.direct)) {
                     done.deliveries += count;
                 }
             }

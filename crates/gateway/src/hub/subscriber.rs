@@ -12,7 +12,8 @@ use futures_util::task::AtomicWaker;
 use super::Room;
 use super::close::{CloseKind, CloseReason};
 use crate::change::Position;
-use crate::pipeline::encode::{Encoding, Unit};
+use crate::pipeline::encode::{Compression, Encoding, Unit};
+use crate::telemetry::writes::HeldWrites;
 
 /// What a connection's send task works through, in order. Kept to 16 bytes
 /// (each variant one pointer): every connection's queue holds these.
@@ -114,20 +115,12 @@ const WRITER_DIRECT: u8 = 2;
 /// for the feed to record as a send loop records its writes.
 #[derive(Debug, Default)]
 pub struct DirectWrites {
-    /// Compression as the send loop does it: (threshold, level), or None.
-    pub compression: Option<(usize, u32)>,
+    /// Compression as the send loop does it.
+    pub compression: Option<Compression>,
     /// Per change written: its commit time (database clock) and when it
     /// was written (this host's clock), microseconds.
     pub sent: Vec<(i64, i64)>,
-    pub queueing_us: Vec<u64>,
-    pub encoding_us: Vec<u64>,
-    pub socket_write_us: Vec<u64>,
-    pub batch_sizes: Vec<u64>,
-    /// Per encoding (none, br, gzip): frames, changes, batched frames, raw
-    /// bytes, sent bytes.
-    pub frames: [[u64; 5]; 3],
-    pub messages: u64,
-    pub bytes: u64,
+    pub held: HeldWrites,
 }
 
 #[derive(Debug, Default)]
@@ -394,21 +387,16 @@ impl Subscriber {
         if fd < 0 {
             return false;
         }
-        let encoding = match self.direct_encoding.load(Ordering::Relaxed) {
-            1 => Encoding::Brotli,
-            2 => Encoding::Gzip,
-            _ => Encoding::None,
-        };
+        let encoding = Encoding::from_u8(self.direct_encoding.load(Ordering::Relaxed));
         let started = std::time::Instant::now();
-        let (opcode, payload, encoding) = match direct.compression {
-            Some((threshold, level)) if encoding != Encoding::None && unit.text.len() > threshold => {
-                let (bytes, took) = unit.compressed_timed(encoding, level);
+        let (opcode, payload, encoding) = match unit.compressed_for(encoding, direct.compression) {
+            Some((bytes, took)) => {
                 if let Some(took) = took {
-                    direct.encoding_us.push(took.as_micros() as u64);
+                    direct.held.encoding_us.push(took.as_micros() as u64);
                 }
                 (0x82, bytes.as_ref(), encoding)
             }
-            _ => (0x81, unit.text.as_bytes(), Encoding::None),
+            None => (0x81, unit.text.as_bytes(), Encoding::None),
         };
         match write_frame(fd, opcode, payload) {
             Frame::Written => {}
@@ -432,20 +420,15 @@ impl Subscriber {
             .sent
             .extend(unit.committed_at_us.iter().map(|committed| (*committed, written_us)));
         direct
+            .held
             .queueing_us
             .push(started.saturating_duration_since(unit.queued_at).as_micros() as u64);
         direct
+            .held
             .socket_write_us
             .push(written.saturating_duration_since(started).as_micros() as u64);
-        direct.batch_sizes.push(changes as u64);
-        let frame = &mut direct.frames[encoding as usize];
-        frame[0] += 1;
-        frame[1] += changes as u64;
-        frame[2] += u64::from(changes > 1);
-        frame[3] += unit.text.len() as u64;
-        frame[4] += payload.len() as u64;
-        direct.messages += 1;
-        direct.bytes += payload.len() as u64;
+        direct.held.frame(encoding, changes, unit.text.len(), payload.len());
+        direct.held.message(payload.len());
         true
     }
 

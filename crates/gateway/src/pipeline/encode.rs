@@ -18,7 +18,35 @@ pub enum Encoding {
     Gzip = 2,
 }
 
+/// When and how hard units are compressed for br and gzip clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Compression {
+    /// Units of this many bytes or fewer go as text.
+    pub threshold: usize,
+    pub level: u32,
+}
+
+impl Compression {
+    /// `GATEWAY_FEATURES`' compression, with the pipeline's threshold and
+    /// level; None when it is off.
+    pub fn of(enabled: bool, pipeline: &crate::config::PipelineSettings) -> Option<Compression> {
+        enabled.then_some(Compression {
+            threshold: pipeline.compression_threshold,
+            level: pipeline.compression_level,
+        })
+    }
+}
+
 impl Encoding {
+    /// The encoding whose `as u8` is `value` (anything else: `None`).
+    pub fn from_u8(value: u8) -> Encoding {
+        match value {
+            1 => Encoding::Brotli,
+            2 => Encoding::Gzip,
+            _ => Encoding::None,
+        }
+    }
+
     pub fn parse(value: Option<&str>) -> Result<Encoding, String> {
         match value.unwrap_or("") {
             "" | "none" => Ok(Encoding::None),
@@ -158,6 +186,19 @@ impl Unit {
             bytes
         });
         (bytes, took)
+    }
+
+    /// The compressed form this unit goes out in to a client of `encoding`
+    /// (and how long making it took when this call made it), or None when
+    /// it goes as text: compression off, a `none` client, or too short.
+    pub fn compressed_for(
+        &self,
+        encoding: Encoding,
+        compression: Option<Compression>,
+    ) -> Option<(&Bytes, Option<std::time::Duration>)> {
+        let compression = compression?;
+        (encoding != Encoding::None && self.text.len() > compression.threshold)
+            .then(|| self.compressed_timed(encoding, compression.level))
     }
 
     /// Roughly the memory a queued unit holds.

@@ -17,12 +17,12 @@ use super::{CLOSE_LINGER, SLOW_CLOSE_GRACE};
 use crate::change::now_us;
 use crate::config::Settings;
 use crate::hub::{CloseKind, CloseReason, Outbound, QueueReceiver, Subscriber};
-use crate::pipeline::encode::{Encoding, Unit, merge};
+use crate::pipeline::encode::{Compression, Encoding, Unit, merge};
 use crate::protocol;
 use crate::state::AppState;
 use crate::state::Liveness;
 use crate::telemetry::Counters;
-use crate::telemetry::stages::Stage;
+use crate::telemetry::writes::HeldWrites;
 
 /// Most frames written between two flushes: a socket that fell behind
 /// catches up in large writes, and still yields to other tasks.
@@ -337,16 +337,7 @@ struct Writer {
 #[derive(Default)]
 struct LocalTelemetry {
     commit_to_send_us: Vec<u64>,
-    queueing_us: Vec<u64>,
-    batch_wait_us: Vec<u64>,
-    encoding_us: Vec<u64>,
-    socket_write_us: Vec<u64>,
-    batch_sizes: Vec<u64>,
-    /// Per encoding (none, br, gzip): frames, changes, batched frames, raw
-    /// bytes, sent bytes.
-    frames: [[u64; 5]; 3],
-    messages: u64,
-    bytes: u64,
+    held: HeldWrites,
     since: Option<Instant>,
 }
 
@@ -376,33 +367,10 @@ impl LocalTelemetry {
         }
         let telemetry = &state.telemetry;
         let mut published = telemetry.record_held_send_latencies(connection_id, &mut self.commit_to_send_us, force);
-        for (stage, values) in [
-            (Stage::Queueing, &mut self.queueing_us),
-            (Stage::BatchWait, &mut self.batch_wait_us),
-            (Stage::Encoding, &mut self.encoding_us),
-            (Stage::SocketWrite, &mut self.socket_write_us),
-        ] {
-            published &= telemetry.stages.record_held(stage, values, force);
-        }
+        published &= self.held.publish(telemetry, &state.hub.stats, force);
         if !published {
             self.since = Some(Instant::now());
         }
-        for size in self.batch_sizes.drain(..) {
-            telemetry.batch_sizes.record(size);
-        }
-        let stats = &state.hub.stats;
-        for (i, [frames, changes, batched, raw, sent]) in self.frames.iter_mut().enumerate() {
-            if *frames > 0 {
-                stats.add(i, *frames, *changes, *batched, *raw, *sent);
-            }
-            *frames = 0;
-            *changes = 0;
-            *batched = 0;
-            *raw = 0;
-            *sent = 0;
-        }
-        Counters::add(&telemetry.counters.messages_sent, std::mem::take(&mut self.messages));
-        Counters::add(&telemetry.counters.bytes_sent, std::mem::take(&mut self.bytes));
     }
 }
 
@@ -474,11 +442,11 @@ impl Writer {
                     for unit in &units {
                         self.latencies.extend_from_slice(&unit.committed_at_us);
                         let queued = taken.saturating_duration_since(unit.queued_at);
-                        self.local.queueing_us.push(queued.as_micros() as u64);
+                        self.local.held.queueing_us.push(queued.as_micros() as u64);
                     }
                     if units.len() > 1 {
                         let waited = units[units.len() - 1].queued_at - units[0].queued_at;
-                        self.local.batch_wait_us.push(waited.as_micros() as u64);
+                        self.local.held.batch_wait_us.push(waited.as_micros() as u64);
                     }
                     let changes: usize = units.iter().map(|u| u.change_count()).sum();
                     let raw: usize = units.iter().map(|u| u.text.len()).sum();
@@ -486,47 +454,32 @@ impl Writer {
                         Message::Text(merge(&units).into())
                     } else {
                         let unit = &units[0];
-                        let compress = self.encoding != Encoding::None
-                            && settings.features.compression
-                            && unit.text.len() > settings.pipeline.compression_threshold;
-                        if compress {
-                            let level = settings.pipeline.compression_level;
-                            let (bytes, took) = unit.compressed_timed(self.encoding, level);
-                            if let Some(took) = took {
-                                self.local.encoding_us.push(took.as_micros() as u64);
+                        let compression = Compression::of(settings.features.compression, &settings.pipeline);
+                        match unit.compressed_for(self.encoding, compression) {
+                            Some((bytes, took)) => {
+                                if let Some(took) = took {
+                                    self.local.held.encoding_us.push(took.as_micros() as u64);
+                                }
+                                Message::Binary(bytes.clone())
                             }
-                            Message::Binary(bytes.clone())
-                        } else {
-                            Message::Text(unit.text.clone())
+                            None => Message::Text(unit.text.clone()),
                         }
                     };
-                    let sent = match &message {
-                        Message::Binary(b) => b.len(),
-                        Message::Text(t) => t.len(),
-                        _ => 0,
+                    let (encoding, sent) = match &message {
+                        Message::Binary(b) => (self.encoding, b.len()),
+                        Message::Text(t) => (Encoding::None, t.len()),
+                        _ => (Encoding::None, 0),
                     };
-                    let encoding = if matches!(message, Message::Binary(_)) {
-                        self.encoding
-                    } else {
-                        Encoding::None
-                    };
-                    let frame = &mut self.local.frames[encoding as usize];
-                    frame[0] += 1;
-                    frame[1] += changes as u64;
-                    frame[2] += u64::from(changes > 1);
-                    frame[3] += raw as u64;
-                    frame[4] += sent as u64;
-                    self.local.batch_sizes.push(changes as u64);
+                    self.local.held.frame(encoding, changes, raw, sent);
                     message
                 }
             };
             self.local.touch();
-            self.local.bytes += match &message {
-                Message::Text(text) => text.len() as u64,
-                Message::Binary(bytes) => bytes.len() as u64,
+            self.local.held.message(match &message {
+                Message::Text(text) => text.len(),
+                Message::Binary(bytes) => bytes.len(),
                 _ => 0,
-            };
-            self.local.messages += 1;
+            });
             sink.feed(message)
                 .await
                 .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
@@ -581,8 +534,7 @@ impl Writer {
         };
         for text in texts {
             local.touch();
-            local.messages += 1;
-            local.bytes += text.len() as u64;
+            local.held.message(text.len());
             sink.feed(Message::Text(text.into()))
                 .await
                 .map_err(|e| CloseReason::new(CloseKind::WriteFailed, format!("write failed: {e}")))?;
@@ -622,6 +574,7 @@ impl Writer {
         // One clock read for the write's duration and the publish's due time.
         let flushed = std::time::Instant::now();
         self.local
+            .held
             .socket_write_us
             .push(flushed.saturating_duration_since(write_started).as_micros() as u64);
         self.local.touch();

@@ -10,10 +10,8 @@ use tokio_util::sync::CancellationToken;
 use ws_gateway_client::Backoff;
 
 use super::Source;
-use crate::change::now_us;
-use crate::change::{Change, Position};
-use crate::hub::DirectWrites;
-use crate::hub::Hub;
+use crate::change::{Change, Position, now_us};
+use crate::hub::{DirectWrites, Hub};
 use crate::telemetry::repeats::{Occurrence, Repeats, SUMMARY_EVERY};
 use crate::telemetry::stages::Stage;
 use crate::telemetry::{Counters, FeedState, Telemetry};
@@ -229,7 +227,7 @@ impl Dispatcher {
     /// Records what the dispatcher wrote to idle sockets itself, as a send
     /// loop records its writes (the probe's socket is never one of them).
     fn record_direct(&self, mut direct: DirectWrites) {
-        if direct.messages == 0 {
+        if direct.sent.is_empty() {
             return;
         }
         let telemetry = &self.telemetry;
@@ -240,23 +238,7 @@ impl Dispatcher {
             .map(|(committed, sent)| (sent + offset - committed).max(0) as u64)
             .collect();
         telemetry.commit_to_send.record_held(&mut held, true);
-        for (stage, values) in [
-            (Stage::Queueing, &mut direct.queueing_us),
-            (Stage::Encoding, &mut direct.encoding_us),
-            (Stage::SocketWrite, &mut direct.socket_write_us),
-        ] {
-            telemetry.stages.record_held(stage, values, true);
-        }
-        for size in direct.batch_sizes {
-            telemetry.batch_sizes.record(size);
-        }
-        for (i, [frames, changes, batched, raw, sent]) in direct.frames.into_iter().enumerate() {
-            if frames > 0 {
-                self.hub.stats.add(i, frames, changes, batched, raw, sent);
-            }
-        }
-        Counters::add(&telemetry.counters.messages_sent, direct.messages);
-        Counters::add(&telemetry.counters.bytes_sent, direct.bytes);
+        direct.held.publish(telemetry, &self.hub.stats, true);
     }
 
     fn set_position(&mut self, position: Position) {

@@ -22,6 +22,7 @@ pub mod repeats;
 pub mod stages;
 mod tally;
 pub mod timeline;
+pub mod writes;
 
 pub use histogram::{FINE_SLOT_S, MAX_WINDOW, Percentiles, SizeHistogram, WindowedHistogram};
 pub use stages::{Profile, Stage, Stages, profile_window};
