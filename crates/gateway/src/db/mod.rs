@@ -37,9 +37,10 @@ pub(crate) use outbox::{
 };
 pub(crate) use probe::{commit_probe, forget_old_probes};
 pub(crate) use wal::{
-    Progress, SWITCH_LOCK, ServerReadiness, WalBatch, begin, commit, commit_drain_marker, create_slot,
-    deadlock_timeout, drained_past, drop_publication, drop_slot, end_slot_holder, ensure_publication, fence_leaders,
-    is_lock_conflict, is_render_error, is_stale_leader, ping, prepare_leader_session, progress_state, rollback,
-    server_readiness, set_local_lock_timeout, set_progress_state, source_settings_on, switch_to_notify, switch_to_wal,
-    take_leadership, tracked_table_names, wait_for_leadership, wal_write, write_slot_reset,
+    Progress, SWITCH_LOCK, ServerReadiness, WalBatch, WalWriter, Written, begin, commit, commit_drain_marker,
+    create_slot, deadlock_timeout, drained_past, drop_publication, drop_slot, end_slot_holder, ensure_publication,
+    fence_leaders, is_lock_conflict, is_render_error, is_stale_leader, is_undefined_function, ping,
+    prepare_leader_session, progress_state, rollback, server_readiness, set_local_lock_timeout, set_progress_state,
+    source_settings_on, switch_to_notify, switch_to_wal, take_leadership, tracked_table_names, wait_for_leadership,
+    wal_write, write_slot_reset,
 };

@@ -256,6 +256,16 @@ impl WalBatch {
         self.ops.is_empty()
     }
 
+    /// The table whose write function (`realtime.wal_write_<oid>`,
+    /// migrations/0010) can write the batch: Some when every entry is a row
+    /// change of that one table.
+    pub fn one_table(&self) -> Option<i64> {
+        let first = *self.tables.first()?;
+        let rows_of_first = self.tables.iter().all(|&t| t == first)
+            && self.ops.iter().all(|op| matches!(*op, "INSERT" | "UPDATE" | "DELETE"));
+        rows_of_first.then_some(first)
+    }
+
     /// Whether writing it would change anything.
     pub fn has_work(&self) -> bool {
         !self.is_empty() || self.upto.is_some() || self.end_lsn.is_some() || self.state.is_some()
@@ -276,6 +286,16 @@ pub struct Written {
     pub first_position: Option<i64>,
 }
 
+/// Which function writes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalWriter {
+    /// `realtime.wal_write`: any batch.
+    Any,
+    /// `realtime.wal_write_<oid>`: the row changes of that one table (it
+    /// hands any other batch to `wal_write`).
+    Table(i64),
+}
+
 /// Writes `batch` in the connection's transaction (see
 /// `realtime.wal_write`). `safe` renders row by row, so that a row that
 /// cannot be read as its table's row type is written as text instead of
@@ -285,39 +305,51 @@ pub async fn wal_write(
     epoch: i64,
     batch: &WalBatch,
     safe: bool,
+    writer: WalWriter,
 ) -> Result<Written, sqlx::Error> {
     let (upto_lsn, upto_seq) = match &batch.upto {
         Some((lsn, seq)) => (Some(lsn.as_str()), *seq),
         None => (None, 0),
     };
-    let row = sqlx::query(
-        "select written, skipped, first_position from realtime.wal_write(
+    let function = match writer {
+        WalWriter::Any => "wal_write".to_owned(),
+        WalWriter::Table(oid) => format!("wal_write_{oid}"),
+    };
+    let sql = format!(
+        "select written, skipped, first_position from realtime.{function}(
             $1, $2::text[]::pg_lsn[], $3, $4::text[]::timestamptz[], $5, $6, $7, $8,
             $9::text[]::json[], $10::text[]::json[], $11,
-            coalesce($12::text::pg_lsn, '0/0'), $13, $14::text::pg_lsn, $15)",
-    )
-    .bind(epoch)
-    .bind(&batch.commit_lsns)
-    .bind(&batch.seqs)
-    .bind(&batch.committed_ats)
-    .bind(&batch.tables)
-    .bind(&batch.schemas)
-    .bind(&batch.names)
-    .bind(&batch.ops)
-    .bind(&batch.news)
-    .bind(&batch.olds)
-    .bind(safe)
-    .bind(upto_lsn)
-    .bind(upto_seq)
-    .bind(batch.end_lsn.as_deref())
-    .bind(batch.state)
-    .fetch_one(&mut *conn)
-    .await?;
+            coalesce($12::text::pg_lsn, '0/0'), $13, $14::text::pg_lsn, $15)"
+    );
+    let row = sqlx::query(&sql)
+        .bind(epoch)
+        .bind(&batch.commit_lsns)
+        .bind(&batch.seqs)
+        .bind(&batch.committed_ats)
+        .bind(&batch.tables)
+        .bind(&batch.schemas)
+        .bind(&batch.names)
+        .bind(&batch.ops)
+        .bind(&batch.news)
+        .bind(&batch.olds)
+        .bind(safe)
+        .bind(upto_lsn)
+        .bind(upto_seq)
+        .bind(batch.end_lsn.as_deref())
+        .bind(batch.state)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(Written {
         written: row.get(0),
         skipped: row.get(1),
         first_position: row.get(2),
     })
+}
+
+/// Whether `error` says the function called does not exist (SQLSTATE
+/// 42883): a table's write function that was never made.
+pub fn is_undefined_function(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42883"))
 }
 
 /// Whether `error` is `realtime.wal_write` refusing a replaced leader.

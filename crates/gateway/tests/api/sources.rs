@@ -670,3 +670,56 @@ async fn a_switch_that_cannot_lock_a_tracked_table_in_time_refuses_naming_it() {
     .unwrap();
     assert_eq!((source.as_str(), slots), ("notify", 0));
 }
+
+/// A table added to the publication by hand, never tracked, has neither
+/// a write function of its own (migrations/0010) nor render functions: the
+/// leader, finding the first missing, writes its batch with
+/// `realtime.wal_write`, which skips such changes with a warning, and goes
+/// on: the next change of a tracked table arrives, and the outbox has none
+/// of the untracked table's.
+#[tokio::test]
+async fn a_table_published_by_hand_is_skipped_and_the_leader_goes_on() {
+    let app = crate::helpers::spawn_app_for(CaptureSource::Wal).await;
+    let pool = &app.db.pool;
+    sqlx::query("create table by_hand (id int primary key, note text)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let publication: String = sqlx::query_scalar("select wal_publication from realtime.settings")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("alter publication {publication} add table by_hand"))
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut client = app.connect().await;
+    client.subscribe("markers").await;
+    sqlx::query("insert into by_hand values (1, 'published, not tracked')")
+        .execute(pool)
+        .await
+        .unwrap();
+    // Taken by the leader alone (the probe's change could share its batch,
+    // which then goes to wal_write directly): its progress passes it.
+    let committed: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    eventually("the leader to pass the untracked table's change", || async {
+        let passed: bool = sqlx::query_scalar("select end_lsn >= $1::pg_lsn from realtime.wal_progress")
+            .bind(&committed)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        passed.then_some(())
+    })
+    .await;
+    crate::helpers::barrier(pool, "after").await;
+    let got = client.changes_until_marker("after").await;
+    assert!(got.is_empty(), "nothing of by_hand is delivered: {got:?}");
+    let in_outbox: i64 = sqlx::query_scalar("select count(*) from realtime.changes where table_name = 'by_hand'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(in_outbox, 0, "nothing of by_hand is in the outbox");
+}

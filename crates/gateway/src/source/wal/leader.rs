@@ -155,6 +155,7 @@ pub(super) async fn session(
         last_db: Instant::now(),
         switch_to: None,
         warned: Default::default(),
+        without_write_function: Default::default(),
         telemetry: Arc::clone(telemetry),
     };
     let ended = leading.run(safe_until, shutdown).await;
@@ -272,6 +273,9 @@ struct Leading {
     switch_to: Option<String>,
     /// Tables already warned about (replica identity), once per session.
     warned: std::collections::HashSet<String>,
+    /// Tables without a write function of their own (published by hand):
+    /// their batches go to `realtime.wal_write`.
+    without_write_function: std::collections::HashSet<i64>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -447,12 +451,7 @@ impl Leading {
                 (Some(until), Some(Ok(last))) => last <= until,
                 _ => false,
             };
-            let written = match timed(
-                "writing a batch to the outbox",
-                db::wal_write(&mut self.conn, self.epoch, &self.batch.rows, safe),
-            )
-            .await
-            {
+            let written = match self.write(safe, one_statement).await {
                 Ok(written) => written,
                 Err(error) => {
                     self.open = false;
@@ -508,6 +507,37 @@ impl Leading {
             }
         }
         Ok(())
+    }
+
+    /// One `wal_write` of the batch. The common batch, one table's row
+    /// changes in a statement of its own, goes to that table's write
+    /// function (migrations/0010); where there is none (a table published
+    /// by hand), nothing was written, and `realtime.wal_write` takes it.
+    async fn write(&mut self, safe: bool, one_statement: bool) -> anyhow::Result<db::Written> {
+        const WHAT: &str = "writing a batch to the outbox";
+        let rows = &self.batch.rows;
+        let table = rows
+            .one_table()
+            .filter(|oid| one_statement && !safe && !self.without_write_function.contains(oid));
+        if let Some(oid) = table {
+            let writer = db::WalWriter::Table(oid);
+            match timed(WHAT, db::wal_write(&mut self.conn, self.epoch, rows, safe, writer)).await {
+                Err(error)
+                    if error
+                        .downcast_ref::<sqlx::Error>()
+                        .is_some_and(db::is_undefined_function) =>
+                {
+                    tracing::debug!(
+                        table = oid,
+                        "no realtime.wal_write_<oid>: writing with realtime.wal_write"
+                    );
+                    self.without_write_function.insert(oid);
+                }
+                result => return result,
+            }
+        }
+        let writer = db::WalWriter::Any;
+        timed(WHAT, db::wal_write(&mut self.conn, self.epoch, rows, safe, writer)).await
     }
 
     async fn heartbeat(&mut self) -> anyhow::Result<()> {
