@@ -11,7 +11,10 @@
 -- baseline load): 3.1-3.3 ms per call for wal_write, 2.1-2.2 ms for the
 -- function below; back to back, 0.7 against 0.34 ms.
 --
--- realtime.wal_write_<oid> has wal_write's arguments and result. Its
+-- realtime.wal_write_<oid> has wal_write's arguments and result, and one
+-- more column: `notified`, the NOTIFY's text when the batch went out in
+-- one (small batches), which the leader hands to its own instance's feed
+-- (source/notify.rs says why that is safe). Its
 -- statements are static, and it renders with the same pieces as the
 -- trigger and 0007's render function (row_sql, key_sql, template_sql):
 -- one INSERT over one unnest of the batch's arrays, the documents of a
@@ -70,7 +73,7 @@ create or replace function %1$s(
     p_epoch bigint, p_lsns pg_lsn[], p_seqs int[], p_ats timestamptz[], p_tables bigint[],
     p_schemas text[], p_names text[], p_ops text[], p_news json[], p_olds json[], p_safe boolean,
     p_upto_lsn pg_lsn, p_upto_seq int, p_end_lsn pg_lsn, p_state text
-) returns table (written int, skipped int, first_position bigint)
+) returns table (written int, skipped int, first_position bigint, notified text)
 language plpgsql as $body$
 declare
     prog realtime.wal_progress;
@@ -81,8 +84,9 @@ declare
     payload text;
 begin
     if p_safe or total = 0 or not (p_tables <@ array[%2$s::bigint] and p_ops <@ array['INSERT', 'UPDATE', 'DELETE']) then
-        return query select * from realtime.wal_write(p_epoch, p_lsns, p_seqs, p_ats, p_tables, p_schemas,
-            p_names, p_ops, p_news, p_olds, p_safe, p_upto_lsn, p_upto_seq, p_end_lsn, p_state);
+        return query select w.written, w.skipped, w.first_position, null::text
+                       from realtime.wal_write(p_epoch, p_lsns, p_seqs, p_ats, p_tables, p_schemas, p_names,
+                            p_ops, p_news, p_olds, p_safe, p_upto_lsn, p_upto_seq, p_end_lsn, p_state) w;
         return;
     end if;
     written := 0;
@@ -124,7 +128,8 @@ begin
               into written, payload
               from ins;
             if octet_length(payload) <= 7000 then
-                perform pg_notify((select channel from realtime.settings), '{"docs":[' || payload || ']}');
+                notified := '{"docs":[' || payload || ']}';
+                perform pg_notify((select channel from realtime.settings), notified);
             else
                 perform realtime.notify_range((select channel from realtime.settings), first, first + n - 1);
             end if;

@@ -17,7 +17,7 @@ use crate::db::{self, Pools};
 use crate::http;
 use crate::hub::{CloseReason, Hub};
 use crate::slots::Slots;
-use crate::source::{Feed, NotifySource, WalCapture};
+use crate::source::{Feed, HANDOFFS_QUEUED, NotifySource, WalCapture};
 use crate::state::AppState;
 use crate::telemetry::Telemetry;
 
@@ -108,16 +108,23 @@ impl Application {
         }
         let telemetry = Arc::new(Telemetry::default());
         let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
-        let source = NotifySource::new(
+        let wal = settings.source == CaptureSource::Wal;
+        // When this instance leads, its feed takes the batches it commits
+        // at once rather than at their NOTIFY.
+        let (handoff, handoffs) = tokio::sync::mpsc::channel(HANDOFFS_QUEUED);
+        let mut source = NotifySource::new(
             database_url.expose().to_owned(),
             settings.channel.clone(),
             pools.feed.clone(),
         );
-        let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
-        let capture = (settings.source == CaptureSource::Wal).then(|| {
+        if wal {
+            source = source.with_handoffs(handoffs);
+        }
+        let capture = wal.then(|| {
             telemetry.wal.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
-            WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry))
+            WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry)).with_handoff(handoff)
         });
+        let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
         let state = Arc::new(AppState::new(settings, hub, telemetry, pools));
         // Fetched at start, so the first tokens verify; a failure is not
         // fatal (the refresh task retries, /healthz shows it).

@@ -277,13 +277,16 @@ impl WalBatch {
 }
 
 /// What one `realtime.wal_write` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Written {
     pub written: i32,
     /// Replayed changes the outbox had already, and changes of tables
     /// without a render function.
     pub skipped: i32,
     pub first_position: Option<i64>,
+    /// The batch's NOTIFY text, when a table's write function sent it as
+    /// one notification.
+    pub notified: Option<String>,
 }
 
 /// Which function writes a batch.
@@ -311,12 +314,12 @@ pub async fn wal_write(
         Some((lsn, seq)) => (Some(lsn.as_str()), *seq),
         None => (None, 0),
     };
-    let function = match writer {
-        WalWriter::Any => "wal_write".to_owned(),
-        WalWriter::Table(oid) => format!("wal_write_{oid}"),
+    let (function, notified) = match writer {
+        WalWriter::Any => ("wal_write".to_owned(), "null::text"),
+        WalWriter::Table(oid) => (format!("wal_write_{oid}"), "notified"),
     };
     let sql = format!(
-        "select written, skipped, first_position from realtime.{function}(
+        "select written, skipped, first_position, {notified} from realtime.{function}(
             $1, $2::text[]::pg_lsn[], $3, $4::text[]::timestamptz[], $5, $6, $7, $8,
             $9::text[]::json[], $10::text[]::json[], $11,
             coalesce($12::text::pg_lsn, '0/0'), $13, $14::text::pg_lsn, $15)"
@@ -343,6 +346,7 @@ pub async fn wal_write(
         written: row.get(0),
         skipped: row.get(1),
         first_position: row.get(2),
+        notified: row.get(3),
     })
 }
 

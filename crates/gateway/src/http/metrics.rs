@@ -373,6 +373,11 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "Outbox transactions this instance committed as the wal leader.",
                 &wal.batches_written,
             ),
+            (
+                "wal_changes_handed_off_total",
+                "Changes this instance's feed took from its own wal leader when the outbox write committed, ahead of their NOTIFY.",
+                &wal.changes_handed_off,
+            ),
         ] {
             x.single(name, "counter", help, counter.load(Ordering::Relaxed));
         }

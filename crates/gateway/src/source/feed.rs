@@ -177,7 +177,10 @@ impl Dispatcher {
 
     /// Changes that arrived live, in commit order: also timed from commit
     /// to arrival (`/healthz` `feed.lag_ms`, the notify_lag stage).
-    pub fn live(&mut self, changes: Vec<Change>) {
+    pub fn live(&mut self, mut changes: Vec<Change>) {
+        // Repeats (a NOTIFY of what a hand-off brought) are not timed.
+        let after = self.position;
+        changes.retain(|c| after.is_none_or(|p| c.position > p));
         if let Some(last) = changes.last() {
             let lag = self.telemetry.since_commit_us(last.committed_at_us);
             self.telemetry.feed.lag_us.store(lag as i64, Ordering::Relaxed);
@@ -187,6 +190,15 @@ impl Dispatcher {
             .extend(changes.iter().map(|c| telemetry.since_commit_us(c.committed_at_us)));
         self.dispatch(changes);
         self.publish_stages();
+    }
+
+    /// Changes of a batch the wal leader of this instance committed, ahead
+    /// of their NOTIFY (see `source::notify`): live changes, counted.
+    pub fn handed_off(&mut self, changes: Vec<Change>) {
+        let wal = &self.telemetry.wal;
+        wal.changes_handed_off
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        self.live(changes);
     }
 
     /// Moves held stage samples into the shared histograms if they are free.

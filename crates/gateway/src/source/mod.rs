@@ -15,7 +15,10 @@
 //! puts the same rows there from logical replication instead, written by
 //! one leading instance ([`WalCapture`]); every instance reads them as in
 //! notify mode, since positions are outbox positions in both, so nothing
-//! after the dispatcher changes and a gateway serves across a switch.
+//! after the dispatcher changes and a gateway serves across a switch. The
+//! leader also hands each small batch it commits to its own instance's
+//! feed ([`HandOff`]), which takes it ahead of its NOTIFY when it is next
+//! in commit order.
 
 mod feed;
 mod listen;
@@ -24,9 +27,25 @@ mod wal;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::change::Position;
+
 pub use feed::{Dispatcher, Feed};
 pub use notify::NotifySource;
 pub use wal::{SwitchOutcome, WalCapture, switch_to_notify, switch_to_wal, wal_readiness, watch_slot};
+
+/// A batch the wal leader committed to the outbox, given to its own
+/// instance's feed at once: what the batch's NOTIFY will carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOff {
+    /// The batch's first position (its positions follow without a gap).
+    pub first: Position,
+    /// The NOTIFY's text, `{"docs":[...]}`.
+    pub payload: String,
+}
+
+/// How many hand-offs may wait for the feed; more are dropped (their
+/// NOTIFYs still come).
+pub const HANDOFFS_QUEUED: usize = 64;
 
 /// A capture source (see the module documentation).
 pub trait Source: Send {

@@ -6,6 +6,18 @@
 //! now, catches up from the outbox after the last position dispatched, then
 //! follows notifications live. Catching up from that position after any
 //! reconnect is what loses nothing.
+//!
+//! In wal mode the leader's instance also takes [`HandOff`]s: the leader's
+//! committed batches, ahead of their NOTIFYs (which then find them
+//! dispatched, and are dropped as any repeat is). Taking one can never
+//! reorder or lose anything: it is taken only when its first position
+//! follows the last one dispatched. A position is drawn under the position
+//! lock, held until its transaction ends, so when the leader's commit
+//! returns every smaller position has committed or never will; and the
+//! feed dispatches in commit order, so with the one just before it
+//! dispatched, none of those is still to come. Any other hand-off (the
+//! feed behind, or a position of someone else's in between, as during a
+//! switch) is dropped, and its NOTIFY delivers it.
 
 use std::time::Duration;
 
@@ -14,7 +26,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::listen::{AbortOnDrop, listen};
-use super::{Dispatcher, Source};
+use super::{Dispatcher, HandOff, Source};
 use crate::change::{Change, Notification, Position};
 use crate::db;
 use crate::telemetry::FeedState;
@@ -49,6 +61,8 @@ pub struct NotifySource {
     database_url: String,
     channel: String,
     pool: PgPool,
+    /// The wal leader's committed batches, in wal mode.
+    handoffs: Option<tokio::sync::mpsc::Receiver<HandOff>>,
 }
 
 impl NotifySource {
@@ -57,7 +71,15 @@ impl NotifySource {
             database_url,
             channel,
             pool,
+            handoffs: None,
         }
+    }
+
+    /// Also takes the wal leader's [`HandOff`]s (see the module
+    /// documentation).
+    pub fn with_handoffs(mut self, handoffs: tokio::sync::mpsc::Receiver<HandOff>) -> NotifySource {
+        self.handoffs = Some(handoffs);
+        self
     }
 }
 
@@ -104,7 +126,8 @@ impl Source for NotifySource {
                                 Err(_) => break,
                             }
                         }
-                        self.on_notifications(out, payloads).await?;
+                        let changes = read_notifications(&self.pool, out, payloads).await?;
+                        out.live(changes);
                         if let Some(error) = failed {
                             return Err(error).context("LISTEN connection failed");
                         }
@@ -112,6 +135,12 @@ impl Source for NotifySource {
                     Some(Err(error)) => return Err(error).context("LISTEN connection failed"),
                     None => return Err(anyhow!("LISTEN connection closed")),
                 },
+                handoff = next_handoff(&mut self.handoffs) => {
+                    if out.position().is_some_and(|p| p.0 + 1 == handoff.first.0) {
+                        let changes = read_notifications(&self.pool, out, vec![handoff.payload]).await?;
+                        out.handed_off(changes);
+                    }
+                }
                 _ = heartbeat.tick() => heartbeat_check(&client).await?,
             }
         }
@@ -162,46 +191,58 @@ impl NotifySource {
             }
         }
     }
+}
 
-    async fn on_notifications(&self, out: &mut Dispatcher, payloads: Vec<String>) -> anyhow::Result<()> {
-        let mut changes = Vec::with_capacity(payloads.len());
-        for payload in &payloads {
-            // One document (the trigger's), or several (the wal leader's).
-            let notifications = match Notification::parse_payload(payload) {
-                Ok(notifications) => notifications,
-                Err(error) => {
-                    tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
-                    continue;
+/// The next hand-off; never, without any.
+async fn next_handoff(handoffs: &mut Option<tokio::sync::mpsc::Receiver<HandOff>>) -> HandOff {
+    if let Some(receiver) = handoffs {
+        if let Some(handoff) = receiver.recv().await {
+            return handoff;
+        }
+        // The leader's side is gone (it never is before shutdown).
+        *handoffs = None;
+    }
+    std::future::pending().await
+}
+
+/// The changes of notification payloads, large ones read from the outbox.
+async fn read_notifications(pool: &PgPool, out: &Dispatcher, payloads: Vec<String>) -> anyhow::Result<Vec<Change>> {
+    let mut changes = Vec::with_capacity(payloads.len());
+    for payload in &payloads {
+        // One document (the trigger's), or several (the wal leader's).
+        let notifications = match Notification::parse_payload(payload) {
+            Ok(notifications) => notifications,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a notification on the gateway's channel that is not a change");
+                continue;
+            }
+        };
+        for notification in notifications {
+            let change = match notification {
+                Notification::Change(change) => change,
+                Notification::Reference(position) => {
+                    if out.position().is_some_and(|p| position <= p) {
+                        continue;
+                    }
+                    fetch(pool, position).await?
                 }
             };
-            for notification in notifications {
-                let change = match notification {
-                    Notification::Change(change) => change,
-                    Notification::Reference(position) => {
-                        if out.position().is_some_and(|p| position <= p) {
-                            continue;
-                        }
-                        self.fetch(position).await?
-                    }
-                };
-                changes.push(change);
-            }
+            changes.push(change);
         }
-        out.live(changes);
-        Ok(())
     }
+    Ok(changes)
+}
 
-    /// Reads a change too large for a NOTIFY payload back from the outbox.
-    async fn fetch(&self, position: Position) -> anyhow::Result<Change> {
-        let doc = bounded(
-            &format!("reading change {position} from the outbox"),
-            db::change_document(&self.pool, position),
-        )
-        .await?;
-        match Notification::parse(&doc)? {
-            Notification::Change(change) => Ok(change),
-            Notification::Reference(_) => Err(anyhow!("outbox document for {position} is a reference")),
-        }
+/// Reads a change too large for a NOTIFY payload back from the outbox.
+async fn fetch(pool: &PgPool, position: Position) -> anyhow::Result<Change> {
+    let doc = bounded(
+        &format!("reading change {position} from the outbox"),
+        db::change_document(pool, position),
+    )
+    .await?;
+    match Notification::parse(&doc)? {
+        Notification::Change(change) => Ok(change),
+        Notification::Reference(_) => Err(anyhow!("outbox document for {position} is a reference")),
     }
 }
 

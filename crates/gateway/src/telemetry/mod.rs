@@ -94,6 +94,9 @@ pub struct WalStatus {
     /// Changes and outbox transactions the leader wrote (this instance).
     pub changes_written: AtomicU64,
     pub batches_written: AtomicU64,
+    /// Changes this instance's feed took from its leader at the outbox
+    /// commit, ahead of their NOTIFY.
+    pub changes_handed_off: AtomicU64,
 }
 
 impl Default for WalStatus {
@@ -108,6 +111,7 @@ impl Default for WalStatus {
             slot_resets: AtomicU64::new(0),
             changes_written: AtomicU64::new(0),
             batches_written: AtomicU64::new(0),
+            changes_handed_off: AtomicU64::new(0),
         }
     }
 }

@@ -723,3 +723,47 @@ async fn a_table_published_by_hand_is_skipped_and_the_leader_goes_on() {
         .unwrap();
     assert_eq!(in_outbox, 0, "nothing of by_hand is in the outbox");
 }
+
+/// The leader's own feed takes each small batch the leader commits ahead
+/// of the batch's NOTIFY (`source/notify.rs` says when, and why that never
+/// reorders): the changes arrive once and in commit order, the NOTIFYs that
+/// follow are dropped as repeats, and `/metrics` counts what was handed
+/// off (the leader's channel nearly always beats the NOTIFY; each hand-off
+/// it loses to is dropped and the NOTIFY delivers it).
+#[tokio::test]
+async fn the_leaders_own_feed_takes_its_batches_at_commit_once_and_in_order() {
+    let app = crate::helpers::spawn_app_for(CaptureSource::Wal).await;
+    let pool = &app.db.pool;
+    let project: i64 = sqlx::query_scalar(
+        "insert into projects (name, client, city, budget, starts_on, ends_on) \
+         values ('Handed off', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    app.settle().await;
+    let mut client = app.connect().await;
+    client.subscribe(&format!("project:{project}")).await;
+    client.subscribe("markers").await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let id: i64 =
+            sqlx::query_scalar("insert into tasks (project_id, title, status) values ($1, $2, 'todo') returning id")
+                .bind(project)
+                .bind(format!("task {i}"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        ids.push(id);
+    }
+    crate::helpers::barrier(pool, "inserted").await;
+    let got: Vec<i64> = client
+        .changes_until_marker("inserted")
+        .await
+        .iter()
+        .map(|c| c["key"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, ids, "every change once, in commit order");
+    let handed_off = crate::helpers::metric(app.address, "ws_gateway_wal_changes_handed_off_total").await;
+    assert!(handed_off >= 1.0, "the leader's feed took its batches: {handed_off}");
+}

@@ -24,7 +24,9 @@ use super::batch::{Batch, Concern};
 use super::stream::replication_config;
 use super::transactions::{At, Step, Transactions};
 use super::{SessionEnd, bounded};
+use crate::change::Position;
 use crate::db::{self, Progress};
+use crate::source::HandOff;
 use crate::telemetry::{SlotHealth, Telemetry};
 
 /// A batch is written once this many changes wait at a transaction's end.
@@ -48,6 +50,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) async fn session(
     database_url: &str,
     telemetry: &Arc<Telemetry>,
+    handoff: Option<&tokio::sync::mpsc::Sender<HandOff>>,
     safe_until: &mut Option<Lsn>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
@@ -156,6 +159,7 @@ pub(super) async fn session(
         switch_to: None,
         warned: Default::default(),
         without_write_function: Default::default(),
+        handoff: handoff.cloned(),
         telemetry: Arc::clone(telemetry),
     };
     let ended = leading.run(safe_until, shutdown).await;
@@ -276,6 +280,8 @@ struct Leading {
     /// Tables without a write function of their own (published by hand):
     /// their batches go to `realtime.wal_write`.
     without_write_function: std::collections::HashSet<i64>,
+    /// This instance's feed, given each batch committed in one NOTIFY.
+    handoff: Option<tokio::sync::mpsc::Sender<HandOff>>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -451,7 +457,7 @@ impl Leading {
                 (Some(until), Some(Ok(last))) => last <= until,
                 _ => false,
             };
-            let written = match self.write(safe, one_statement).await {
+            let mut written = match self.write(safe, one_statement).await {
                 Ok(written) => written,
                 Err(error) => {
                     self.open = false;
@@ -472,6 +478,18 @@ impl Leading {
                 self.pending_durable = Some(At {
                     commit_lsn: parse_lsn(lsn)?,
                     seq: *seq,
+                });
+            }
+            if one_statement
+                && let (Some(feed), Some(first), Some(payload)) =
+                    (&self.handoff, written.first_position, written.notified.take())
+            {
+                // Committed: this instance's feed may have it now rather
+                // than at its NOTIFY. A full queue drops it; the NOTIFY
+                // still comes.
+                let _ = feed.try_send(HandOff {
+                    first: Position(first),
+                    payload,
                 });
             }
             self.written_in_open += self.batch.len();

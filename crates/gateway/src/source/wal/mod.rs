@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use ws_gateway_client::Backoff;
 
+use super::HandOff;
 use crate::telemetry::Telemetry;
 
 pub use slot::watch_slot;
@@ -85,6 +86,8 @@ pub struct WalCapture {
     /// row (`safe`) until they are past it, so that one bad row never stalls
     /// the slot.
     safe_until: Option<pgwire_replication::Lsn>,
+    /// This instance's feed, which takes the batches this leader commits.
+    handoff: Option<tokio::sync::mpsc::Sender<HandOff>>,
 }
 
 impl WalCapture {
@@ -93,7 +96,15 @@ impl WalCapture {
             database_url,
             telemetry,
             safe_until: None,
+            handoff: None,
         }
+    }
+
+    /// Hands each small batch this leader commits to `feed` (see
+    /// `source::notify`).
+    pub fn with_handoff(mut self, feed: tokio::sync::mpsc::Sender<HandOff>) -> WalCapture {
+        self.handoff = Some(feed);
+        self
     }
 
     /// Elects and leads until shutdown. Failures are logged and retried:
@@ -104,7 +115,7 @@ impl WalCapture {
         loop {
             let started = Instant::now();
             let ended = tokio::select! {
-                ended = leader::session(&self.database_url, &self.telemetry, &mut self.safe_until, &shutdown) => ended,
+                ended = leader::session(&self.database_url, &self.telemetry, self.handoff.as_ref(), &mut self.safe_until, &shutdown) => ended,
                 () = shutdown.cancelled() => Ok(SessionEnd::Shutdown),
             };
             self.telemetry.wal.leader.store(false, Ordering::Relaxed);
