@@ -108,22 +108,21 @@ impl Application {
         }
         let telemetry = Arc::new(Telemetry::default());
         let hub = Arc::new(Hub::new(Position(0), settings.pipeline.clone(), settings.features));
-        let wal = settings.source == CaptureSource::Wal;
-        // When this instance leads, its feed takes the batches it commits
-        // at once rather than at their NOTIFY.
-        let (handoff, handoffs) = tokio::sync::mpsc::channel(HANDOFFS_QUEUED);
         let mut source = NotifySource::new(
             database_url.expose().to_owned(),
             settings.channel.clone(),
             pools.feed.clone(),
         );
-        if wal {
-            source = source.with_handoffs(handoffs);
-        }
-        let capture = wal.then(|| {
+        let capture = if settings.source == CaptureSource::Wal {
             telemetry.wal.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
-            WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry)).with_handoff(handoff)
-        });
+            // When this instance leads, its feed takes the batches it
+            // commits at once rather than at their NOTIFY.
+            let (handoff, handoffs) = tokio::sync::mpsc::channel(HANDOFFS_QUEUED);
+            source = source.with_handoffs(handoffs);
+            Some(WalCapture::new(database_url.expose().to_owned(), Arc::clone(&telemetry)).with_handoff(handoff))
+        } else {
+            None
+        };
         let feed = Feed::new(source, Arc::clone(&hub), Arc::clone(&telemetry));
         let state = Arc::new(AppState::new(settings, hub, telemetry, pools));
         // Fetched at start, so the first tokens verify; a failure is not

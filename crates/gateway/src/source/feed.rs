@@ -132,6 +132,17 @@ impl Dispatcher {
         self.position
     }
 
+    /// Whether `position` is after the last one dispatched: anything at or
+    /// below it was dispatched already.
+    pub fn is_new(&self, position: Position) -> bool {
+        self.position.is_none_or(|p| position > p)
+    }
+
+    /// Whether `position` is the one right after the last dispatched.
+    pub fn is_next(&self, position: Position) -> bool {
+        self.position.is_some_and(|p| p.0 + 1 == position.0)
+    }
+
     pub fn set_state(&mut self, state: FeedState) {
         if state != FeedState::Down {
             self.connected = true;
@@ -179,8 +190,7 @@ impl Dispatcher {
     /// to arrival (`/healthz` `feed.lag_ms`, the notify_lag stage).
     pub fn live(&mut self, mut changes: Vec<Change>) {
         // Repeats (a NOTIFY of what a hand-off brought) are not timed.
-        let after = self.position;
-        changes.retain(|c| after.is_none_or(|p| c.position > p));
+        changes.retain(|c| self.is_new(c.position));
         if let Some(last) = changes.last() {
             let lag = self.telemetry.since_commit_us(last.committed_at_us);
             self.telemetry.feed.lag_us.store(lag as i64, Ordering::Relaxed);
@@ -213,13 +223,11 @@ impl Dispatcher {
         }
     }
 
-    /// Fans changes out, once: anything at or below the last position was
-    /// dispatched already.
+    /// Fans changes out, once (see [`Dispatcher::is_new`]).
     fn dispatch(&mut self, changes: Vec<Change>) {
-        let after = self.position;
         let fresh: Vec<Arc<Change>> = changes
             .into_iter()
-            .filter(|c| after.is_none_or(|p| c.position > p))
+            .filter(|c| self.is_new(c.position))
             .map(Arc::new)
             .collect();
         let Some(last) = fresh.last().map(|c| c.position) else {

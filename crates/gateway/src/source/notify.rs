@@ -136,7 +136,7 @@ impl Source for NotifySource {
                     None => return Err(anyhow!("LISTEN connection closed")),
                 },
                 handoff = next_handoff(&mut self.handoffs) => {
-                    if out.position().is_some_and(|p| p.0 + 1 == handoff.first.0) {
+                    if out.is_next(handoff.first) {
                         let changes = read_notifications(&self.pool, out, vec![handoff.payload]).await?;
                         out.handed_off(changes);
                     }
@@ -221,7 +221,7 @@ async fn read_notifications(pool: &PgPool, out: &Dispatcher, payloads: Vec<Strin
             let change = match notification {
                 Notification::Change(change) => change,
                 Notification::Reference(position) => {
-                    if out.position().is_some_and(|p| position <= p) {
+                    if !out.is_new(position) {
                         continue;
                     }
                     fetch(pool, position).await?
