@@ -166,6 +166,15 @@ async fn a_100_kb_row_is_delivered_intact(source) {
     assert_eq!(got[0]["row"]["body"].as_str().unwrap().len(), body.len());
     assert_eq!(got[0]["row"]["body"], body);
     assert_eq!(got[0]["key"], json!({"id": 5}));
+    // Stored compressed with lz4 (migrations/0011): this server has it.
+    let (position, compression): (i64, Option<String>) = sqlx::query_as(
+        "select position, pg_column_compression(row) from realtime.changes where table_name = 'items'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(position.to_string(), got[0]["position"].as_str().unwrap());
+    assert_eq!(compression.as_deref(), Some("lz4"));
 }}
 
 for_each_source! {
