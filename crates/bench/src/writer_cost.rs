@@ -31,6 +31,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{BenchArgs, Source};
+use super::procfs;
 use super::progress::Progress;
 use super::report::{self, SCHEMA};
 use super::table;
@@ -116,6 +117,119 @@ pub struct CostResult {
     /// With the wal source: how the leader kept up with these writers.
     #[serde(default)]
     pub leader: Option<LeaderCatchUp>,
+    /// Where the machine's CPU went (None when PostgreSQL runs elsewhere).
+    #[serde(default)]
+    pub cpu: Option<VariantCpu>,
+}
+
+/// CPU seconds of one variant, read from /proc: from the writers' start to
+/// their stop, or with the wal source to the leader's catching up, so that
+/// its outbox writes of the variant's changes are all in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VariantCpu {
+    /// Commits over the same span (warmup too).
+    pub commits: u64,
+    /// Every core's busy time.
+    pub machine_s: f64,
+    /// The bench's own process (the writers' client side).
+    pub bench_s: f64,
+    /// The wal source's share (0 in the other variants): the walsender
+    /// decoding the slot, the leader's backend writing the outbox, the
+    /// gateway's process, and its other backends (the feed, the probe).
+    pub walsender_s: f64,
+    pub leader_backend_s: f64,
+    pub gateway_s: f64,
+    pub gateway_backends_s: f64,
+}
+
+impl VariantCpu {
+    /// The machine's time per commit without the bench's client side.
+    fn per_commit_us(&self) -> f64 {
+        (self.machine_s - self.bench_s).max(0.0) * 1e6 / self.commits.max(1) as f64
+    }
+
+    fn capture_s(&self) -> f64 {
+        self.walsender_s + self.leader_backend_s + self.gateway_s + self.gateway_backends_s
+    }
+}
+
+/// Which of the wal source's processes a backend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CaptureRole {
+    Walsender,
+    Leader,
+    GatewayBackend,
+}
+
+/// A reading of the machine's, the bench's, the gateway's and the wal
+/// source's backends' CPU time (their pids from pg_stat_activity).
+struct CpuReading {
+    machine: Option<procfs::MachineCpu>,
+    bench: Duration,
+    gateway: Option<Duration>,
+    backends: Vec<(u32, CaptureRole, Duration)>,
+}
+
+impl CpuReading {
+    async fn take(pool: &PgPool, gateway_pid: Option<u32>) -> Result<CpuReading> {
+        let rows: Vec<(i32, String, String)> = sqlx::query_as(
+            "select pid, backend_type, coalesce(application_name, '') from pg_stat_activity
+              where datname = current_database() and pid <> pg_backend_pid()
+                and (backend_type = 'walsender'
+                     or (application_name like 'ws-gateway%' and application_name not like 'ws-gateway bench%'))",
+        )
+        .fetch_all(pool)
+        .await
+        .context("reading the wal source's backends")?;
+        let backends = rows
+            .into_iter()
+            .filter_map(|(pid, backend_type, application)| {
+                let role = match (backend_type.as_str(), application.as_str()) {
+                    ("walsender", _) => CaptureRole::Walsender,
+                    (_, "ws-gateway wal leader") => CaptureRole::Leader,
+                    _ => CaptureRole::GatewayBackend,
+                };
+                let pid = u32::try_from(pid).ok()?;
+                Some((pid, role, procfs::process_cpu(pid)?))
+            })
+            .collect();
+        Ok(CpuReading {
+            machine: procfs::MachineCpu::now(),
+            bench: procfs::self_cpu(),
+            gateway: gateway_pid.and_then(procfs::process_cpu),
+            backends,
+        })
+    }
+
+    /// What was spent since `earlier`; a backend that started since counts
+    /// whole, one that ended since is lost (the source's connections last).
+    fn since(&self, earlier: &CpuReading, commits: u64) -> Option<VariantCpu> {
+        let machine_s = self.machine.as_ref()?.busy_seconds_since(earlier.machine.as_ref()?)?;
+        let mut cpu = VariantCpu {
+            commits,
+            machine_s,
+            bench_s: self.bench.saturating_sub(earlier.bench).as_secs_f64(),
+            gateway_s: match (self.gateway, earlier.gateway) {
+                (Some(now), Some(then)) => now.saturating_sub(then).as_secs_f64(),
+                _ => 0.0,
+            },
+            ..VariantCpu::default()
+        };
+        for &(pid, role, now) in &self.backends {
+            let then = earlier
+                .backends
+                .iter()
+                .find(|b| b.0 == pid)
+                .map_or(Duration::ZERO, |b| b.2);
+            let spent = now.saturating_sub(then).as_secs_f64();
+            match role {
+                CaptureRole::Walsender => cpu.walsender_s += spent,
+                CaptureRole::Leader => cpu.leader_backend_s += spent,
+                CaptureRole::GatewayBackend => cpu.gateway_backends_s += spent,
+            }
+        }
+        Some(cpu)
+    }
 }
 
 /// How the wal leader kept up with one variant's writers: it competes
@@ -289,9 +403,14 @@ async fn measure(
                 };
                 bar.update(step * per_variant.as_secs(), what.clone());
                 step += 1;
+                let cpu_before = CpuReading::take(&pool, target.gateway_pid).await?;
                 let writers_started = Instant::now();
-                let (commits, errors, first_error) =
-                    hammer(&target.db_url, config, shape, synchronous_commit, interrupt).await?;
+                let Hammered {
+                    commits,
+                    all_commits,
+                    errors,
+                    first_error,
+                } = hammer(&target.db_url, config, shape, synchronous_commit, interrupt).await?;
                 // Let the listener drain what is still queued for it.
                 let mut notifications = match listener {
                     Some(l) => Some(l.finish(commits).await),
@@ -306,6 +425,9 @@ async fn measure(
                 } else {
                     None
                 };
+                let cpu = CpuReading::take(&pool, target.gateway_pid)
+                    .await?
+                    .since(&cpu_before, all_commits);
                 if let Some(e) = first_error {
                     failures.push(format!("{what}: {e}"));
                 }
@@ -321,6 +443,7 @@ async fn measure(
                     notifications,
                     errors,
                     leader,
+                    cpu,
                 });
             }
         }
@@ -581,15 +704,25 @@ async fn set_capture(pool: &PgPool, capture: Capture, db_url: &str) -> Result<()
     Ok(())
 }
 
-/// Every writer commits as fast as it can for warmup + duration; returns the
-/// commits completed inside the measured window, errors, and the first error.
+/// What the writers of one variant did.
+#[derive(Default)]
+struct Hammered {
+    /// Commits completed inside the measured window.
+    commits: u64,
+    /// Commits of the whole run, warmup too.
+    all_commits: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Every writer commits as fast as it can for warmup + duration.
 async fn hammer(
     db_url: &str,
     config: &CostConfig,
     shape: Shape,
     synchronous_commit: bool,
     interrupt: &CancellationToken,
-) -> Result<(u64, u64, Option<String>)> {
+) -> Result<Hammered> {
     let connected = join_all((0..config.writers).map(|_| connect_writer(db_url))).await;
     let mut writers = Vec::new();
     for writer in connected {
@@ -620,6 +753,7 @@ async fn hammer(
             let interrupt = interrupt.clone();
             tokio::spawn(async move {
                 let mut counted = 0u64;
+                let mut all = 0u64;
                 let mut errors = 0u64;
                 let mut first_error = None;
                 // Each writer updates its own wide row: no lock waits between them.
@@ -641,8 +775,12 @@ async fn hammer(
                     };
                     let done = Instant::now();
                     match result {
-                        Ok(_) if done >= measure_from && done < end => counted += 1,
-                        Ok(_) => {}
+                        Ok(_) => {
+                            all += 1;
+                            if done >= measure_from && done < end {
+                                counted += 1;
+                            }
+                        }
                         Err(e) => {
                             errors += 1;
                             first_error.get_or_insert_with(|| e.to_string());
@@ -652,15 +790,16 @@ async fn hammer(
                         }
                     }
                 }
-                (counted, errors, first_error)
+                (counted, all, errors, first_error)
             })
         });
-    let mut total = (0, 0, None);
+    let mut total = Hammered::default();
     for run in join_all(runs).await {
-        let (counted, errors, first_error) = run.context("a writer task panicked")?;
-        total.0 += counted;
-        total.1 += errors;
-        total.2 = total.2.or(first_error);
+        let (counted, all, errors, first_error) = run.context("a writer task panicked")?;
+        total.commits += counted;
+        total.all_commits += all;
+        total.errors += errors;
+        total.first_error = total.first_error.or(first_error);
     }
     Ok(total)
 }
@@ -710,6 +849,34 @@ impl Listener {
 }
 
 impl CostReport {
+    /// Where the CPU went in one shape's untracked and wal variants: the
+    /// machine's time per commit, and the wal source's per change.
+    fn cpu_line(&self, shape: Shape, sync: bool) -> Option<String> {
+        let find = |capture: Capture| {
+            self.results
+                .iter()
+                .find(|r| r.shape == shape && r.capture == capture && r.synchronous_commit == sync)
+        };
+        let untracked = find(Capture::None)?.cpu.as_ref()?;
+        let wal = find(Capture::Wal)?;
+        let (cpu, changes) = (wal.cpu.as_ref()?, wal.leader.as_ref()?.changes.max(1) as f64);
+        let us = |seconds: f64| seconds * 1e6 / changes;
+        Some(format!(
+            "CPU           {}, sync_commit={}: untracked {:.0} µs of the machine per commit; wal {:.0} µs per commit, \
+             of which the capture {:.0} µs per change (walsender {:.0}, leader's backend {:.0}, gateway {:.0}, \
+             its other backends {:.0})",
+            shape.label(),
+            on_off(sync),
+            untracked.per_commit_us(),
+            cpu.per_commit_us(),
+            us(cpu.capture_s()),
+            us(cpu.walsender_s),
+            us(cpu.leader_backend_s),
+            us(cpu.gateway_s),
+            us(cpu.gateway_backends_s),
+        ))
+    }
+
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let c = &self.config;
@@ -773,6 +940,13 @@ impl CostReport {
                     if leader.caught_up { "caught up" } else { "still behind" },
                     leader.behind_s
                 );
+            }
+        }
+        for shape in Shape::ALL {
+            for sync in [true, false] {
+                if let Some(line) = self.cpu_line(shape, sync) {
+                    let _ = writeln!(s, "{line}");
+                }
             }
         }
         if self.passed {

@@ -333,6 +333,22 @@ fn writers_only_reports_every_capture_and_shape() {
         );
     }
     assert!(run.stdout().contains("GATEWAY_SOURCE=wal"), "{}", run.explain());
+    // Where the CPU went: the wal source's processes were found and spent
+    // some, and the machine's time per commit is reported beside it.
+    let cpu = &find("insert", "wal")["cpu"];
+    for part in ["walsender_s", "leader_backend_s", "gateway_s"] {
+        assert!(cpu[part].as_f64().unwrap() > 0.0, "{part} in {cpu}");
+    }
+    assert!(
+        find("insert", "none")["cpu"]["machine_s"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
+    assert!(
+        run.stdout()
+            .contains("CPU           single-row INSERT, sync_commit=on: untracked"),
+        "{}",
+        run.explain()
+    );
 }
 
 #[test]
