@@ -33,7 +33,7 @@ pub(crate) use authorize::{authorize, authorize_exists};
 pub(crate) use clock::clock_now_us;
 pub(crate) use history::run_pruner;
 pub(crate) use outbox::{
-    change_document, changes_after, latest_position, outbox_end, pruned_through, room_page, wait_out_commits,
+    change_documents, changes_after, latest_position, outbox_end, pruned_through, room_page, wait_out_commits,
 };
 pub(crate) use probe::{commit_probe, forget_old_probes};
 pub(crate) use wal::{

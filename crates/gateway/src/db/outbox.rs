@@ -46,12 +46,20 @@ pub async fn changes_after(pool: &PgPool, from: Position, limit: i64) -> Result<
     .await
 }
 
-/// The document at `position` (a change too large for its NOTIFY).
-pub async fn change_document(pool: &PgPool, position: Position) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar("select realtime.payload(c) from realtime.changes c where c.position = $1")
-        .bind(position.0)
-        .fetch_one(pool)
-        .await
+/// The documents at `positions` (changes too large for their NOTIFY), in
+/// the order asked, in one statement; a position not in the outbox is left
+/// out.
+pub async fn change_documents(pool: &PgPool, positions: &[Position]) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    let positions: Vec<i64> = positions.iter().map(|p| p.0).collect();
+    sqlx::query_as(
+        "select c.position, realtime.payload(c)
+           from unnest($1::bigint[]) with ordinality w(position, i)
+           join realtime.changes c on c.position = w.position
+          order by w.i",
+    )
+    .bind(positions)
+    .fetch_all(pool)
+    .await
 }
 
 /// The last position the database handed out (committed or not).

@@ -205,9 +205,15 @@ async fn next_handoff(handoffs: &mut Option<tokio::sync::mpsc::Receiver<HandOff>
     std::future::pending().await
 }
 
+/// References read back from the outbox per statement: one round trip for
+/// a wal batch's many large rows instead of one each, with at most this
+/// many documents in memory beyond what the batch holds anyway.
+const REFERENCES_PER_READ: usize = 64;
+
 /// The changes of notification payloads, large ones read from the outbox.
 async fn read_notifications(pool: &PgPool, out: &Dispatcher, payloads: Vec<String>) -> anyhow::Result<Vec<Change>> {
-    let mut changes = Vec::with_capacity(payloads.len());
+    // Each slot is a change, or the position of one to read back.
+    let mut slots: Vec<Result<Change, Position>> = Vec::with_capacity(payloads.len());
     for payload in &payloads {
         // One document (the trigger's), or several (the wal leader's).
         let notifications = match Notification::parse_payload(payload) {
@@ -218,32 +224,47 @@ async fn read_notifications(pool: &PgPool, out: &Dispatcher, payloads: Vec<Strin
             }
         };
         for notification in notifications {
-            let change = match notification {
-                Notification::Change(change) => change,
-                Notification::Reference(position) => {
-                    if !out.is_new(position) {
-                        continue;
-                    }
-                    fetch(pool, position).await?
-                }
-            };
-            changes.push(change);
+            match notification {
+                Notification::Change(change) => slots.push(Ok(change)),
+                Notification::Reference(position) if out.is_new(position) => slots.push(Err(position)),
+                Notification::Reference(_) => {}
+            }
         }
     }
-    Ok(changes)
+    let wanted: Vec<Position> = slots.iter().filter_map(|slot| slot.as_ref().err().copied()).collect();
+    let mut read = Vec::with_capacity(wanted.len());
+    for chunk in wanted.chunks(REFERENCES_PER_READ) {
+        read.extend(fetch(pool, chunk).await?);
+    }
+    let mut read = read.into_iter();
+    Ok(slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or_else(|_| read.next().expect("fetch returns one change per position")))
+        .collect())
 }
 
-/// Reads a change too large for a NOTIFY payload back from the outbox.
-async fn fetch(pool: &PgPool, position: Position) -> anyhow::Result<Change> {
-    let doc = bounded(
-        &format!("reading change {position} from the outbox"),
-        db::change_document(pool, position),
-    )
-    .await?;
-    match Notification::parse(&doc)? {
-        Notification::Change(change) => Ok(change),
-        Notification::Reference(_) => Err(anyhow!("outbox document for {position} is a reference")),
-    }
+/// Reads changes too large for their NOTIFY payloads back from the outbox,
+/// in the order of `positions`.
+async fn fetch(pool: &PgPool, positions: &[Position]) -> anyhow::Result<Vec<Change>> {
+    let what = match positions {
+        [one] => format!("reading change {one} from the outbox"),
+        _ => format!("reading {} changes from the outbox", positions.len()),
+    };
+    let docs = bounded(&what, db::change_documents(pool, positions)).await?;
+    let mut docs = docs.into_iter();
+    positions
+        .iter()
+        .map(|&position| {
+            let doc = match docs.next() {
+                Some((at, doc)) if at == position.0 => doc,
+                _ => return Err(anyhow!("change {position} is not in the outbox")),
+            };
+            match Notification::parse(&doc)? {
+                Notification::Change(change) => Ok(change),
+                Notification::Reference(_) => Err(anyhow!("outbox document for {position} is a reference")),
+            }
+        })
+        .collect()
 }
 
 /// Proves the LISTEN connection alive.

@@ -277,7 +277,7 @@ pub fn row_json(relation: &Relation, values: &[Value]) -> String {
         let text = match value {
             Value::Unchanged => continue,
             Value::Null => None,
-            Value::Text(b) => Some(String::from_utf8_lossy(b)),
+            Value::Text(b) => Some(utf8(b)),
         };
         if !first {
             out.push(',');
@@ -293,6 +293,17 @@ pub fn row_json(relation: &Relation, values: &[Value]) -> String {
     }
     out.push('}');
     out
+}
+
+/// A value's text: borrowed when it is UTF-8, as it nearly always is.
+/// `from_utf8`'s validation skips ASCII a word at a time;
+/// `from_utf8_lossy`'s goes byte by byte: it was a sixth of the gateway's
+/// CPU while its leader wrote rows of 8 KB.
+fn utf8(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +388,22 @@ mod tests {
         let mut new = vec![Value::Text(Bytes::from_static(b"2")), Value::Null, Value::Unchanged];
         assert_eq!(fill_unchanged(&relation, &mut new, None), ["body"]);
         assert_eq!(row_json(&relation, &new), r#"{"id":"2","doc":null}"#);
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_replaced_and_the_rest_kept() {
+        let Message::Relation(relation) = decode(&relation_message()).unwrap() else {
+            panic!()
+        };
+        let values = [
+            Value::Text(Bytes::from_static(b"3")),
+            Value::Null,
+            Value::Text(Bytes::from_static(b"caf\xe9 \xc3\xa9t\xc3\xa9")),
+        ];
+        assert_eq!(
+            row_json(&relation, &values),
+            "{\"id\":\"3\",\"doc\":null,\"body\":\"caf\u{fffd} été\"}"
+        );
     }
 
     #[test]
