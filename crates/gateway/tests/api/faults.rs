@@ -63,22 +63,34 @@ async fn killing_the_listen_and_replication_connections_loses_and_duplicates_not
     };
     let mut kills = 0;
     let mut feed_kills = 0;
+    // A terminated backend can linger in pg_stat_activity for a moment:
+    // never "kill" one twice.
+    let mut killed_pids: Vec<i32> = Vec::new();
     while kills < 5 {
         let victim = victims[kills % victims.len()];
-        let killed: Option<bool> = sqlx::query_scalar(
-            "select pg_terminate_backend(pid) from pg_stat_activity \
-             where application_name = $1 and datname = current_database() limit 1",
+        let killed: Option<(i32, bool)> = sqlx::query_as(
+            "select pid, pg_terminate_backend(pid) from pg_stat_activity \
+             where application_name = $1 and datname = current_database() and not (pid = any($2)) limit 1",
         )
         .bind(victim)
+        .bind(&killed_pids)
         .fetch_optional(&app.db.pool)
         .await
         .unwrap();
-        if killed == Some(true) {
+        if let Some((pid, true)) = killed {
+            killed_pids.push(pid);
             kills += 1;
-            // Kill the next session only once it is back, mid-stream.
+            // Kill the next session only once it is back, mid-stream. The
+            // feed's state alone is not enough: it still reads "live" until
+            // the gateway notices the kill.
             if victim == "ws-gateway feed" {
                 feed_kills += 1;
-                app.wait_for_feed("live").await;
+                eventually("the feed to notice the kill and be live again", || async {
+                    let (_, health) = app.health().await;
+                    let back = health["feed"]["reconnects"].as_u64()? >= feed_kills && health["feed"]["state"] == "live";
+                    back.then_some(())
+                })
+                .await;
             } else {
                 wait_for_leader_streaming(&app.db.pool).await;
             }
