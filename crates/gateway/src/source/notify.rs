@@ -206,8 +206,8 @@ async fn next_handoff(handoffs: &mut Option<tokio::sync::mpsc::Receiver<HandOff>
 }
 
 /// References read back from the outbox per statement: one round trip for
-/// a wal batch's many large rows instead of one each, with at most this
-/// many documents in memory beyond what the batch holds anyway.
+/// a wal batch's many large rows instead of one each, and never more than
+/// this many documents' text held at once.
 const REFERENCES_PER_READ: usize = 64;
 
 /// The changes of notification payloads, large ones read from the outbox.
