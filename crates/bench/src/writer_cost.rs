@@ -465,12 +465,8 @@ async fn measure(
     bar.finish();
     set_capture(&pool, Capture::None, &target.db_url).await?;
     pool.close().await;
-    let rate = |shape: Shape, capture: Capture, sync: bool| {
-        results
-            .iter()
-            .find(|r| r.shape == shape && r.capture == capture && r.synchronous_commit == sync)
-            .map(|r| r.commits_per_s)
-    };
+    let rate =
+        |shape: Shape, capture: Capture, sync: bool| result_of(&results, shape, capture, sync).map(|r| r.commits_per_s);
     let ratio = |shape: Shape, of: Capture, to: Capture| {
         let pct = |sync: bool| match (rate(shape, of, sync), rate(shape, to, sync)) {
             (Some(a), Some(b)) if b > 0.0 => Some(a * 100.0 / b),
@@ -495,6 +491,13 @@ async fn measure(
         failures,
         passed,
     })
+}
+
+/// The result of one variant, if it ran.
+fn result_of(results: &[CostResult], shape: Shape, capture: Capture, sync: bool) -> Option<&CostResult> {
+    results
+        .iter()
+        .find(|r| r.shape == shape && r.capture == capture && r.synchronous_commit == sync)
 }
 
 /// The last position in the outbox.
@@ -852,13 +855,8 @@ impl CostReport {
     /// Where the CPU went in one shape's untracked and wal variants: the
     /// machine's time per commit, and the wal source's per change.
     fn cpu_line(&self, shape: Shape, sync: bool) -> Option<String> {
-        let find = |capture: Capture| {
-            self.results
-                .iter()
-                .find(|r| r.shape == shape && r.capture == capture && r.synchronous_commit == sync)
-        };
-        let untracked = find(Capture::None)?.cpu.as_ref()?;
-        let wal = find(Capture::Wal)?;
+        let untracked = result_of(&self.results, shape, Capture::None, sync)?.cpu.as_ref()?;
+        let wal = result_of(&self.results, shape, Capture::Wal, sync)?;
         let (cpu, changes) = (wal.cpu.as_ref()?, wal.leader.as_ref()?.changes.max(1) as f64);
         let us = |seconds: f64| seconds * 1e6 / changes;
         Some(format!(
@@ -898,11 +896,7 @@ impl CostReport {
             );
             for capture in Capture::ALL {
                 let cell = |sync: bool| {
-                    let Some(r) = self
-                        .results
-                        .iter()
-                        .find(|r| r.shape == shape && r.capture == capture && r.synchronous_commit == sync)
-                    else {
+                    let Some(r) = result_of(&self.results, shape, capture, sync) else {
                         return "-".to_owned();
                     };
                     let pct = match (shape, capture) {
