@@ -4,26 +4,14 @@
 use serde_json::json;
 
 use crate::for_each_source;
-use crate::helpers::{barrier, positions, spawn_app_for};
+use crate::helpers::{barrier, insert_project, positions, spawn_app_for};
 
 for_each_source! {
 async fn insert_update_delete_reach_their_rooms_and_nowhere_else(source) {
     let app = spawn_app_for(source).await;
     let pool = &app.db.pool;
-    let project_1: i64 = sqlx::query_scalar(
-        "insert into projects (name, client, city, budget, starts_on, ends_on) \
-         values ('Test One', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let project_2: i64 = sqlx::query_scalar(
-        "insert into projects (name, client, city, budget, starts_on, ends_on) \
-         values ('Test Two', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let project_1 = insert_project(pool, "Test One").await;
+    let project_2 = insert_project(pool, "Test Two").await;
     // The projects' own changes are not what this test is about.
     app.settle().await;
 

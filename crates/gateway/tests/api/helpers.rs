@@ -715,6 +715,19 @@ impl Client {
     }
 }
 
+/// Inserts a project (the demo schema's tracked table) named `name`;
+/// returns its id.
+pub async fn insert_project(pool: &PgPool, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "insert into projects (name, client, city, budget, starts_on, ends_on) \
+         values ($1, 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Commits a marker change to the `markers` room; see
 /// [`Client::changes_until_marker`].
 pub async fn barrier(pool: &PgPool, marker: &str) {

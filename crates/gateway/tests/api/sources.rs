@@ -734,13 +734,7 @@ async fn a_table_published_by_hand_is_skipped_and_the_leader_goes_on() {
 async fn the_leaders_own_feed_takes_its_batches_at_commit_once_and_in_order() {
     let app = crate::helpers::spawn_app_for(CaptureSource::Wal).await;
     let pool = &app.db.pool;
-    let project: i64 = sqlx::query_scalar(
-        "insert into projects (name, client, city, budget, starts_on, ends_on) \
-         values ('Handed off', 'Acme', 'Springfield', 1000, current_date, current_date + 90) returning id",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let project = crate::helpers::insert_project(pool, "Handed off").await;
     app.settle().await;
     let mut client = app.connect().await;
     client.subscribe(&format!("project:{project}")).await;
